@@ -1,0 +1,3 @@
+"""The trio runtime of the OCPP overlay router: listener, links, forwarding, CLI."""
+
+__version__ = "0.1.0"

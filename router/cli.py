@@ -1,0 +1,122 @@
+"""The ``ocpp-router`` command line.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error. A user's mistake is one
+clear sentence on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from router import config as config_mod
+from router import logs
+from router.passwords import hash_password
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ocpp-router",
+        description="OCPP-J router and security gateway (edge gateway, overlay node, firewall).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="a node in front of a demo CSMS with simulated stations")
+    demo.add_argument("--stations", type=int, default=4, help="simulated stations (default 4)")
+    demo.add_argument("--duration", type=float, default=None,
+                      help="stop after this many seconds (default: run until Ctrl-C)")
+    demo.add_argument("--log-level", default="warning", help="node log level (default warning)")
+
+    run = sub.add_parser("run", help="run a node until SIGINT/SIGTERM")
+    run.add_argument("--config", required=True, help="the node's TOML config file")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("--config", required=True, help="the node's TOML config file")
+
+    sub.add_parser("hash-password", help="read a password on stdin, print its hash for a config")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and of ``python -m router``."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args.config, args.log_level)
+        if args.command == "check":
+            return _check(args.config)
+        if args.command == "hash-password":
+            return _hash_password()
+        if args.command == "demo":
+            from router.demo import run_demo
+
+            return run_demo(args.stations, args.duration, args.log_level)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_USAGE
+
+
+def _load_or_explain(path: str) -> config_mod.Config | None:
+    try:
+        return config_mod.load(path)
+    except config_mod.ConfigError as exc:
+        for problem in exc.problems:
+            print(f"ocpp-router: {problem}", file=sys.stderr)
+        return None
+
+
+def _check(path: str) -> int:
+    cfg = _load_or_explain(path)
+    if cfg is None:
+        return EXIT_USAGE
+    print(f"{path}: ok (node {cfg.node.id}, {len(cfg.stations)} station entries, "
+          f"{len(cfg.backends)} backends)")
+    return EXIT_OK
+
+
+def _hash_password() -> int:
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("ocpp-router: hash-password: empty password", file=sys.stderr)
+        return EXIT_USAGE
+    print(hash_password(password))
+    return EXIT_OK
+
+
+def _run(path: str, log_level: str) -> int:
+    cfg = _load_or_explain(path)
+    if cfg is None:
+        return EXIT_USAGE
+    logs.setup(log_level)
+    try:
+        trio.run(serve_until_signalled, cfg)
+    except OSError as exc:
+        print(f"ocpp-router: cannot listen on {cfg.listen.host}:{cfg.listen.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+async def serve_until_signalled(cfg: config_mod.Config) -> None:
+    """Run a node until SIGINT or SIGTERM, then shut it down cleanly."""
+    from router.node import Node
+
+    node = Node(cfg)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            async for _ in signals:
+                break
+            await node.shutdown()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,351 @@
+"""The node: the station listener, the handshake (identity, auth, backend dial), and shutdown.
+
+A station's upgrade is only accepted once the station has proven who it is and its
+primary backend has accepted a WebSocket for it with a subprotocol the station offered;
+until then the station gets an HTTP status, never a half-open link.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import ssl
+from typing import Any
+from urllib.parse import quote, unquote
+
+import trio
+from trio_websocket import (
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketRequest,
+    connect_websocket_url,
+    wrap_server_stream,
+)
+
+from router.config import MAX_ID, BackendEntry, Config, StationEntry
+from router.frames import Version
+from router.logs import log_event
+from router.passwords import VerifiedCache, verify_password
+from router.session import StationSession
+from router.stats import Stats
+from router.timer import CallTimer
+from router.tls import common_name, server_context
+
+log = logging.getLogger("router.node")
+
+
+class Refused(Exception):
+    """A station's upgrade is refused with this HTTP status."""
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[bytes, bytes]] | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or []
+
+
+_BASIC_CHALLENGE = [(b"WWW-Authenticate", b'Basic realm="ocpp", charset="UTF-8"')]
+
+
+def identity_from_path(target: str, base: str) -> str:
+    """The station identity in ``<base>/<identity>``; raises Refused (404/400) otherwise."""
+    path = target.split("?", 1)[0]
+    prefix = base.rstrip("/") + "/"
+    if not path.startswith(prefix):
+        raise Refused(404, f"path must be {prefix}<identity>")
+    raw = path[len(prefix):]
+    try:
+        identity = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise Refused(400, "identity is not valid UTF-8") from None
+    if not 1 <= len(identity) <= MAX_ID:
+        raise Refused(400, f"identity must be 1-{MAX_ID} characters")
+    if "/" in identity or not identity.isprintable() or identity.strip() != identity:
+        raise Refused(400, "identity has a slash, a control character or surrounding space")
+    return identity
+
+
+def basic_credentials(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
+    """(username, password) from an ``Authorization: Basic`` header, or None."""
+    for name, value in headers:
+        if name.lower() != b"authorization":
+            continue
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() != b"basic":
+            return None
+        try:
+            decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        user, sep, password = decoded.partition(":")
+        return (user, password) if sep else None
+    return None
+
+
+def _header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
+    for name, value in headers:
+        if name.lower() == wanted:
+            return value
+    return None
+
+
+class Node:
+    """One router node: owns the listener, the station sessions and the call timer."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stats = Stats()
+        self.timer = CallTimer(config.node.call_timeout_s)
+        self.sessions: dict[str, StationSession] = {}
+        self._claims: dict[str, trio.CancelScope] = {}
+        self._verified = VerifiedCache()
+        self._listen_scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self.port = 0
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled; ``nursery.start(node.run)`` returns once bound."""
+        listen = self.config.listen
+        ssl_context = server_context(listen)
+        listeners: list[Any]
+        if ssl_context is None:
+            listeners = list(await trio.open_tcp_listeners(listen.port, host=listen.host))
+        else:
+            # the handshake is done per connection, where a failure can be logged
+            tcp = await trio.open_tcp_listeners(listen.port, host=listen.host)
+            listeners = [trio.SSLListener(t, ssl_context, https_compatible=True) for t in tcp]
+        first = listeners[0]
+        sock = first.transport_listener.socket if ssl_context else first.socket
+        self.port = sock.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self.timer.run, nursery)
+            nursery.start_soon(self._serve, listeners, nursery)
+            log_event(log, logging.INFO, "listening", host=listen.host, port=self.port,
+                      path=listen.path, tls=ssl_context is not None,
+                      security_profile=listen.security_profile, node=self.config.node.id)
+            task_status.started(self)
+
+    async def _serve(self, listeners: list[Any], nursery: trio.Nursery) -> None:
+        with self._listen_scope:
+            await trio.serve_listeners(self._handle_stream, listeners, handler_nursery=nursery)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, wind every session down (CALLs answered, close frames), then stop."""
+        log_event(log, logging.INFO, "shutdown", stations=len(self.sessions))
+        self._listen_scope.cancel()
+        for session in list(self.sessions.values()):
+            session.stop("node shutting down")
+        with trio.move_on_after(self.config.node.shutdown_timeout_s + 1):
+            for session in list(self.sessions.values()):
+                await session.done.wait()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # --- one incoming connection ----------------------------------------------------------
+
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        # serve_listeners lets a handler's exception end the whole server: never let one out
+        try:
+            await self._handle_stream_inner(stream)
+        except Exception as exc:
+            log.exception("connection handler failed", extra={"fields": {"error": repr(exc)}})
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle_stream_inner(self, stream: trio.abc.Stream) -> None:
+        listen = self.config.listen
+        peer_cert = None
+        if isinstance(stream, trio.SSLStream):
+            try:
+                with trio.fail_after(listen.handshake_timeout_s):
+                    await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError) as exc:
+                self.stats.stations_rejected += 1
+                log_event(log, logging.INFO, "tls_failed", remote=_remote(stream), reason=repr(exc))
+                return
+            peer_cert = stream.getpeercert()
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(listen.handshake_timeout_s):
+                    request = await wrap_server_stream(
+                        nursery, stream, message_queue_size=1,
+                        max_message_size=listen.max_message_bytes,
+                    )
+                await self._handle_request(nursery, request, peer_cert)
+            except trio.TooSlowError:
+                log_event(log, logging.INFO, "handshake_timeout", remote=_remote(stream))
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _handle_request(
+        self, nursery: trio.Nursery, request: WebSocketRequest, peer_cert: Any
+    ) -> None:
+        identity = None
+        try:
+            identity = identity_from_path(request.path, self.config.listen.path)
+            entry = await self._authenticate(identity, request, peer_cert)
+            offered = [p for p in request.proposed_subprotocols
+                       if p in self.config.listen.subprotocols]
+            if not offered:
+                raise Refused(400, "no supported OCPP subprotocol offered (supported: "
+                              + ", ".join(self.config.listen.subprotocols) + ")")
+            backend = self.config.primary_for(identity, entry)
+            if backend is None:
+                raise Refused(403, "no primary backend serves this station")
+        except Refused as refused:
+            await self._refuse(request, identity, refused)
+            return
+        # authenticated: this connection now replaces any older one for the identity
+        await self._claim(identity)
+        claim = trio.CancelScope()
+        self._claims[identity] = claim
+        try:
+            with claim:
+                await self._connect(nursery, request, identity, backend, offered, claim)
+        finally:
+            if self._claims.get(identity) is claim:
+                del self._claims[identity]
+
+    async def _claim(self, identity: str) -> None:
+        older = self._claims.get(identity)
+        session = self.sessions.get(identity)
+        if older is None and session is None:
+            return
+        self.stats.stations_replaced += 1
+        log_event(log, logging.INFO, "station_replaced", station=identity)
+        if older is not None:
+            # still dialling its backend: it has nothing to answer, so just cancel it
+            older.cancel()
+        if session is not None:
+            session.stop("replaced by a new connection")
+            with trio.move_on_after(self.config.node.shutdown_timeout_s + 1):
+                await session.done.wait()
+
+    async def _authenticate(
+        self, identity: str, request: WebSocketRequest, peer_cert: Any
+    ) -> StationEntry:
+        profile = self.config.listen.security_profile
+        entry = self.config.station_entry(identity)
+        if entry is None:
+            if profile in (1, 2):
+                raise Refused(401, "unknown station", _BASIC_CHALLENGE)
+            raise Refused(403, "no [[stations]] entry matches this identity")
+        if profile == 3:
+            cn = common_name(peer_cert)
+            if cn != identity:
+                raise Refused(403, f"client certificate CN {cn!r} is not the station identity")
+        if profile in (1, 2) or entry.password_hash is not None:
+            creds = basic_credentials(request.headers)
+            if creds is None:
+                raise Refused(401, "Basic credentials required", _BASIC_CHALLENGE)
+            user, password = creds
+            if user != identity or entry.password_hash is None:
+                raise Refused(401, "wrong credentials", _BASIC_CHALLENGE)
+            if not await self._password_ok(password, entry.password_hash):
+                raise Refused(401, "wrong credentials", _BASIC_CHALLENGE)
+        return entry
+
+    async def _password_ok(self, password: str, encoded: str) -> bool:
+        if self._verified.hit(password, encoded):
+            return True
+        # scrypt takes tens of milliseconds: keep it off the event loop
+        ok = await trio.to_thread.run_sync(verify_password, password, encoded)
+        if ok:
+            self._verified.add(password, encoded)
+        return ok
+
+    async def _refuse(
+        self, request: WebSocketRequest, identity: str | None, refused: Refused
+    ) -> None:
+        self.stats.stations_rejected += 1
+        log_event(log, logging.INFO, "station_rejected", station=identity, status=refused.status,
+                  reason=refused.reason, remote=_endpoint(request.remote))
+        body = (refused.reason + "\n").encode()
+        await request.reject(refused.status, extra_headers=list(refused.headers), body=body)
+
+    def _backend_headers(self, request: WebSocketRequest, identity: str,
+                         backend: BackendEntry) -> list[tuple[bytes, bytes]]:
+        auth = backend.auth
+        if auth.mode == "passthrough":
+            value = _header(request.headers, b"authorization")
+            return [(b"Authorization", value)] if value is not None else []
+        if auth.mode == "password" and auth.password is not None:
+            token = base64.b64encode(f"{identity}:{auth.password}".encode()).decode()
+            return [(b"Authorization", f"Basic {token}".encode())]
+        return []
+
+    async def _connect(
+        self, nursery: trio.Nursery, request: WebSocketRequest, identity: str,
+        backend: BackendEntry, offered: list[str], claim: trio.CancelScope,
+    ) -> None:
+        url = backend.station_url(quote(identity, safe=""))
+        listen = self.config.listen
+        try:
+            with trio.fail_after(self.config.node.connect_timeout_s):
+                backend_ws = await connect_websocket_url(
+                    nursery, url, subprotocols=offered,
+                    extra_headers=self._backend_headers(request, identity, backend),
+                    message_queue_size=1, max_message_size=listen.max_message_bytes,
+                )
+        except ConnectionRejected as exc:
+            status = exc.status_code if 400 <= exc.status_code <= 599 else 502
+            log_event(log, logging.WARNING, "backend_failed", station=identity,
+                      backend=backend.name, reason=f"backend answered HTTP {exc.status_code}")
+            await self._refuse(request, identity, Refused(status, "backend refused the station"))
+            return
+        except (HandshakeError, OSError, trio.TooSlowError) as exc:
+            timeout = isinstance(exc, trio.TooSlowError)
+            log_event(log, logging.WARNING, "backend_failed", station=identity,
+                      backend=backend.name, reason="timeout" if timeout else repr(exc))
+            await self._refuse(request, identity, Refused(
+                504 if timeout else 502, "backend unreachable"))
+            return
+        chosen = backend_ws.subprotocol
+        if chosen not in offered:
+            log_event(log, logging.WARNING, "backend_failed", station=identity,
+                      backend=backend.name, reason=f"backend chose subprotocol {chosen!r}")
+            await backend_ws.aclose(1002, "no subprotocol agreed")
+            await self._refuse(request, identity, Refused(502, "backend chose no subprotocol"))
+            return
+        try:
+            station_ws = await request.accept(subprotocol=chosen)
+        except Exception:
+            await backend_ws.aclose(1001, "station went away during the handshake")
+            raise
+        session = StationSession(
+            self, identity, Version.from_subprotocol(chosen), station_ws, backend_ws, backend.name
+        )
+        if self._claims.get(identity) is claim:
+            # connected: from now on a newer connection stops this one gracefully
+            del self._claims[identity]
+        self.sessions[identity] = session
+        self.stats.stations_connected += 1
+        log_event(log, logging.INFO, "station_connected", station=identity, subprotocol=chosen,
+                  backend=backend.name, remote=_endpoint(request.remote))
+        try:
+            await session.run()
+        finally:
+            self.stats.stations_connected -= 1
+            if self.sessions.get(identity) is session:
+                del self.sessions[identity]
+            session.done.set()
+
+
+def _remote(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None) or getattr(
+        getattr(stream, "transport_stream", None), "socket", None
+    )
+    try:
+        host, port = sock.getpeername()[:2] if sock is not None else ("?", 0)
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+def _endpoint(ep: Any) -> str:
+    address = getattr(ep, "address", None)
+    return f"{address}:{ep.port}" if address is not None else str(ep)

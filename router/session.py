@@ -1,0 +1,256 @@
+"""A station session: one station link paired with its backend link, and the CALLs between.
+
+Each direction is a :class:`Lane`: OCPP-J allows one outstanding CALL per direction, so
+a lane holds the CALL in flight and a bounded queue of those waiting behind it. Frames
+are forwarded as the text they arrived in; decoding only checks them and reads the
+type and id that correlation needs. Every CALL ends in exactly one answer: the peer's,
+or a CALLERROR from the node (queue full, timeout, link lost, shutdown).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from time import perf_counter_ns
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_websocket import ConnectionClosed
+
+from router.frames import (
+    CALL,
+    SEND,
+    FrameError,
+    Problem,
+    Version,
+    decode,
+    error_answer,
+)
+from router.logs import log_event
+
+if TYPE_CHECKING:
+    from router.node import Node
+
+log = logging.getLogger("router.session")
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED_DATA = 1003
+
+
+@dataclass(slots=True, eq=False)
+class Lane:
+    """CALLs from ``caller`` to ``callee``: the one in flight and those queued behind it."""
+
+    name: str  # "up" (station -> backend) or "down" (backend -> station)
+    caller: Any  # trio_websocket.WebSocketConnection
+    callee: Any
+    pending_id: str | None = None
+    pending_token: int = 0
+    queue: deque[tuple[str, str]] = field(default_factory=deque)
+
+
+@dataclass(slots=True, eq=False)
+class Side:
+    """One end of the session, as its pump sees it."""
+
+    name: str  # "station" or "backend"
+    ws: Any
+    other: Any  # the other side's WebSocket
+    calls: Lane  # CALLs this side makes
+    answers: Lane  # CALLs this side must answer
+    closed_code: int | None = None
+
+
+class StationSession:
+    """Forwards between one station and its backend until either side goes away."""
+
+    def __init__(
+        self, node: Node, identity: str, version: Version, station_ws: Any, backend_ws: Any,
+        backend_name: str,
+    ) -> None:
+        self.node = node
+        self.identity = identity
+        self.version = version
+        self.backend_name = backend_name
+        self.up = Lane("up", station_ws, backend_ws)
+        self.down = Lane("down", backend_ws, station_ws)
+        self.station = Side("station", station_ws, backend_ws, self.up, self.down)
+        self.backend = Side("backend", backend_ws, station_ws, self.down, self.up)
+        self._scope = trio.CancelScope()
+        self.done = trio.Event()  # set by the node once the session has fully ended
+        self._why = ""  # set when the node ends the session (replaced, shutdown)
+
+    def stop(self, why: str) -> None:
+        """Ask the session to wind down: pending CALLs are answered, links closed."""
+        self._why = self._why or why
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        """Forward until a link closes, then answer what is pending and close both links."""
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, self.station, nursery.cancel_scope)
+                nursery.start_soon(self._pump, self.backend, nursery.cancel_scope)
+        with trio.CancelScope(shield=True), trio.move_on_after(
+            self.node.config.node.shutdown_timeout_s
+        ):
+            await self._wind_down()
+
+    # --- the hot path -------------------------------------------------------------------
+
+    async def _pump(self, side: Side, scope: trio.CancelScope) -> None:
+        ws, other = side.ws, side.other
+        stats = self.node.stats
+        version = self.version
+        try:
+            while True:
+                try:
+                    text = await ws.get_message()
+                except ConnectionClosed as exc:
+                    side.closed_code = exc.reason.code if exc.reason else CLOSE_GOING_AWAY
+                    return
+                t0 = perf_counter_ns()
+                if type(text) is not str:
+                    await self._refuse_binary(side)
+                    return
+                try:
+                    frame = decode(text, version)
+                except FrameError as err:
+                    await self._bad_frame(side, err)
+                    continue
+                mtype = frame.type
+                if mtype == CALL:
+                    await self._offer_call(side.calls, frame.id, text, t0)
+                elif mtype == SEND:
+                    await other.send_message(text)
+                    self._count(side, t0)
+                else:
+                    lane = side.answers
+                    if lane.pending_id != frame.id:
+                        stats.dropped += 1
+                        log_event(log, logging.INFO, "frame_dropped", station=self.identity,
+                                  side=side.name, message_id=frame.id, reason="unmatched answer")
+                        continue
+                    lane.pending_id = None
+                    await other.send_message(text)
+                    stats.answers_forwarded += 1
+                    self._count(side, t0)
+                    await self._release_next(lane)
+        except ConnectionClosed:
+            # the other link closed under a send; its own pump records how
+            return
+        finally:
+            scope.cancel()
+
+    def _count(self, side: Side, t0: int) -> None:
+        stats = self.node.stats
+        if side is self.station:
+            stats.frames_up += 1
+        else:
+            stats.frames_down += 1
+        stats.residence.record(perf_counter_ns() - t0)
+
+    async def _offer_call(self, lane: Lane, message_id: str, text: str, t0: int) -> None:
+        if lane.pending_id is None:
+            self._set_pending(lane, message_id)
+            await lane.callee.send_message(text)
+            self._count(self.station if lane is self.up else self.backend, t0)
+        elif len(lane.queue) < self.node.config.node.max_queued_calls:
+            lane.queue.append((message_id, text))
+        else:
+            await self._answer_node_error(
+                lane, message_id, Problem.BUSY,
+                "too many CALLs waiting: OCPP-J allows one outstanding CALL per direction",
+            )
+
+    def _set_pending(self, lane: Lane, message_id: str) -> None:
+        lane.pending_id = message_id
+        lane.pending_token = self.node.timer.arm(self, lane)
+
+    async def _release_next(self, lane: Lane) -> None:
+        """Send the next queued CALL of a lane now that its predecessor is answered."""
+        if lane.queue and lane.pending_id is None:
+            message_id, text = lane.queue.popleft()
+            self._set_pending(lane, message_id)
+            await lane.callee.send_message(text)
+            if lane is self.up:
+                self.node.stats.frames_up += 1
+            else:
+                self.node.stats.frames_down += 1
+
+    async def _answer_node_error(
+        self, lane: Lane, message_id: str | None, problem: Problem, description: str
+    ) -> None:
+        self.node.stats.node_errors += 1
+        await lane.caller.send_message(error_answer(problem, self.version, message_id, description))
+
+    # --- faults -------------------------------------------------------------------------
+
+    async def _bad_frame(self, side: Side, err: FrameError) -> None:
+        log_event(log, logging.WARNING, "frame_error", station=self.identity, side=side.name,
+                  problem=err.problem.value, reason=err.description, message_id=err.message_id)
+        if err.wants_answer:
+            await self._answer_node_error(side.calls, err.message_id, err.problem, err.description)
+        else:
+            self.node.stats.dropped += 1
+            log_event(log, logging.INFO, "frame_dropped", station=self.identity, side=side.name,
+                      message_id=err.message_id, reason=err.description)
+
+    async def _refuse_binary(self, side: Side) -> None:
+        log_event(log, logging.WARNING, "frame_error", station=self.identity, side=side.name,
+                  problem="binary", reason="binary message on a standard OCPP-J link")
+        side.closed_code = CLOSE_UNSUPPORTED_DATA
+        await side.ws.aclose(CLOSE_UNSUPPORTED_DATA, "OCPP-J uses text messages")
+
+    async def on_timeout(self, lane: Lane, token: int) -> None:
+        """The lane's CALL went unanswered for ``call_timeout_s``: answer it ourselves."""
+        if lane.pending_token != token or lane.pending_id is None:
+            return
+        message_id, lane.pending_id = lane.pending_id, None
+        self.node.stats.timeouts += 1
+        log_event(log, logging.WARNING, "call_timeout", station=self.identity,
+                  direction=lane.name, message_id=message_id)
+        try:
+            await self._answer_node_error(
+                lane, message_id, Problem.INTERNAL,
+                f"no answer within {self.node.config.node.call_timeout_s:g} s",
+            )
+            await self._release_next(lane)
+        except ConnectionClosed:
+            pass
+
+    # --- the end ------------------------------------------------------------------------
+
+    async def _wind_down(self) -> None:
+        """Answer every CALL still owed, then close both links (the Local Controller rule)."""
+        station, backend = self.station, self.backend
+        if self._why:
+            station_code = backend_code = CLOSE_GOING_AWAY
+            reason = self._why
+        elif station.closed_code is not None:
+            reason = "station link closed"
+            station_code = station.closed_code
+            backend_code = CLOSE_NORMAL if station.closed_code == CLOSE_NORMAL else CLOSE_GOING_AWAY
+        else:
+            reason = "backend link closed"
+            station_code = CLOSE_GOING_AWAY
+            backend_code = backend.closed_code or CLOSE_GOING_AWAY
+        for lane in (self.up, self.down):
+            owed = ([lane.pending_id] if lane.pending_id is not None else []) + [
+                mid for mid, _ in lane.queue
+            ]
+            lane.pending_id = None
+            lane.queue.clear()
+            if lane.caller.closed is not None:
+                continue
+            for message_id in owed:
+                try:
+                    await self._answer_node_error(lane, message_id, Problem.INTERNAL, reason)
+                except ConnectionClosed:
+                    break
+        log_event(log, logging.INFO, "station_disconnected", station=self.identity,
+                  code=station_code, reason=reason)
+        await station.ws.aclose(station_code, reason)
+        await backend.ws.aclose(backend_code, reason)

@@ -1,0 +1,60 @@
+"""The command line as a user runs it: real subprocesses, exit codes, messages."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "router", *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_shipped_example_passes_check() -> None:
+    done = cli("check", "--config", "examples/edge-gateway.toml")
+    assert done.returncode == 0, done.stderr
+    assert "ok" in done.stdout
+
+
+def test_check_names_file_line_and_key_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\nid = "x"\n[listen]\nport = "nine"\n')
+    done = cli("check", "--config", str(bad))
+    assert done.returncode == 2
+    assert f"{bad}:4: listen.port: must be an integer" in done.stderr
+    assert "Traceback" not in done.stderr
+    missing = cli("check", "--config", str(tmp_path / "none.toml"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_hash_password_prints_a_usable_hash() -> None:
+    done = cli("hash-password", stdin="pw\n")
+    assert done.returncode == 0
+    from router.passwords import verify_password
+
+    assert verify_password("pw", done.stdout.strip())
+    assert cli("hash-password", stdin="\n").returncode == 2
+
+
+def test_usage_errors_exit_2() -> None:
+    assert cli().returncode == 2
+    assert cli("run").returncode == 2
+
+
+def test_demo_runs_and_stops_cleanly() -> None:
+    done = cli("demo", "--stations", "4", "--duration", "5")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
+    assert len(lines) >= 3
+    last = lines[-1]
+    assert "stations 4/4" in last
+    forwarded = int(re.search(r"forwarded (\d+)", last).group(1))  # type: ignore[union-attr]
+    assert forwarded >= 4 * 3 * 2  # boot, status, authorize: request and answer each
+    assert "commands 4 delivered, 4 answered" in last
+    assert "node errors 0" in last
+    assert "demo: done." in done.stdout

@@ -1,0 +1,140 @@
+"""Unit tests of config validation: every mistake named with file, key and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router.config import ConfigError, env_name, load, parse
+from router.passwords import hash_password
+
+GOOD = """\
+[node]
+id = "edge-1"
+
+[listen]
+port = 9000
+security_profile = 0
+
+[[stations]]
+match = "CS-*"
+
+[[backends]]
+name = "main"
+url = "ws://127.0.0.1:9100/ocpp"
+"""
+
+
+def problems(text: str) -> list[tuple[str, int | None, str]]:
+    with pytest.raises(ConfigError) as info:
+        parse(text, "node.toml")
+    return [(p.key, p.line, p.problem) for p in info.value.problems]
+
+
+def test_minimal_config_has_sane_defaults() -> None:
+    cfg = parse(GOOD)
+    assert cfg.node.call_timeout_s == 30.0
+    assert cfg.listen.path == "/ocpp"
+    assert cfg.listen.subprotocols == ("ocpp1.6", "ocpp2.0.1", "ocpp2.1")
+    assert cfg.backends[0].role == "primary"
+    assert cfg.backends[0].auth.mode == "passthrough"
+    entry = cfg.station_entry("CS-7")
+    assert entry is not None
+    assert cfg.primary_for("CS-7", entry) is cfg.backends[0]
+    assert cfg.station_entry("other") is None
+
+
+def test_every_mistake_is_reported_with_key_and_line() -> None:
+    text = """\
+[node]
+id = "edge-1"
+call_timeout_s = "soon"
+
+[listen]
+port = 70000
+security_profile = 1
+subprotocols = ["ocpp1.6", "ocpp9"]
+colour = "blue"
+
+[[stations]]
+match = "CS-*"
+
+[[backends]]
+name = "main"
+url = "http://example"
+
+[[backends]]
+name = "main"
+url = "ws://x/ocpp"
+auth = 5
+"""
+    found = problems(text)
+    keys = {key: (line, problem) for key, line, problem in found}
+    assert keys["node.call_timeout_s"][0] == 3
+    assert "number" in keys["node.call_timeout_s"][1]
+    assert keys["listen.port"][0] == 6
+    assert "between 0 and 65535" in keys["listen.port"][1]
+    assert "ocpp9" in keys["listen.subprotocols"][1]
+    assert keys["listen.colour"] == (9, keys["listen.colour"][1])
+    assert "unknown key" in keys["listen.colour"][1]
+    assert keys["stations[0].password_hash"][0] == 11  # missing: points at the entry
+    assert keys["backends[0].url"][0] == 16
+    assert keys["backends[1].name"][0] == 19
+    assert "duplicate" in keys["backends[1].name"][1]
+    assert keys["backends[1].auth"][0] == 21
+
+
+def test_syntax_error_names_the_line() -> None:
+    [(_key, line, problem)] = problems('[node]\nid = "x"\nport = = 3\n')
+    assert line == 3
+    assert "TOML" in problem
+
+
+def test_sections_of_later_versions_are_refused_clearly() -> None:
+    found = problems(GOOD + '\n[[peers]]\nid = "core-1"\nurl = "ws://x"\n')
+    assert [(k, p) for k, _, p in found] == [
+        ("peers", "overlay peers are not supported by this version yet")]
+
+
+def test_tls_profiles_need_their_files(tmp_path: Path) -> None:
+    found = problems(GOOD.replace("security_profile = 0", "security_profile = 3"))
+    keys = {k for k, _, _ in found}
+    assert {"listen.tls_cert", "listen.tls_key", "listen.tls_ca"} <= keys
+    found = problems(GOOD.replace("security_profile = 0",
+                                  'security_profile = 0\ntls_cert = "missing.pem"'))
+    assert any("file not found" in p for _, _, p in found)
+
+
+def test_password_hash_is_checked_and_env_overrides_backend_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bad = GOOD.replace('match = "CS-*"', 'match = "CS-*"\npassword_hash = "plain"')
+    assert any(k == "stations[0].password_hash" for k, _, _ in problems(bad))
+    good = GOOD.replace('match = "CS-*"', f'match = "CS-*"\npassword_hash = "{hash_password("x")}"')
+    parse(good.replace("security_profile = 0", "security_profile = 1"))
+    monkeypatch.setenv(env_name("main"), "s3cret")
+    assert env_name("main") == "OCPP_ROUTER_BACKEND_MAIN_PASSWORD"
+    cfg = parse(GOOD)
+    assert (cfg.backends[0].auth.mode, cfg.backends[0].auth.password) == ("password", "s3cret")
+
+
+def test_primary_must_exist_and_relative_paths_follow_the_file(tmp_path: Path) -> None:
+    found = problems(GOOD.replace('match = "CS-*"', 'match = "CS-*"\nprimary = "nope"'))
+    assert any(k == "stations[0].primary" for k, _, _ in found)
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "node.toml"
+    path.write_text(GOOD.replace('id = "edge-1"', 'id = "edge-1"\nstate_dir = "st"'))
+    assert load(path).node.state_dir == tmp_path / "sub" / "st"
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path / "absent.toml")
+    assert "cannot read" in str(info.value)
+
+
+def test_shipped_example_passes_check() -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "edge-gateway.toml"
+    cfg = load(example)
+    assert cfg.listen.security_profile >= 1
