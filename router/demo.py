@@ -74,7 +74,8 @@ class Rpc:
                 answer = self.handler(frame[2], frame[3])
                 await self.ws.send_message(encode_result(frame[1], answer))
             elif frame[1] in self._waiting:
-                self._waiting.pop(frame[1]).send_nowait(frame[2] if frame[0] == CALLRESULT else None)
+                result = frame[2] if frame[0] == CALLRESULT else None
+                self._waiting.pop(frame[1]).send_nowait(result)
 
 
 class DemoCsms:

@@ -373,5 +373,22 @@ def test_station_disconnect_closes_the_backend_link(node: NodeProcess, csms: Csm
     asyncio.run(scenario())
     link = csms.wait_for_close(identity, timeout=STEP)
     assert link.closed
-    assert link.close_code == 1001, f"backend link closed with {link.close_code}, expected 1001"
     node.wait_for_event("station_disconnected", timeout=STEP, station=identity)
+
+
+def test_backend_link_close_code_is_1001_when_station_leaves(
+    node: NodeProcess, csms: Csms
+) -> None:
+    """Contract: "If the backend link closes, the station link is closed (code 1001) ...,
+    and vice versa": the node closes the backend link with 1001 (going away)."""
+    identity = "E2E-STATION-LEAVES-CODE"
+
+    async def scenario() -> None:
+        async with open_station(node.url(identity), "1.6") as station:
+            await station.boot()
+
+    asyncio.run(scenario())
+    link = csms.wait_for_close(identity, timeout=STEP)
+    assert link.close_code == 1001, (
+        f"backend link closed with {link.close_code} {link.close_reason!r}, expected 1001"
+    )
