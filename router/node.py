@@ -127,6 +127,9 @@ class Node:
             log_event(log, logging.INFO, "listening", host=listen.host, port=self.port,
                       path=listen.path, tls=ssl_context is not None,
                       security_profile=listen.security_profile, node=self.config.node.id)
+            if self.config.admin is not None:
+                log_event(log, logging.WARNING, "admin_not_served",
+                          reason="[admin] is validated but this version serves no endpoint yet")
             task_status.started(self)
 
     async def _serve(self, listeners: list[Any], nursery: trio.Nursery) -> None:

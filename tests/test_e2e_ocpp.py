@@ -207,6 +207,8 @@ def test_frames_are_forwarded_as_the_same_text(
 
 def test_ocpp21_send_frames_pass_both_ways(node: NodeProcess, csms: Csms) -> None:
     identity = "E2E-21-SEND"
+    reset = '[2,"rst-after-send","Reset",{"type":"OnIdle"}]'
+    reset_answer = '[3,"rst-after-send",{"status":"Accepted"}]'
     up = '[6,"snd-up-1","NotifyPeriodicEventStream",{"id":3,"pending":0,"basetime":"2024-01-01T00:00:00Z","data":[{"t":0,"v":"1"}]}]'  # noqa: E501
     down = '[6, "snd-down-1", "NotifyPeriodicEventStream", {"id": 4, "pending": 1, "basetime": "2024-01-01T00:00:00Z", "data": []}]'  # noqa: E501
 
@@ -224,19 +226,17 @@ def test_ocpp21_send_frames_pass_both_ways(node: NodeProcess, csms: Csms) -> Non
             # CSMS -> station: same in the other direction
             await in_thread(csms.send_raw, identity, down)
             assert await recv_text(ws) == down
-            await in_thread(csms.send_raw, identity, '[2,"rst-after-send","Reset",{"type":"OnIdle"}]')
-            assert json.loads(await recv_text(ws)) == [
-                2, "rst-after-send", "Reset", {"type": "OnIdle"}
-            ]
-            await ws.send('[3,"rst-after-send",{"status":"Accepted"}]')
-            await in_thread(csms.wait_for_frame, identity, '[3,"rst-after-send",{"status":"Accepted"}]')
+            await in_thread(csms.send_raw, identity, reset)
+            assert await recv_text(ws) == reset
+            await ws.send(reset_answer)
+            await in_thread(csms.wait_for_frame, identity, reset_answer)
 
     asyncio.run(scenario())
     # the CSMS got exactly the station's frames: no CALLERROR made up for the SEND
     assert csms.frames(identity) == [
         up,
         '[2,"hb-after-send","Heartbeat",{}]',
-        '[3,"rst-after-send",{"status":"Accepted"}]',
+        reset_answer,
     ]
 
 
