@@ -11,15 +11,16 @@ import base64
 import binascii
 import logging
 import ssl
-from typing import Any
-from urllib.parse import quote, unquote
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import quote, unquote, urlsplit
 
 import trio
 from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketRequest,
-    connect_websocket_url,
+    wrap_client_stream,
     wrap_server_stream,
 )
 
@@ -178,15 +179,13 @@ class Node:
                         nursery, stream, message_queue_size=1,
                         max_message_size=listen.max_message_bytes,
                     )
-                await self._handle_request(nursery, request, peer_cert)
+                await self._handle_request(request, peer_cert)
             except trio.TooSlowError:
                 log_event(log, logging.INFO, "handshake_timeout", remote=_remote(stream))
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def _handle_request(
-        self, nursery: trio.Nursery, request: WebSocketRequest, peer_cert: Any
-    ) -> None:
+    async def _handle_request(self, request: WebSocketRequest, peer_cert: Any) -> None:
         identity = None
         try:
             identity = identity_from_path(request.path, self.config.listen.path)
@@ -208,7 +207,7 @@ class Node:
         self._claims[identity] = claim
         try:
             with claim:
-                await self._connect(nursery, request, identity, backend, offered, claim)
+                await self._connect(request, identity, backend, offered, claim)
         finally:
             if self._claims.get(identity) is claim:
                 del self._claims[identity]
@@ -282,60 +281,115 @@ class Node:
         return []
 
     async def _connect(
-        self, nursery: trio.Nursery, request: WebSocketRequest, identity: str,
-        backend: BackendEntry, offered: list[str], claim: trio.CancelScope,
+        self, request: WebSocketRequest, identity: str, backend: BackendEntry,
+        offered: list[str], claim: trio.CancelScope,
     ) -> None:
-        url = backend.station_url(quote(identity, safe=""))
+        # trio-websocket raises a backend's HTTP refusal from its reader task, so it
+        # reaches us through the nursery that holds the backend link, as a group
+        state = _Attempt()
+        failure: Refused | None = None
+        try:
+            async with trio.open_nursery() as link_nursery:
+                await self._dial_and_run(link_nursery, state, request, identity, backend,
+                                         offered, claim)
+        except* ConnectionRejected as group:
+            status = _first(group, ConnectionRejected).status_code
+            log_event(log, logging.WARNING, "backend_failed", station=identity,
+                      backend=backend.name, reason=f"backend answered HTTP {status}")
+            failure = Refused(status if 400 <= status <= 599 else 502,
+                              "backend refused the station")
+        except* trio.TooSlowError:
+            log_event(log, logging.WARNING, "backend_failed", station=identity,
+                      backend=backend.name, reason="timeout")
+            failure = Refused(504, "backend did not answer in time")
+        except* (HandshakeError, OSError) as group:
+            log_event(log, logging.WARNING, "backend_failed", station=identity,
+                      backend=backend.name, reason=repr(_first(group, Exception)))
+            failure = Refused(502, "backend unreachable")
+        if failure is not None and not state.accepted:
+            await self._refuse(request, identity, failure)
+
+    async def _dial_and_run(
+        self, link_nursery: trio.Nursery, state: _Attempt, request: WebSocketRequest,
+        identity: str, backend: BackendEntry, offered: list[str], claim: trio.CancelScope,
+    ) -> None:
         listen = self.config.listen
+        parts = urlsplit(backend.station_url(quote(identity, safe="")))
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+        stream: trio.abc.Stream | None = None
         try:
             with trio.fail_after(self.config.node.connect_timeout_s):
-                backend_ws = await connect_websocket_url(
-                    nursery, url, subprotocols=offered,
+                tcp = await trio.open_tcp_stream(host, port)
+                stream = tcp
+                if parts.scheme == "wss":
+                    stream = trio.SSLStream(tcp, _client_tls(), server_hostname=host,
+                                            https_compatible=True)
+                backend_ws = await wrap_client_stream(
+                    link_nursery, stream, parts.netloc, parts.path or "/",
+                    subprotocols=offered,
                     extra_headers=self._backend_headers(request, identity, backend),
                     message_queue_size=1, max_message_size=listen.max_message_bytes,
                 )
-        except ConnectionRejected as exc:
-            status = exc.status_code if 400 <= exc.status_code <= 599 else 502
-            log_event(log, logging.WARNING, "backend_failed", station=identity,
-                      backend=backend.name, reason=f"backend answered HTTP {exc.status_code}")
-            await self._refuse(request, identity, Refused(status, "backend refused the station"))
-            return
-        except (HandshakeError, OSError, trio.TooSlowError) as exc:
-            timeout = isinstance(exc, trio.TooSlowError)
-            log_event(log, logging.WARNING, "backend_failed", station=identity,
-                      backend=backend.name, reason="timeout" if timeout else repr(exc))
-            await self._refuse(request, identity, Refused(
-                504 if timeout else 502, "backend unreachable"))
-            return
-        chosen = backend_ws.subprotocol
-        if chosen not in offered:
-            log_event(log, logging.WARNING, "backend_failed", station=identity,
-                      backend=backend.name, reason=f"backend chose subprotocol {chosen!r}")
-            await backend_ws.aclose(1002, "no subprotocol agreed")
-            await self._refuse(request, identity, Refused(502, "backend chose no subprotocol"))
-            return
-        try:
-            station_ws = await request.accept(subprotocol=chosen)
-        except Exception:
-            await backend_ws.aclose(1001, "station went away during the handshake")
-            raise
-        session = StationSession(
-            self, identity, Version.from_subprotocol(chosen), station_ws, backend_ws, backend.name
-        )
-        if self._claims.get(identity) is claim:
-            # connected: from now on a newer connection stops this one gracefully
-            del self._claims[identity]
-        self.sessions[identity] = session
-        self.stats.stations_connected += 1
-        log_event(log, logging.INFO, "station_connected", station=identity, subprotocol=chosen,
-                  backend=backend.name, remote=_endpoint(request.remote))
-        try:
-            await session.run()
+            chosen = backend_ws.subprotocol
+            if chosen not in offered:
+                log_event(log, logging.WARNING, "backend_failed", station=identity,
+                          backend=backend.name, reason=f"backend chose subprotocol {chosen!r}")
+                await backend_ws.aclose(1002, "no subprotocol agreed")
+                await self._refuse(request, identity, Refused(502, "backend chose no subprotocol"))
+                return
+            try:
+                station_ws = await request.accept(subprotocol=chosen)
+            except Exception:
+                await backend_ws.aclose(1001, "station went away during the handshake")
+                raise
+            state.accepted = True
+            session = StationSession(
+                self, identity, Version.from_subprotocol(chosen), station_ws, backend_ws,
+                backend.name,
+            )
+            if self._claims.get(identity) is claim:
+                # connected: from now on a newer connection stops this one gracefully
+                del self._claims[identity]
+            self.sessions[identity] = session
+            self.stats.stations_connected += 1
+            log_event(log, logging.INFO, "station_connected", station=identity,
+                      subprotocol=chosen, backend=backend.name, remote=_endpoint(request.remote))
+            try:
+                await session.run()
+            finally:
+                self.stats.stations_connected -= 1
+                if self.sessions.get(identity) is session:
+                    del self.sessions[identity]
+                session.done.set()
         finally:
-            self.stats.stations_connected -= 1
-            if self.sessions.get(identity) is session:
-                del self.sessions[identity]
-            session.done.set()
+            link_nursery.cancel_scope.cancel()
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    accepted: bool = False
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _first(group: BaseExceptionGroup[Any], kind: type[_E]) -> _E:
+    """The first leaf exception of a kind in a (possibly nested) exception group."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first(exc, kind)
+        if isinstance(exc, kind):
+            return exc
+    raise LookupError(kind)
+
+
+def _client_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
 
 
 def _remote(stream: trio.abc.Stream) -> str:

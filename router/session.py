@@ -20,6 +20,7 @@ from trio_websocket import ConnectionClosed
 
 from router.frames import (
     CALL,
+    CALLRESULTERROR,
     SEND,
     FrameError,
     Problem,
@@ -123,7 +124,8 @@ class StationSession:
                 mtype = frame.type
                 if mtype == CALL:
                     await self._offer_call(side.calls, frame.id, text, t0)
-                elif mtype == SEND:
+                elif mtype in (SEND, CALLRESULTERROR):
+                    # neither is answered; a CALLRESULTERROR refers to a CALL already done
                     await other.send_message(text)
                     self._count(side, t0)
                 else:

@@ -240,30 +240,19 @@ def test_ocpp21_send_frames_pass_both_ways(node: NodeProcess, csms: Csms) -> Non
     ]
 
 
-def test_ocpp21_callresulterror_frames_pass_both_ways(node: NodeProcess, csms: Csms) -> None:
-    identity = "E2E-21-CRE"
+def test_ocpp21_callresulterror_station_to_csms(node: NodeProcess, csms: Csms) -> None:
+    """Station CALL, CSMS CALLRESULT, then the station rejects that result with a
+    CALLRESULTERROR: the type-5 frame reaches the CSMS as is and nothing answers it."""
+    identity = "E2E-21-CRE-UP"
     up_error = '[5,"hb-1","FormatViolation","currentTime is not what we expected",{"seen":"x"}]'
-    down_call = '[2,"rst-1","Reset",{"type":"Immediate"}]'
-    down_answer = '[3,"rst-1",{"status":"Accepted"}]'
-    down_error = '[5, "rst-1", "PropertyConstraintViolation", "status unexpected", {}]'
 
     async def scenario() -> None:
         async with open_raw(node.url(identity), ["ocpp2.1"]) as ws:
-            # station CALL, CSMS CALLRESULT, station rejects the result with a CALLRESULTERROR
             await ws.send('[2,"hb-1","Heartbeat",{}]')
             assert json.loads(await recv_text(ws))[:2] == [3, "hb-1"]
             await ws.send(up_error)
             await in_thread(csms.wait_for_frame, identity, up_error)
-
-            # CSMS CALL, station CALLRESULT, CSMS rejects the result with a CALLRESULTERROR
-            await in_thread(csms.send_raw, identity, down_call)
-            assert await recv_text(ws) == down_call
-            await ws.send(down_answer)
-            await in_thread(csms.wait_for_frame, identity, down_answer)
-            await in_thread(csms.send_raw, identity, down_error)
-            assert await recv_text(ws) == down_error
-
-            # nothing else was produced for the type-5 frames: the next frame is this answer
+            # nothing was produced for the type-5 frame: the next frame is this answer
             await ws.send('[2,"hb-2","Heartbeat",{}]')
             assert json.loads(await recv_text(ws)) == [
                 3, "hb-2", {"currentTime": identity_time(identity)}
@@ -273,6 +262,35 @@ def test_ocpp21_callresulterror_frames_pass_both_ways(node: NodeProcess, csms: C
     assert csms.frames(identity) == [
         '[2,"hb-1","Heartbeat",{}]',
         up_error,
+        '[2,"hb-2","Heartbeat",{}]',
+    ]
+
+
+def test_ocpp21_callresulterror_csms_to_station(node: NodeProcess, csms: Csms) -> None:
+    """CSMS CALL, station CALLRESULT, then the CSMS rejects that result with a
+    CALLRESULTERROR: the type-5 frame reaches the station as is."""
+    identity = "E2E-21-CRE-DOWN"
+    down_call = '[2,"rst-1","Reset",{"type":"Immediate"}]'
+    down_answer = '[3,"rst-1",{"status":"Accepted"}]'
+    down_error = '[5, "rst-1", "PropertyConstraintViolation", "status unexpected", {}]'
+
+    async def scenario() -> None:
+        async with open_raw(node.url(identity), ["ocpp2.1"]) as ws:
+            await ws.send('[2,"hb-1","Heartbeat",{}]')  # the CSMS has the link once it answers
+            assert json.loads(await recv_text(ws))[:2] == [3, "hb-1"]
+            await in_thread(csms.send_raw, identity, down_call)
+            assert await recv_text(ws) == down_call
+            await ws.send(down_answer)
+            await in_thread(csms.wait_for_frame, identity, down_answer)
+            await in_thread(csms.send_raw, identity, down_error)
+            assert await recv_text(ws) == down_error
+            # and the link goes on normally
+            await ws.send('[2,"hb-2","Heartbeat",{}]')
+            assert json.loads(await recv_text(ws))[:2] == [3, "hb-2"]
+
+    asyncio.run(scenario())
+    assert csms.frames(identity) == [
+        '[2,"hb-1","Heartbeat",{}]',
         down_answer,
         '[2,"hb-2","Heartbeat",{}]',
     ]
@@ -376,19 +394,23 @@ def test_station_disconnect_closes_the_backend_link(node: NodeProcess, csms: Csm
     node.wait_for_event("station_disconnected", timeout=STEP, station=identity)
 
 
-def test_backend_link_close_code_is_1001_when_station_leaves(
-    node: NodeProcess, csms: Csms
+@pytest.mark.parametrize(("station_code", "backend_code"), [(1000, 1000), (1001, 1001),
+                                                             (4000, 1001)])
+def test_backend_link_close_code_follows_the_station(
+    node: NodeProcess, csms: Csms, station_code: int, backend_code: int
 ) -> None:
-    """Contract: "If the backend link closes, the station link is closed (code 1001) ...,
-    and vice versa": the node closes the backend link with 1001 (going away)."""
-    identity = "E2E-STATION-LEAVES-CODE"
+    """Contract: a station that leaves normally (1000) is seen by the CSMS leaving normally;
+    any other close code reaches the CSMS as 1001 (going away)."""
+    identity = f"E2E-STATION-LEAVES-{station_code}"
 
     async def scenario() -> None:
         async with open_station(node.url(identity), "1.6") as station:
             await station.boot()
+            await station.ws.close(station_code)
 
     asyncio.run(scenario())
     link = csms.wait_for_close(identity, timeout=STEP)
-    assert link.close_code == 1001, (
-        f"backend link closed with {link.close_code} {link.close_reason!r}, expected 1001"
+    assert link.close_code == backend_code, (
+        f"backend link closed with {link.close_code} {link.close_reason!r}, "
+        f"expected {backend_code}"
     )
