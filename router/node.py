@@ -32,8 +32,10 @@ from router.session import StationSession
 from router.stats import Stats
 from router.timer import CallTimer
 from router.tls import common_name, server_context
+from router.wscompat import install as _install_ws_fixes
 
 log = logging.getLogger("router.node")
+_install_ws_fixes()
 
 
 class Refused(Exception):

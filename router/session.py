@@ -135,11 +135,12 @@ class StationSession:
                         log_event(log, logging.INFO, "frame_dropped", station=self.identity,
                                   side=side.name, message_id=frame.id, reason="unmatched answer")
                         continue
-                    lane.pending_id = None
+                    following = self._advance(lane)
                     await other.send_message(text)
                     stats.answers_forwarded += 1
                     self._count(side, t0)
-                    await self._release_next(lane)
+                    if following is not None:
+                        await self._send_call(lane, following)
         except ConnectionClosed:
             # the other link closed under a send; its own pump records how
             return
@@ -155,6 +156,7 @@ class StationSession:
         stats.residence.record(perf_counter_ns() - t0)
 
     async def _offer_call(self, lane: Lane, message_id: str, text: str, t0: int) -> None:
+        # invariant: a lane with no CALL in flight has an empty queue (see _advance)
         if lane.pending_id is None:
             self._set_pending(lane, message_id)
             await lane.callee.send_message(text)
@@ -171,16 +173,25 @@ class StationSession:
         lane.pending_id = message_id
         lane.pending_token = self.node.timer.arm(self, lane)
 
-    async def _release_next(self, lane: Lane) -> None:
-        """Send the next queued CALL of a lane now that its predecessor is answered."""
-        if lane.queue and lane.pending_id is None:
-            message_id, text = lane.queue.popleft()
-            self._set_pending(lane, message_id)
-            await lane.callee.send_message(text)
-            if lane is self.up:
-                self.node.stats.frames_up += 1
-            else:
-                self.node.stats.frames_down += 1
+    def _advance(self, lane: Lane) -> str | None:
+        """End the lane's CALL in flight and claim the next queued one, returning its text.
+
+        Claiming happens before any await, so a CALL arriving meanwhile queues behind it
+        instead of overtaking it.
+        """
+        lane.pending_id = None
+        if not lane.queue:
+            return None
+        message_id, text = lane.queue.popleft()
+        self._set_pending(lane, message_id)
+        return text
+
+    async def _send_call(self, lane: Lane, text: str) -> None:
+        await lane.callee.send_message(text)
+        if lane is self.up:
+            self.node.stats.frames_up += 1
+        else:
+            self.node.stats.frames_down += 1
 
     async def _answer_node_error(
         self, lane: Lane, message_id: str | None, problem: Problem, description: str
@@ -210,7 +221,8 @@ class StationSession:
         """The lane's CALL went unanswered for ``call_timeout_s``: answer it ourselves."""
         if lane.pending_token != token or lane.pending_id is None:
             return
-        message_id, lane.pending_id = lane.pending_id, None
+        message_id = lane.pending_id
+        following = self._advance(lane)
         self.node.stats.timeouts += 1
         log_event(log, logging.WARNING, "call_timeout", station=self.identity,
                   direction=lane.name, message_id=message_id)
@@ -219,7 +231,8 @@ class StationSession:
                 lane, message_id, Problem.INTERNAL,
                 f"no answer within {self.node.config.node.call_timeout_s:g} s",
             )
-            await self._release_next(lane)
+            if following is not None:
+                await self._send_call(lane, following)
         except ConnectionClosed:
             pass
 
