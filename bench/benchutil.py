@@ -1,0 +1,38 @@
+"""Small helpers shared by the benchmark processes (no third-party imports)."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def raise_nofile_limit(wanted: int = 65536) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (capped by the hard limit).
+
+    Children inherit the limit, so the orchestrator calling this covers the node too.
+    Returns the soft limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def emit(event: str, **fields: Any) -> None:
+    """Write one JSON line on stdout (the control channel to the orchestrator)."""
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values; NaN when empty."""
+    if not sorted_values:
+        return math.nan
+    rank = math.ceil(q / 100.0 * len(sorted_values))
+    return sorted_values[min(max(rank, 1), len(sorted_values)) - 1]

@@ -1,0 +1,570 @@
+"""Forwarding benchmark: what the edge gateway costs compared with no proxy and a naive one.
+
+For every N in ``--stations`` it runs three scenarios, each with fresh processes:
+
+* ``direct``: the load generator's stations talk straight to the bench CSMS;
+* ``relay``: through ``bench/relay.py``, a plain trio-websocket copy loop;
+* ``node``: through the real node (``python -m router run``, security profile 0,
+  one primary backend = the bench CSMS), started with ``tests/nodeproc.start_node``.
+
+The load generator (bench/loadgen.py) and the CSMS (bench/csms.py) run in their own
+processes, so psutil figures for the middle process (relay or node) are its own.
+Once all N stations are connected they run sequential CALLs (MeterValues, ~300 bytes)
+for a warm-up, then for ``--seconds`` measured. See bench/README.md.
+
+    .venv/bin/python bench/forwarding.py             # N = 50, 500; ~3 minutes
+    .venv/bin/python bench/forwarding.py --quick     # smoke run, < 30 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil  # type: ignore[import-untyped, unused-ignore]
+from benchutil import raise_nofile_limit
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+SCENARIOS = ("direct", "relay", "node")
+
+AIM_US_PER_FRAME = 45.0
+AIM_KIB_PER_STATION = 25.0
+LOADGEN_SATURATED = 0.90  # fraction of one core
+OTHER_BUSY = 0.15  # fraction of one core used by the rest of the machine
+QUIET_BUSY = 0.10  # --quiet-wait: the machine counts as idle below this (one core = 1)
+
+NODE_CONFIG = """\
+[node]
+id = "bench-edge"
+call_timeout_s = 30
+max_queued_calls = 16
+
+[listen]
+host = "127.0.0.1"
+port = 0
+path = "/ocpp"
+subprotocols = ["ocpp2.1", "ocpp2.0.1", "ocpp1.6"]
+security_profile = 0
+max_message_bytes = 65536
+
+[[stations]]
+match = "*"
+
+[[backends]]
+name = "main"
+role = "primary"
+url = "ws://127.0.0.1:{csms_port}/ocpp"
+auth = "none"
+"""
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass
+class LineProcess:
+    """A bench helper subprocess that talks JSON lines on stdout (and reads stdin)."""
+
+    name: str
+    proc: subprocess.Popen[str]
+    stderr_path: Path
+    lines: queue.Queue[dict[str, Any] | None] = field(default_factory=queue.Queue)
+
+    @classmethod
+    def spawn(cls, name: str, argv: list[str], workdir: Path) -> LineProcess:
+        stderr_path = workdir / f"{name}.stderr"
+        with stderr_path.open("w") as errfile:
+            proc = subprocess.Popen(
+                [sys.executable, *argv],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errfile,
+                text=True,
+                bufsize=1,
+            )
+        helper = cls(name=name, proc=proc, stderr_path=stderr_path)
+        threading.Thread(target=helper._pump, daemon=True).start()
+        return helper
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(line, dict):
+                self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, event: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(left, 0.001))
+            except queue.Empty:
+                raise BenchError(
+                    f"{self.name}: no {event!r} within {timeout}s" + self.tail()
+                ) from None
+            if line is None:
+                raise BenchError(f"{self.name} exited waiting for {event!r}" + self.tail())
+            if line.get("event") == event:
+                return line
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def tail(self) -> str:
+        try:
+            text = self.stderr_path.read_text()
+        except OSError:
+            return ""
+        return "\n--- stderr ---\n" + "\n".join(text.splitlines()[-30:]) if text else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def cpu_seconds(proc: psutil.Process | None) -> float:
+    if proc is None:
+        return 0.0
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds spent not idle, summed over all CPUs (includes steal and interrupts)."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+
+def rss_bytes(proc: psutil.Process | None) -> int:
+    return 0 if proc is None else int(proc.memory_info().rss)
+
+
+@dataclass
+class Middle:
+    """What the stations connect to, and the process whose cost is measured."""
+
+    url: str  # station identity is appended
+    proc: psutil.Process | None
+    stop: Callable[[], None]
+    checks: Callable[[], dict[str, Any]]
+
+
+def start_middle(kind: str, csms_port: int, workdir: Path, pin: list[int] | None) -> Middle:
+    csms_url = f"ws://127.0.0.1:{csms_port}"
+    if kind == "direct":
+        return Middle(f"{csms_url}/ocpp/", None, lambda: None, dict)
+    if kind == "relay":
+        relay = LineProcess.spawn(
+            "relay", [str(BENCH_DIR / "relay.py"), "--backend", csms_url, "--port", "0"], workdir
+        )
+        port = relay.wait_for("listening", 20.0)["port"]
+        proc = psutil.Process(relay.proc.pid)
+        if pin:
+            proc.cpu_affinity(pin)
+        return Middle(f"ws://127.0.0.1:{port}/ocpp/", proc, relay.stop, dict)
+    if kind == "node":
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
+        from tests.nodeproc import start_node
+
+        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+        node = start_node(
+            NODE_CONFIG.format(csms_port=csms_port), workdir, env={"PYTHONPATH": pythonpath}
+        )
+        proc = psutil.Process(node.proc.pid)
+        if pin:
+            proc.cpu_affinity(pin)
+
+        def node_checks() -> dict[str, Any]:
+            names = ("station_connected", "station_rejected", "backend_failed", "frame_error",
+                     "frame_dropped", "call_timeout", "station_disconnected")
+            counts: dict[str, Any] = {name: len(node.events(name)) for name in names}
+            counts["alive"] = node.alive()
+            return counts
+
+        def node_stop() -> None:
+            code = node.stop()
+            if code != 0:
+                print(f"  note: node exited with code {code}", file=sys.stderr)
+
+        return Middle(node.url(""), proc, node_stop, node_checks)
+    raise ValueError(kind)
+
+
+def run_one(kind: str, stations: int, opts: argparse.Namespace) -> dict[str, Any]:
+    pins = opts.pin_plan
+    with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmp:
+        workdir = Path(tmp)
+        csms = LineProcess.spawn("csms", [str(BENCH_DIR / "csms.py"), "--port", "0"], workdir)
+        middle: Middle | None = None
+        loadgen: LineProcess | None = None
+        try:
+            csms_port = int(csms.wait_for("listening", 20.0)["port"])
+            csms_ps = psutil.Process(csms.proc.pid)
+            if pins:
+                csms_ps.cpu_affinity(pins["load"])
+            middle = start_middle(kind, csms_port, workdir, pins["middle"] if pins else None)
+            time.sleep(min(0.5, opts.settle))
+            rss_before = rss_bytes(middle.proc)
+
+            loadgen = LineProcess.spawn(
+                "loadgen",
+                [str(BENCH_DIR / "loadgen.py"), "--url", middle.url,
+                 "--stations", str(stations), "--rate", str(opts.rate)],
+                workdir,
+            )
+            loadgen_ps = psutil.Process(loadgen.proc.pid)
+            if pins:
+                loadgen_ps.cpu_affinity(pins["load"])
+            connected = loadgen.wait_for("connected", 120.0)
+            if connected["failed"]:
+                raise BenchError(
+                    f"{connected['failed']} of {stations} stations failed to connect "
+                    f"(first: {connected['first_error']})"
+                )
+            time.sleep(opts.settle)
+            rss_connected = rss_bytes(middle.proc)
+
+            loadgen.send("start")
+            loadgen.wait_for("running", 30.0)
+            time.sleep(opts.warmup)
+
+            me = psutil.Process()
+            cpu0 = (cpu_seconds(middle.proc), cpu_seconds(loadgen_ps), cpu_seconds(csms_ps),
+                    cpu_seconds(me), machine_busy_seconds())
+            wall0 = time.perf_counter()
+            loadgen.send("mark")
+            loadgen.wait_for("marked", 10.0)
+            time.sleep(max(0.0, opts.seconds - (time.perf_counter() - wall0)))
+            loadgen.send("end")
+            cpu1 = (cpu_seconds(middle.proc), cpu_seconds(loadgen_ps), cpu_seconds(csms_ps),
+                    cpu_seconds(me), machine_busy_seconds())
+            wall = time.perf_counter() - wall0
+            rss_loaded = rss_bytes(middle.proc)
+
+            summary = loadgen.wait_for("summary", 60.0)
+            loadgen.wait_for("closed", 30.0)
+            checks = middle.checks()
+        finally:
+            if loadgen is not None:
+                loadgen.stop()
+            if middle is not None:
+                middle.stop()
+            csms.stop()
+
+    frames = 2 * summary["window_calls"]
+    mid_cpu = cpu1[0] - cpu0[0]
+    return {
+        "scenario": kind,
+        "stations": stations,
+        "connect_s": connected["seconds"],
+        "window_s": summary["window_s"],
+        "calls": summary["window_calls"],
+        "calls_per_s": summary["calls_per_s"],
+        "p50_ms": summary["p50_ms"],
+        "p90_ms": summary["p90_ms"],
+        "p99_ms": summary["p99_ms"],
+        "max_ms": summary["max_ms"],
+        "frames_forwarded": frames if middle.proc is not None else 0,
+        "middle_cpu_s": mid_cpu if middle.proc is not None else None,
+        "us_per_frame": (mid_cpu / frames * 1e6) if middle.proc is not None and frames else None,
+        "middle_cpu_pct": mid_cpu / wall * 100 if middle.proc is not None else None,
+        "loadgen_cpu_pct": (cpu1[1] - cpu0[1]) / wall * 100,
+        "csms_cpu_pct": (cpu1[2] - cpu0[2]) / wall * 100,
+        # process and machine-wide CPU are accounted differently; clamp the small skew
+        "other_cpu_pct": max(
+            0.0, ((cpu1[4] - cpu0[4]) - sum(cpu1[i] - cpu0[i] for i in range(4))) / wall * 100
+        ),
+        "rss_before_kib": rss_before / 1024 if middle.proc is not None else None,
+        "rss_connected_kib": rss_connected / 1024 if middle.proc is not None else None,
+        "rss_loaded_kib": rss_loaded / 1024 if middle.proc is not None else None,
+        "kib_per_station": (rss_connected - rss_before) / 1024 / stations
+        if middle.proc is not None else None,
+        "kib_per_station_loaded": (rss_loaded - rss_before) / 1024 / stations
+        if middle.proc is not None else None,
+        "errors": {
+            "call_errors": summary["call_errors"],
+            "bad_answers": summary["bad_answers"],
+            "disconnects": summary["disconnects"],
+            "stuck_stations": summary["stuck_stations"],
+        },
+        "middle_checks": checks,
+        "frame_bytes": summary["frame_bytes"],
+    }
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def report(results: list[dict[str, Any]], stations: list[int]) -> list[str]:
+    out: list[str] = []
+    by = {(r["scenario"], r["stations"]): r for r in results}
+    head = (f"{'scenario':<8} {'N':>5} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+            f"{'+p50':>6} {'+p99':>6} {'us/frame':>8} {'KiB/stn':>7} {'(loaded)':>8} "
+            f"{'mid%':>5} {'lg%':>5} {'csms%':>5} {'other%':>6}")
+    out.append(head)
+    out.append("-" * len(head))
+    for n in stations:
+        base = by.get(("direct", n))
+        for kind in SCENARIOS:
+            r = by.get((kind, n))
+            if r is None:
+                continue
+            add50 = r["p50_ms"] - base["p50_ms"] if base and kind != "direct" else None
+            add99 = r["p99_ms"] - base["p99_ms"] if base and kind != "direct" else None
+            out.append(
+                f"{kind:<8} {n:>5} {fmt(r['calls_per_s'], '.0f'):>8} {fmt(r['p50_ms'], '.2f'):>7} "
+                f"{fmt(r['p99_ms'], '.2f'):>7} {fmt(add50, '.2f'):>6} {fmt(add99, '.2f'):>6} "
+                f"{fmt(r['us_per_frame']):>8} {fmt(r['kib_per_station']):>7} "
+                f"{fmt(r['kib_per_station_loaded']):>8} {fmt(r['middle_cpu_pct'], '.0f'):>5} "
+                f"{fmt(r['loadgen_cpu_pct'], '.0f'):>5} {fmt(r['csms_cpu_pct'], '.0f'):>5} "
+                f"{fmt(r['other_cpu_pct'], '.0f'):>6}"
+            )
+    out.append("")
+    out.append("+p50/+p99: added latency vs direct at the same N. us/frame: middle-process CPU "
+               "(user+sys) per forwarded frame,")
+    out.append("one call = 2 frames. KiB/stn: (RSS with N connected, idle - RSS before any "
+               "station) / N; (loaded): same after the window.")
+    out.append("mid%/lg%/csms%: CPU of middle process / load generator / CSMS during the window, "
+               "% of one core;")
+    out.append("other%: the rest of the machine (other processes, interrupts, steal) in the "
+               "same window.")
+
+    ratio_rows: list[str] = []
+    for n in stations:
+        node = by.get(("node", n))
+        if node is None:
+            continue
+        for other in ("relay", "direct"):
+            ref = by.get((other, n))
+            if ref is None:
+                continue
+            ratio_rows.append(
+                f"node/{other:<6} {n:>5} "
+                f"{fmt(ratio(node['calls_per_s'], ref['calls_per_s']), '.2f'):>8} "
+                f"{fmt(ratio(node['p50_ms'], ref['p50_ms']), '.2f'):>7} "
+                f"{fmt(ratio(node['p99_ms'], ref['p99_ms']), '.2f'):>7} "
+                f"{fmt(ratio(node['us_per_frame'], ref['us_per_frame']), '.2f'):>8} "
+                f"{fmt(ratio(node['kib_per_station'], ref['kib_per_station']), '.2f'):>7}"
+            )
+    if ratio_rows:
+        out.append("")
+        rhead = (f"{'ratio':<12} {'N':>5} {'calls/s':>8} {'p50':>7} {'p99':>7} "
+                 f"{'us/frame':>8} {'KiB/stn':>7}")
+        out.append(rhead)
+        out.append("-" * len(rhead))
+        out.extend(ratio_rows)
+
+    nodes = [by[("node", n)] for n in stations if ("node", n) in by]
+    if nodes:
+        out.append("")
+        out.append(f"node against the aims (<= {AIM_US_PER_FRAME:.0f} us CPU per forwarded frame, "
+                   f"<= {AIM_KIB_PER_STATION:.0f} KiB RSS per connected station):")
+        for r in nodes:
+            cpu_ok = r["us_per_frame"] is not None and r["us_per_frame"] <= AIM_US_PER_FRAME
+            mem = r["kib_per_station"]
+            mem_ok = mem is not None and mem <= AIM_KIB_PER_STATION
+            out.append(
+                f"  N={r['stations']:<4} CPU {fmt(r['us_per_frame'])} us/frame "
+                f"[{'ok' if cpu_ok else 'MISSED'}]   RSS {fmt(r['kib_per_station'])} KiB/station "
+                f"[{'ok' if mem_ok else 'MISSED'}] (after load: "
+                f"{fmt(r['kib_per_station_loaded'])})"
+            )
+        if len(nodes) >= 2:
+            lo, hi = nodes[0], nodes[-1]
+            slope = (hi["rss_connected_kib"] - lo["rss_connected_kib"]) / (
+                hi["stations"] - lo["stations"])
+            out.append(f"  marginal RSS between N={lo['stations']} and N={hi['stations']}: "
+                       f"{slope:.1f} KiB/station (excludes one-off allocations)")
+
+    notes: list[str] = []
+    for r in results:
+        tag = f"{r['scenario']} N={r['stations']}"
+        if r["loadgen_cpu_pct"] >= LOADGEN_SATURATED * 100:
+            if r["scenario"] == "direct":
+                notes.append(f"{tag}: load generator used {r['loadgen_cpu_pct']:.0f}% of a core "
+                             "(expected: direct is the load side's own ceiling)")
+            else:
+                notes.append(f"{tag}: load generator used {r['loadgen_cpu_pct']:.0f}% of a core; "
+                             "throughput/latency are bounded by the generator, not the middle")
+        total = sum(x for x in (r["middle_cpu_pct"], r["loadgen_cpu_pct"], r["csms_cpu_pct"])
+                    if x is not None)
+        if r["scenario"] != "direct" and total >= 0.9 * 100 * (os.cpu_count() or 1):
+            notes.append(f"{tag}: all cores busy ({total:.0f}% total); latency includes "
+                         "run-queue waiting")
+        if r["other_cpu_pct"] >= OTHER_BUSY * 100:
+            notes.append(f"{tag}: {r['other_cpu_pct']:.0f}% of a core went to other work on "
+                         "the machine; figures are noisier than usual")
+        errs = {k: v for k, v in r["errors"].items() if v}
+        if errs:
+            notes.append(f"{tag}: errors {errs}")
+        checks = r["middle_checks"]
+        bad = {k: checks[k] for k in ("station_rejected", "backend_failed", "frame_error",
+                                       "frame_dropped", "call_timeout") if checks.get(k)}
+        if bad:
+            notes.append(f"{tag}: node logged {bad}")
+        if "station_connected" in checks and checks["station_connected"] < r["stations"]:
+            notes.append(f"{tag}: node logged only {checks['station_connected']} "
+                         f"station_connected events for {r['stations']} stations")
+        if checks.get("alive") is False:
+            notes.append(f"{tag}: node process had exited before the end of the run")
+    if notes:
+        out.append("")
+        out.append("notes:")
+        out.extend(f"  - {note}" for note in notes)
+    return out
+
+
+def wait_until_quiet(max_wait: float) -> float | None:
+    """Wait (up to ``max_wait`` s) until the machine idles for a second; returns its busy %.
+
+    Busy = all CPU time not idle, in % of one core. None when it never got quiet.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        before = machine_busy_seconds()
+        time.sleep(1.0)
+        busy = (machine_busy_seconds() - before) * 100
+        if busy < QUIET_BUSY * 100:
+            return busy
+        if time.monotonic() >= deadline:
+            return None
+
+
+def node_available() -> bool:
+    return (REPO_ROOT / "router" / "cli.py").exists()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stations", default=None, help="comma-separated N values (50,500)")
+    parser.add_argument("--seconds", type=float, default=None, help="measured window per run")
+    parser.add_argument("--warmup", type=float, default=None, help="unmeasured load first")
+    parser.add_argument("--settle", type=float, default=1.0, help="idle wait before RSS sample")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (< 30 s)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="paced total calls/s instead of closed loop (0 = closed loop)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the middle process to the last CPU, load side to the others")
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                        help="before each run wait up to S seconds for an idle machine")
+    parser.add_argument("--json", default=None, help="results file (default bench/results/...)")
+    parser.add_argument("--no-json", action="store_true")
+    opts = parser.parse_args()
+
+    if opts.quick:
+        opts.seconds = 1.5 if opts.seconds is None else opts.seconds
+        opts.warmup = 0.5 if opts.warmup is None else opts.warmup
+        opts.settle = min(opts.settle, 0.3)
+    opts.seconds = 15.0 if opts.seconds is None else opts.seconds
+    opts.warmup = 2.0 if opts.warmup is None else opts.warmup
+    stations = [int(x) for x in (opts.stations or "50,500").split(",") if x.strip()]
+    kinds = [k.strip() for k in opts.scenarios.split(",") if k.strip()]
+    for k in kinds:
+        if k not in SCENARIOS:
+            parser.error(f"unknown scenario {k!r}")
+    if "node" in kinds and not node_available():
+        print("router/cli.py not found: skipping the node scenario", file=sys.stderr)
+        kinds.remove("node")
+
+    cpus = sorted(psutil.Process().cpu_affinity() or [])
+    opts.pin_plan = None
+    if opts.pin:
+        if len(cpus) < 2:
+            parser.error("--pin needs at least 2 CPUs")
+        opts.pin_plan = {"middle": cpus[-1:], "load": cpus[:-1]}
+
+    nofile = raise_nofile_limit()
+    if nofile < 4 * max(stations) + 100:
+        print(f"warning: RLIMIT_NOFILE is {nofile}; N={max(stations)} may fail", file=sys.stderr)
+
+    started = time.monotonic()
+    results: list[dict[str, Any]] = []
+    for n in stations:
+        for kind in kinds:
+            if opts.quiet_wait > 0 and wait_until_quiet(opts.quiet_wait) is None:
+                print(f"machine still busy after {opts.quiet_wait:g} s; running anyway",
+                      file=sys.stderr)
+            t0 = time.monotonic()
+            print(f"running {kind:<6} N={n:<4} ...", end=" ", file=sys.stderr, flush=True)
+            try:
+                result = run_one(kind, n, opts)
+            except (BenchError, TimeoutError, OSError) as exc:
+                print(f"FAILED\n{exc}", file=sys.stderr)
+                continue
+            results.append(result)
+            print(f"{result['calls_per_s']:.0f} calls/s ({time.monotonic() - t0:.1f} s)",
+                  file=sys.stderr, flush=True)
+
+    print()
+    print(f"OCPP-J forwarding benchmark: {os.cpu_count()} CPUs, "
+          f"{'paced ' + str(opts.rate) + ' calls/s' if opts.rate else 'closed loop'}, "
+          f"window {opts.seconds:g} s after {opts.warmup:g} s warm-up, "
+          f"frame {results[0]['frame_bytes'] if results else '?'} B, "
+          f"pinning {'on' if opts.pin_plan else 'off'}")
+    print()
+    for line in report(results, stations):
+        print(line)
+    print()
+    print(f"total {time.monotonic() - started:.0f} s")
+
+    if not opts.no_json and results:
+        path = Path(opts.json) if opts.json else (
+            BENCH_DIR / "results" / time.strftime("forwarding-%Y%m%d-%H%M%S.json"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "argv": sys.argv[1:],
+            "cpus": os.cpu_count(),
+            "seconds": opts.seconds,
+            "warmup": opts.warmup,
+            "rate": opts.rate,
+            "pinning": opts.pin_plan,
+            "results": results,
+        }, indent=2))
+        shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+        print(f"results written to {shown}")
+    expected = len(stations) * len(kinds)
+    return 0 if len(results) == expected else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""OCPP-J load generator: N stations, each sending CALLs one after another.
+
+Runs in its own process (asyncio + websockets, raw text frames, no ``ocpp``
+package) and is driven by the orchestrator over stdin/stdout, one line each:
+
+* it connects all stations, then prints ``{"event": "connected", ...}``;
+* ``start``  : every station begins its CALL loop (warm-up, not measured);
+* ``mark``   : the measured window opens (answers ``{"event": "marked"}``);
+* ``end``    : the window closes; stations finish their CALL in flight, the
+  summary is printed as ``{"event": "summary", ...}``, links are closed and the
+  process exits.
+
+A call is timed from just before ``send`` to just after its answer arrives. A call
+counts towards throughput when its answer arrives inside the window, and towards
+latency when it was both sent and answered inside the window. With ``--rate R``
+stations are paced so the offered total is R calls/s (each station still waits
+for its answer); without it they run closed-loop, as fast as answers come back.
+
+    .venv/bin/python bench/loadgen.py --url ws://127.0.0.1:9100/ocpp/ --stations 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+from benchutil import emit, percentile, raise_nofile_limit
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+# A MeterValues.req (OCPP 1.6) as a meter would send it every few seconds. The
+# frame is '[2,"<id>",' + this tail; with an id like "BENCH0042.17" it is ~300 bytes.
+FRAME_TAIL = (
+    '"MeterValues",{"connectorId":1,"transactionId":424242,"meterValue":[{'
+    '"timestamp":"2025-11-22T10:15:00Z","sampledValue":['
+    '{"value":"18342.7","context":"Sample.Periodic",'
+    '"measurand":"Energy.Active.Import.Register","unit":"Wh"},'
+    '{"value":"31.4","measurand":"Current.Import","phase":"L1","unit":"A"}]}]}]'
+)
+
+
+def make_frame(message_id: str) -> str:
+    return f'[2,"{message_id}",{FRAME_TAIL}'
+
+
+@dataclass
+class Run:
+    running: bool = True
+    window_start: float = float("inf")
+    window_end: float = float("inf")
+    window_calls: int = 0
+    latencies: list[float] = field(default_factory=list)
+    total_calls: int = 0
+    call_errors: int = 0
+    bad_answers: int = 0
+    disconnects: int = 0
+
+
+async def station_loop(ws: ClientConnection, name: str, run: Run, interval: float) -> None:
+    seq = 0
+    next_at = time.perf_counter() + random.uniform(0.0, interval)
+    try:
+        while run.running:
+            if interval > 0.0:
+                delay = next_at - time.perf_counter()
+                if delay > 0.0:
+                    await asyncio.sleep(delay)
+                    if not run.running:
+                        break
+                # if behind, start now and do not try to catch up with a burst
+                next_at = max(next_at + interval, time.perf_counter())
+            seq += 1
+            message_id = f"{name}.{seq}"
+            sent = time.perf_counter()
+            await ws.send(make_frame(message_id))
+            reply = await ws.recv()
+            done = time.perf_counter()
+            run.total_calls += 1
+            if not isinstance(reply, str) or not reply.startswith(f'[3,"{message_id}"'):
+                if isinstance(reply, str) and reply.startswith("[4,"):
+                    run.call_errors += 1
+                else:
+                    run.bad_answers += 1
+            if run.window_start <= done <= run.window_end:
+                run.window_calls += 1
+                if sent >= run.window_start:
+                    run.latencies.append(done - sent)
+    except ConnectionClosed:
+        run.disconnects += 1
+
+
+async def open_station(url: str, limit: asyncio.Semaphore) -> ClientConnection | str:
+    async with limit:
+        try:
+            return await connect(
+                url,
+                subprotocols=[Subprotocol("ocpp1.6")],
+                compression=None,
+                proxy=None,
+                ping_interval=None,
+                open_timeout=60,
+                close_timeout=5,
+                max_size=65536,
+            )
+        except Exception as exc:  # reported, never fatal for the others
+            return f"{type(exc).__name__}: {exc}"
+
+
+async def read_command(reader: asyncio.StreamReader) -> str:
+    line = await reader.readline()
+    if not line:
+        raise SystemExit("control channel closed")
+    return line.decode().strip()
+
+
+async def expect(reader: asyncio.StreamReader, wanted: str) -> None:
+    got = await read_command(reader)
+    if got != wanted:
+        raise SystemExit(f"expected {wanted!r} on stdin, got {got!r}")
+
+
+async def main(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    limit = asyncio.Semaphore(args.connect_concurrency)
+    names = [f"{args.prefix}{i:04d}" for i in range(args.stations)]
+    began = time.perf_counter()
+    opened = await asyncio.gather(*(open_station(args.url + name, limit) for name in names))
+    links = [(name, ws) for name, ws in zip(names, opened, strict=True) if not isinstance(ws, str)]
+    failures = [err for err in opened if isinstance(err, str)]
+    emit(
+        "connected",
+        stations=len(links),
+        failed=len(failures),
+        first_error=failures[0] if failures else None,
+        seconds=round(time.perf_counter() - began, 3),
+    )
+
+    await expect(reader, "start")
+    gc.collect()
+    gc.freeze()  # keep the collector from rescanning the long-lived connection objects
+    run = Run()
+    interval = len(links) / args.rate if args.rate > 0 else 0.0
+    tasks = [asyncio.create_task(station_loop(ws, name, run, interval)) for name, ws in links]
+    emit("running")
+
+    await expect(reader, "mark")
+    run.window_start = time.perf_counter()
+    emit("marked")
+    await expect(reader, "end")
+    run.window_end = time.perf_counter()
+    run.running = False
+    _, stuck = await asyncio.wait(tasks, timeout=15.0)
+    for task in stuck:
+        task.cancel()
+
+    lat = sorted(run.latencies)
+    window = run.window_end - run.window_start
+    emit(
+        "summary",
+        stations=len(links),
+        window_s=window,
+        window_calls=run.window_calls,
+        calls_per_s=run.window_calls / window if window > 0 else 0.0,
+        latency_samples=len(lat),
+        p50_ms=percentile(lat, 50) * 1e3,
+        p90_ms=percentile(lat, 90) * 1e3,
+        p99_ms=percentile(lat, 99) * 1e3,
+        max_ms=(lat[-1] * 1e3) if lat else float("nan"),
+        total_calls=run.total_calls,
+        call_errors=run.call_errors,
+        bad_answers=run.bad_answers,
+        disconnects=run.disconnects,
+        stuck_stations=len(stuck),
+        frame_bytes=len(make_frame(f"{names[0]}.1")) if names else 0,
+    )
+    if links:
+        await asyncio.wait([asyncio.create_task(ws.close()) for _, ws in links], timeout=10.0)
+    emit("closed")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True, help="prefix; the station identity is appended")
+    parser.add_argument("--stations", type=int, required=True)
+    parser.add_argument("--rate", type=float, default=0.0, help="total calls/s; 0 = closed loop")
+    parser.add_argument("--prefix", default="BENCH")
+    parser.add_argument("--connect-concurrency", type=int, default=64)
+    raise_nofile_limit()
+    asyncio.run(main(parser.parse_args()))
