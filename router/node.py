@@ -9,46 +9,38 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import ssl
-from dataclasses import dataclass
-from typing import Any, TypeVar
-from urllib.parse import quote, unquote, urlsplit
+from typing import Any
+from urllib.parse import quote, unquote
 
 import trio
-from trio_websocket import (
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketRequest,
-    wrap_client_stream,
-    wrap_server_stream,
-)
 
 from router.config import MAX_ID, BackendEntry, Config, StationEntry
 from router.frames import Version
+from router.handshake import HandshakeFailed, Upgrade, dial, read_upgrade
 from router.logs import log_event
 from router.passwords import VerifiedCache, verify_password
 from router.session import StationSession
 from router.stats import Stats
 from router.timer import CallTimer
 from router.tls import common_name, server_context
-from router.wscompat import install as _install_ws_fixes
 
 log = logging.getLogger("router.node")
-_install_ws_fixes()
 
 
 class Refused(Exception):
     """A station's upgrade is refused with this HTTP status."""
 
-    def __init__(self, status: int, reason: str, headers: list[tuple[bytes, bytes]] | None = None):
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
-        self.headers = headers or []
+        self.headers = headers or {}
 
 
-_BASIC_CHALLENGE = [(b"WWW-Authenticate", b'Basic realm="ocpp", charset="UTF-8"')]
+_BASIC_CHALLENGE = {"WWW-Authenticate": 'Basic realm="ocpp", charset="UTF-8"'}
 
 
 def identity_from_path(target: str, base: str) -> str:
@@ -69,28 +61,19 @@ def identity_from_path(target: str, base: str) -> str:
     return identity
 
 
-def basic_credentials(headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
-    """(username, password) from an ``Authorization: Basic`` header, or None."""
-    for name, value in headers:
-        if name.lower() != b"authorization":
-            continue
-        scheme, _, token = value.partition(b" ")
-        if scheme.lower() != b"basic":
-            return None
-        try:
-            decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        user, sep, password = decoded.partition(":")
-        return (user, password) if sep else None
-    return None
-
-
-def _header(headers: list[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
-    for name, value in headers:
-        if name.lower() == wanted:
-            return value
-    return None
+def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    """(username, password) from an ``Authorization: Basic`` header value, or None."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
 
 
 class Node:
@@ -165,34 +148,34 @@ class Node:
     async def _handle_stream_inner(self, stream: trio.abc.Stream) -> None:
         listen = self.config.listen
         peer_cert = None
-        if isinstance(stream, trio.SSLStream):
-            try:
-                with trio.fail_after(listen.handshake_timeout_s):
-                    await stream.do_handshake()
-            except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError) as exc:
-                self.stats.stations_rejected += 1
-                log_event(log, logging.INFO, "tls_failed", remote=_remote(stream), reason=repr(exc))
-                return
-            peer_cert = stream.getpeercert()
-        async with trio.open_nursery() as nursery:
-            try:
-                with trio.fail_after(listen.handshake_timeout_s):
-                    request = await wrap_server_stream(
-                        nursery, stream, message_queue_size=1,
-                        max_message_size=listen.max_message_bytes,
-                    )
-                await self._handle_request(request, peer_cert)
-            except trio.TooSlowError:
-                log_event(log, logging.INFO, "handshake_timeout", remote=_remote(stream))
-            finally:
-                nursery.cancel_scope.cancel()
+        remote = _remote(stream)
+        try:
+            with trio.fail_after(listen.handshake_timeout_s):
+                if isinstance(stream, trio.SSLStream):
+                    try:
+                        await stream.do_handshake()
+                    except (trio.BrokenResourceError, ssl.SSLError) as exc:
+                        self.stats.stations_rejected += 1
+                        log_event(log, logging.INFO, "tls_failed", remote=remote, reason=repr(exc))
+                        return
+                    peer_cert = stream.getpeercert()
+                upgrade = await read_upgrade(stream, listen.max_message_bytes)
+        except trio.TooSlowError:
+            log_event(log, logging.INFO, "handshake_timeout", remote=remote)
+            return
+        except (HandshakeFailed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log_event(log, logging.INFO, "station_rejected", station=None, status=400,
+                      reason=str(exc), remote=remote)
+            return
+        await self._handle_upgrade(upgrade, peer_cert, remote)
 
-    async def _handle_request(self, request: WebSocketRequest, peer_cert: Any) -> None:
+    async def _handle_upgrade(self, upgrade: Upgrade, peer_cert: Any, remote: str) -> None:
         identity = None
         try:
-            identity = identity_from_path(request.path, self.config.listen.path)
-            entry = await self._authenticate(identity, request, peer_cert)
-            offered = [p for p in request.proposed_subprotocols
+            identity = identity_from_path(upgrade.path, self.config.listen.path)
+            upgrade.check()
+            entry = await self._authenticate(identity, upgrade, peer_cert)
+            offered = [p for p in upgrade.offered_subprotocols()
                        if p in self.config.listen.subprotocols]
             if not offered:
                 raise Refused(400, "no supported OCPP subprotocol offered (supported: "
@@ -200,8 +183,11 @@ class Node:
             backend = self.config.primary_for(identity, entry)
             if backend is None:
                 raise Refused(403, "no primary backend serves this station")
+        except HandshakeFailed as exc:
+            await self._refuse(upgrade, identity, remote, Refused(exc.status or 400, exc.reason))
+            return
         except Refused as refused:
-            await self._refuse(request, identity, refused)
+            await self._refuse(upgrade, identity, remote, refused)
             return
         # authenticated: this connection now replaces any older one for the identity
         await self._claim(identity)
@@ -209,7 +195,7 @@ class Node:
         self._claims[identity] = claim
         try:
             with claim:
-                await self._connect(request, identity, backend, offered, claim)
+                await self._connect(upgrade, identity, backend, offered, claim, remote)
         finally:
             if self._claims.get(identity) is claim:
                 del self._claims[identity]
@@ -229,9 +215,7 @@ class Node:
             with trio.move_on_after(self.config.node.shutdown_timeout_s + 1):
                 await session.done.wait()
 
-    async def _authenticate(
-        self, identity: str, request: WebSocketRequest, peer_cert: Any
-    ) -> StationEntry:
+    async def _authenticate(self, identity: str, upgrade: Upgrade, peer_cert: Any) -> StationEntry:
         profile = self.config.listen.security_profile
         entry = self.config.station_entry(identity)
         if entry is None:
@@ -243,7 +227,7 @@ class Node:
             if cn != identity:
                 raise Refused(403, f"client certificate CN {cn!r} is not the station identity")
         if profile in (1, 2) or entry.password_hash is not None:
-            creds = basic_credentials(request.headers)
+            creds = basic_credentials(upgrade.header("Authorization"))
             if creds is None:
                 raise Refused(401, "Basic credentials required", _BASIC_CHALLENGE)
             user, password = creds
@@ -263,135 +247,96 @@ class Node:
         return ok
 
     async def _refuse(
-        self, request: WebSocketRequest, identity: str | None, refused: Refused
+        self, upgrade: Upgrade, identity: str | None, remote: str, refused: Refused
     ) -> None:
         self.stats.stations_rejected += 1
         log_event(log, logging.INFO, "station_rejected", station=identity, status=refused.status,
-                  reason=refused.reason, remote=_endpoint(request.remote))
-        body = (refused.reason + "\n").encode()
-        await request.reject(refused.status, extra_headers=list(refused.headers), body=body)
+                  reason=refused.reason, remote=remote)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await upgrade.reject(refused.status, refused.reason, refused.headers)
 
-    def _backend_headers(self, request: WebSocketRequest, identity: str,
-                         backend: BackendEntry) -> list[tuple[bytes, bytes]]:
+    def _backend_headers(self, upgrade: Upgrade, identity: str,
+                         backend: BackendEntry) -> dict[str, str]:
         auth = backend.auth
         if auth.mode == "passthrough":
-            value = _header(request.headers, b"authorization")
-            return [(b"Authorization", value)] if value is not None else []
+            value = upgrade.header("Authorization")
+            return {"Authorization": value} if value is not None else {}
         if auth.mode == "password" and auth.password is not None:
             token = base64.b64encode(f"{identity}:{auth.password}".encode()).decode()
-            return [(b"Authorization", f"Basic {token}".encode())]
-        return []
+            return {"Authorization": f"Basic {token}"}
+        return {}
 
     async def _connect(
-        self, request: WebSocketRequest, identity: str, backend: BackendEntry,
-        offered: list[str], claim: trio.CancelScope,
-    ) -> None:
-        # trio-websocket raises a backend's HTTP refusal from its reader task, so it
-        # reaches us through the nursery that holds the backend link, as a group
-        state = _Attempt()
-        failure: Refused | None = None
-        try:
-            async with trio.open_nursery() as link_nursery:
-                await self._dial_and_run(link_nursery, state, request, identity, backend,
-                                         offered, claim)
-        except* ConnectionRejected as group:
-            status = _first(group, ConnectionRejected).status_code
-            log_event(log, logging.WARNING, "backend_failed", station=identity,
-                      backend=backend.name, reason=f"backend answered HTTP {status}")
-            failure = Refused(status if 400 <= status <= 599 else 502,
-                              "backend refused the station")
-        except* trio.TooSlowError:
-            log_event(log, logging.WARNING, "backend_failed", station=identity,
-                      backend=backend.name, reason="timeout")
-            failure = Refused(504, "backend did not answer in time")
-        except* (HandshakeError, OSError) as group:
-            log_event(log, logging.WARNING, "backend_failed", station=identity,
-                      backend=backend.name, reason=repr(_first(group, Exception)))
-            failure = Refused(502, "backend unreachable")
-        if failure is not None and not state.accepted:
-            await self._refuse(request, identity, failure)
-
-    async def _dial_and_run(
-        self, link_nursery: trio.Nursery, state: _Attempt, request: WebSocketRequest,
-        identity: str, backend: BackendEntry, offered: list[str], claim: trio.CancelScope,
+        self, upgrade: Upgrade, identity: str, backend: BackendEntry, offered: list[str],
+        claim: trio.CancelScope, remote: str,
     ) -> None:
         listen = self.config.listen
-        parts = urlsplit(backend.station_url(quote(identity, safe="")))
-        host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "wss" else 80)
-        stream: trio.abc.Stream | None = None
+        url = backend.station_url(quote(identity, safe=""))
         try:
             with trio.fail_after(self.config.node.connect_timeout_s):
-                tcp = await trio.open_tcp_stream(host, port)
-                stream = tcp
-                if parts.scheme == "wss":
-                    stream = trio.SSLStream(tcp, _client_tls(), server_hostname=host,
-                                            https_compatible=True)
-                backend_ws = await wrap_client_stream(
-                    link_nursery, stream, parts.netloc, parts.path or "/",
-                    subprotocols=offered,
-                    extra_headers=self._backend_headers(request, identity, backend),
-                    message_queue_size=1, max_message_size=listen.max_message_bytes,
-                )
-            chosen = backend_ws.subprotocol
-            if chosen not in offered:
-                log_event(log, logging.WARNING, "backend_failed", station=identity,
-                          backend=backend.name, reason=f"backend chose subprotocol {chosen!r}")
-                await backend_ws.aclose(1002, "no subprotocol agreed")
-                await self._refuse(request, identity, Refused(502, "backend chose no subprotocol"))
-                return
-            try:
-                station_ws = await request.accept(subprotocol=chosen)
-            except Exception:
-                await backend_ws.aclose(1001, "station went away during the handshake")
-                raise
-            state.accepted = True
-            session = StationSession(
-                self, identity, Version.from_subprotocol(chosen), station_ws, backend_ws,
-                backend.name,
-            )
-            if self._claims.get(identity) is claim:
-                # connected: from now on a newer connection stops this one gracefully
-                del self._claims[identity]
-            self.sessions[identity] = session
-            self.stats.stations_connected += 1
-            log_event(log, logging.INFO, "station_connected", station=identity,
-                      subprotocol=chosen, backend=backend.name, remote=_endpoint(request.remote))
-            try:
-                await session.run()
-            finally:
-                self.stats.stations_connected -= 1
-                if self.sessions.get(identity) is session:
-                    del self.sessions[identity]
-                session.done.set()
+                backend_ws = await dial(url, offered,
+                                        self._backend_headers(upgrade, identity, backend),
+                                        listen.max_message_bytes)
+        except HandshakeFailed as exc:
+            status = exc.status if exc.status is not None and 400 <= exc.status <= 599 else 502
+            log_event(log, logging.WARNING, "backend_failed", station=identity,
+                      backend=backend.name, reason=exc.reason)
+            await self._refuse(upgrade, identity, remote,
+                               Refused(status, "backend refused the station"))
+            return
+        except trio.TooSlowError:
+            log_event(log, logging.WARNING, "backend_failed", station=identity,
+                      backend=backend.name, reason="timeout")
+            await self._refuse(upgrade, identity, remote,
+                               Refused(504, "backend did not answer in time"))
+            return
+        except (OSError, trio.BrokenResourceError) as exc:
+            log_event(log, logging.WARNING, "backend_failed", station=identity,
+                      backend=backend.name, reason=repr(exc))
+            await self._refuse(upgrade, identity, remote, Refused(502, "backend unreachable"))
+            return
+        try:
+            await self._bridge(upgrade, identity, backend, offered, claim, remote, backend_ws)
         finally:
-            link_nursery.cancel_scope.cancel()
-            if stream is not None:
-                await trio.aclose_forcefully(stream)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(backend_ws.stream)
 
-
-@dataclass(slots=True)
-class _Attempt:
-    accepted: bool = False
-
-
-_E = TypeVar("_E", bound=BaseException)
-
-
-def _first(group: BaseExceptionGroup[Any], kind: type[_E]) -> _E:
-    """The first leaf exception of a kind in a (possibly nested) exception group."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first(exc, kind)
-        if isinstance(exc, kind):
-            return exc
-    raise LookupError(kind)
-
-
-def _client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+    async def _bridge(
+        self, upgrade: Upgrade, identity: str, backend: BackendEntry, offered: list[str],
+        claim: trio.CancelScope, remote: str, backend_ws: Any,
+    ) -> None:
+        chosen = backend_ws.subprotocol
+        if chosen not in offered:
+            log_event(log, logging.WARNING, "backend_failed", station=identity,
+                      backend=backend.name, reason=f"backend chose subprotocol {chosen!r}")
+            await backend_ws.aclose(1002, "no subprotocol agreed")
+            await self._refuse(upgrade, identity, remote,
+                               Refused(502, "backend chose no subprotocol"))
+            return
+        try:
+            station_ws = await upgrade.accept(chosen)
+        except (HandshakeFailed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log_event(log, logging.INFO, "station_rejected", station=identity, status=400,
+                      reason=str(exc), remote=remote)
+            await backend_ws.aclose(1001, "station went away during the handshake")
+            return
+        session = StationSession(
+            self, identity, Version.from_subprotocol(chosen), station_ws, backend_ws, backend.name
+        )
+        if self._claims.get(identity) is claim:
+            # connected: from now on a newer connection stops this one gracefully
+            del self._claims[identity]
+        self.sessions[identity] = session
+        self.stats.stations_connected += 1
+        log_event(log, logging.INFO, "station_connected", station=identity, subprotocol=chosen,
+                  backend=backend.name, remote=remote)
+        try:
+            await session.run()
+        finally:
+            self.stats.stations_connected -= 1
+            if self.sessions.get(identity) is session:
+                del self.sessions[identity]
+            session.done.set()
 
 
 def _remote(stream: trio.abc.Stream) -> str:
@@ -403,8 +348,3 @@ def _remote(stream: trio.abc.Stream) -> str:
     except OSError:
         return "?"
     return f"{host}:{port}"
-
-
-def _endpoint(ep: Any) -> str:
-    address = getattr(ep, "address", None)
-    return f"{address}:{ep.port}" if address is not None else str(ep)

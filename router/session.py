@@ -13,10 +13,9 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 from time import perf_counter_ns
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
-from trio_websocket import ConnectionClosed
 
 from router.frames import (
     CALL,
@@ -29,6 +28,7 @@ from router.frames import (
     error_answer,
 )
 from router.logs import log_event
+from router.wslink import LinkClosed, WsLink
 
 if TYPE_CHECKING:
     from router.node import Node
@@ -45,10 +45,11 @@ class Lane:
     """CALLs from ``caller`` to ``callee``: the one in flight and those queued behind it."""
 
     name: str  # "up" (station -> backend) or "down" (backend -> station)
-    caller: Any  # trio_websocket.WebSocketConnection
-    callee: Any
+    caller: WsLink
+    callee: WsLink
     pending_id: str | None = None
     pending_token: int = 0
+    deadline: float = 0.0  # when the CALL in flight times out (trio clock)
     queue: deque[tuple[str, str]] = field(default_factory=deque)
 
 
@@ -57,8 +58,8 @@ class Side:
     """One end of the session, as its pump sees it."""
 
     name: str  # "station" or "backend"
-    ws: Any
-    other: Any  # the other side's WebSocket
+    ws: WsLink
+    other: WsLink  # the other side's WebSocket
     calls: Lane  # CALLs this side makes
     answers: Lane  # CALLs this side must answer
     closed_code: int | None = None
@@ -68,7 +69,7 @@ class StationSession:
     """Forwards between one station and its backend until either side goes away."""
 
     def __init__(
-        self, node: Node, identity: str, version: Version, station_ws: Any, backend_ws: Any,
+        self, node: Node, identity: str, version: Version, station_ws: WsLink, backend_ws: WsLink,
         backend_name: str,
     ) -> None:
         self.node = node
@@ -109,8 +110,8 @@ class StationSession:
             while True:
                 try:
                     text = await ws.get_message()
-                except ConnectionClosed as exc:
-                    side.closed_code = exc.reason.code if exc.reason else CLOSE_GOING_AWAY
+                except LinkClosed as exc:
+                    side.closed_code = exc.code
                     return
                 t0 = perf_counter_ns()
                 if type(text) is not str:
@@ -141,7 +142,7 @@ class StationSession:
                     self._count(side, t0)
                     if following is not None:
                         await self._send_call(lane, following)
-        except ConnectionClosed:
+        except LinkClosed:
             # the other link closed under a send; its own pump records how
             return
         finally:
@@ -233,7 +234,7 @@ class StationSession:
             )
             if following is not None:
                 await self._send_call(lane, following)
-        except ConnectionClosed:
+        except LinkClosed:
             pass
 
     # --- the end ------------------------------------------------------------------------
@@ -253,6 +254,7 @@ class StationSession:
             station_code = CLOSE_GOING_AWAY
             backend_code = backend.closed_code or CLOSE_GOING_AWAY
         for lane in (self.up, self.down):
+            self.node.timer.disarm(lane)
             owed = ([lane.pending_id] if lane.pending_id is not None else []) + [
                 mid for mid, _ in lane.queue
             ]
@@ -263,7 +265,7 @@ class StationSession:
             for message_id in owed:
                 try:
                     await self._answer_node_error(lane, message_id, Problem.INTERNAL, reason)
-                except ConnectionClosed:
+                except LinkClosed:
                     break
         log_event(log, logging.INFO, "station_disconnected", station=self.identity,
                   code=station_code, reason=reason)

@@ -1,14 +1,14 @@
 """Call timeouts for every lane of the node, in one task.
 
-All CALLs share one timeout, so deadlines arrive in the order they are armed and a FIFO
-is enough (no heap). An entry is only acted on if its lane still waits on the same
-token; answered CALLs simply fall out when their deadline passes.
+Arming a CALL writes a deadline on its lane and puts the lane in a set: memory grows
+with the lanes that have a CALL in flight, not with the call rate. A sweep runs every
+``tick`` seconds (a tenth of the timeout, at most one second), so a CALL is answered by
+the node between ``timeout`` and ``timeout + tick`` after it was sent.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
 from typing import Any, Protocol
 
 import trio
@@ -18,35 +18,39 @@ class _Expires(Protocol):
     async def on_timeout(self, lane: Any, token: int) -> None: ...
 
 
+class _Timed(Protocol):
+    pending_token: int
+    deadline: float
+
+
 class CallTimer:
     """Arms a deadline per CALL and fires ``owner.on_timeout(lane, token)`` when it passes."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
-        self._queue: deque[tuple[float, int, _Expires, Any]] = deque()
+        self.tick_s = min(1.0, timeout_s / 10)
+        self._armed: dict[Any, _Expires] = {}
         self._tokens = itertools.count(1)
-        self._wake = trio.Event()
 
-    def arm(self, owner: _Expires, lane: Any) -> int:
+    def arm(self, owner: _Expires, lane: _Timed) -> int:
         """Start the clock for the CALL now pending on ``lane``; returns its token."""
         token = next(self._tokens)
-        self._queue.append((trio.current_time() + self.timeout_s, token, owner, lane))
-        if len(self._queue) == 1:
-            self._wake.set()
+        lane.deadline = trio.current_time() + self.timeout_s
+        self._armed[lane] = owner
         return token
 
+    def disarm(self, lane: _Timed) -> None:
+        """Forget a lane (its session ended)."""
+        self._armed.pop(lane, None)
+
     async def run(self, nursery: trio.Nursery) -> None:
-        """Fire expired deadlines; answers are sent from their own tasks so none blocks this."""
-        queue = self._queue
+        """Sweep for expired CALLs; answers are sent from their own tasks so none blocks this."""
         while True:
-            if not queue:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                continue
-            deadline, token, owner, lane = queue[0]
-            if deadline > trio.current_time():
-                await trio.sleep_until(deadline)
-                continue
-            queue.popleft()
-            if getattr(lane, "pending_token", None) == token:
-                nursery.start_soon(owner.on_timeout, lane, token)
+            await trio.sleep(self.tick_s)
+            now = trio.current_time()
+            expired = [(lane, owner) for lane, owner in self._armed.items()
+                       if lane.deadline <= now]
+            for lane, owner in expired:
+                del self._armed[lane]
+                if getattr(lane, "pending_id", None) is not None:
+                    nursery.start_soon(owner.on_timeout, lane, lane.pending_token)

@@ -1,0 +1,163 @@
+"""WebSocket opening handshakes over trio streams, with websockets' sans-IO protocol.
+
+``read_upgrade`` reads a client's HTTP upgrade and hands it back unanswered, so the node
+can authenticate and dial the backend before choosing between ``accept`` and
+``reject``. ``dial`` opens the client side toward a backend. HTTP parsing and header
+validation are websockets'; timeouts are the caller's.
+"""
+
+from __future__ import annotations
+
+import ssl
+from urllib.parse import urlsplit
+
+import trio
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidHandshake, InvalidHeader, InvalidStatus
+from websockets.headers import parse_subprotocol
+from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
+
+from router.wslink import RECEIVE_BYTES, WsLink
+
+
+class HandshakeFailed(Exception):
+    """The opening handshake did not complete; ``status`` is the HTTP status, if any."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+async def _send(stream: trio.abc.Stream, proto: ServerProtocol | ClientProtocol) -> None:
+    for chunk in proto.data_to_send():
+        if chunk:
+            await stream.send_all(chunk)
+
+
+class Upgrade:
+    """A station's upgrade request, read and parsed but not yet answered."""
+
+    def __init__(self, stream: trio.abc.Stream, proto: ServerProtocol, request: Request) -> None:
+        self.stream = stream
+        self.request = request
+        self._proto = proto
+        self._chosen: str | None = None
+
+    @property
+    def path(self) -> str:
+        return self.request.path
+
+    def header(self, name: str) -> str | None:
+        return self.request.headers.get(name)
+
+    def offered_subprotocols(self) -> list[str]:
+        """The subprotocols the client offered, in its order; HandshakeFailed(400) if garbled."""
+        try:
+            return [
+                str(p)
+                for value in self.request.headers.get_all("Sec-WebSocket-Protocol")
+                for p in parse_subprotocol(value)
+            ]
+        except InvalidHeader as exc:
+            raise HandshakeFailed(f"bad Sec-WebSocket-Protocol header: {exc}", 400) from None
+
+    def check(self) -> None:
+        """Validate the upgrade headers now, before any backend is dialled."""
+        try:
+            self._proto.process_request(self.request)
+        except InvalidHandshake as exc:
+            raise HandshakeFailed(f"not a valid WebSocket upgrade: {exc}", 400) from None
+
+    def _select(self, _proto: ServerProtocol, _offered: object) -> Subprotocol | None:
+        return Subprotocol(self._chosen) if self._chosen is not None else None
+
+    async def accept(self, subprotocol: str) -> WsLink:
+        """Answer 101 with this subprotocol and return the open link."""
+        self._chosen = subprotocol
+        response = self._proto.accept(self.request)
+        self._proto.send_response(response)
+        await _send(self.stream, self._proto)
+        if response.status_code != 101:
+            raise HandshakeFailed(f"upgrade refused: {self._proto.handshake_exc}",
+                                  response.status_code)
+        return WsLink(self.stream, self._proto)
+
+    async def reject(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        """Answer with an HTTP error status and a one-line plain text body."""
+        response = self._proto.reject(status, reason + "\n")
+        for name, value in (headers or {}).items():
+            response.headers[name] = value
+        self._proto.send_response(response)
+        await _send(self.stream, self._proto)
+
+
+async def read_upgrade(stream: trio.abc.Stream, max_message_bytes: int) -> Upgrade:
+    """Read an HTTP upgrade request; a malformed one is answered 400 and raises."""
+    upgrade: Upgrade | None = None
+
+    def select(proto: ServerProtocol, offered: object) -> Subprotocol | None:
+        return upgrade._select(proto, offered) if upgrade is not None else None
+
+    proto = ServerProtocol(select_subprotocol=select, max_size=max_message_bytes)
+    while True:
+        data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            raise HandshakeFailed("connection closed before the upgrade request")
+        proto.receive_data(data)
+        for event in proto.events_received():
+            if isinstance(event, Request):
+                upgrade = Upgrade(stream, proto, event)
+                return upgrade
+        if proto.handshake_exc is not None:
+            response = proto.reject(400, "malformed HTTP request\n")
+            proto.send_response(response)
+            await _send(stream, proto)
+            raise HandshakeFailed(f"malformed upgrade request: {proto.handshake_exc}", 400)
+
+
+async def dial(
+    url: str,
+    subprotocols: list[str],
+    headers: dict[str, str],
+    max_message_bytes: int,
+    ssl_context: ssl.SSLContext | None = None,
+) -> WsLink:
+    """Open a client WebSocket; HandshakeFailed carries the HTTP status of a refusal."""
+    uri = parse_uri(url)
+    parts = urlsplit(url)
+    tcp = await trio.open_tcp_stream(uri.host, uri.port)
+    stream: trio.abc.Stream = tcp
+    try:
+        if uri.secure:
+            stream = trio.SSLStream(tcp, ssl_context or ssl.create_default_context(),
+                                    server_hostname=parts.hostname, https_compatible=True)
+        proto = ClientProtocol(uri, subprotocols=[Subprotocol(p) for p in subprotocols],
+                               max_size=max_message_bytes)
+        request = proto.connect()
+        for name, value in headers.items():
+            request.headers[name] = value
+        proto.send_request(request)
+        await _send(stream, proto)
+        while True:
+            data = await stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                proto.receive_eof()
+            else:
+                proto.receive_data(data)
+            for event in proto.events_received():
+                if isinstance(event, Response):
+                    exc = proto.handshake_exc
+                    if isinstance(exc, InvalidStatus):
+                        raise HandshakeFailed(str(exc), exc.response.status_code)
+                    if exc is not None:
+                        raise HandshakeFailed(f"bad upgrade response: {exc}")
+                    return WsLink(stream, proto)
+            if not data or proto.handshake_exc is not None:
+                raise HandshakeFailed(f"no upgrade response: {proto.handshake_exc}")
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise

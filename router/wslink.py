@@ -1,0 +1,164 @@
+"""One WebSocket over a trio stream, driven by the sans-IO protocol of ``websockets``.
+
+The node's links read in the task that forwards, with no reader task and no channel in
+between: ``get_message`` parses what the socket delivered and returns the next whole
+message, ``send_message`` frames and writes. websockets does the RFC 6455 work (HTTP
+upgrade parsing, framing, masking with its C helper, ping/pong, the close handshake,
+message-size limits); this module adds fragment reassembly, UTF-8 checks on text
+messages and the trio I/O. Measured against trio-websocket in ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import cast
+
+import trio
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+Buffer = bytes | bytearray | memoryview
+RECEIVE_BYTES = 65536
+CLOSE_ABNORMAL = 1006
+CLOSE_INVALID_DATA = 1007
+
+
+class LinkClosed(Exception):
+    """The WebSocket is closed; ``code`` is the peer's close code, or ours if we failed it."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+class WsLink:
+    """An open WebSocket: whole text (str) or binary (bytes) messages in, text out."""
+
+    __slots__ = ("_inbox", "_lock", "_opcode", "_parts", "protocol", "stream", "subprotocol")
+
+    def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol | ClientProtocol) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self.subprotocol: str | None = protocol.subprotocol
+        self._lock = trio.StrictFIFOLock()
+        self._inbox: deque[str | bytes] = deque()
+        self._parts: list[Buffer] = []
+        self._opcode: Opcode | None = None
+
+    @property
+    def closed(self) -> int | None:
+        """None while open, else the close code (as :meth:`get_message` would raise it)."""
+        if self.protocol.state is State.OPEN:
+            return None
+        return self._close_code()
+
+    def _close_code(self) -> int:
+        proto = self.protocol
+        if proto.close_rcvd is not None:
+            return proto.close_rcvd.code
+        if proto.close_sent is not None:
+            return proto.close_sent.code
+        return CLOSE_ABNORMAL
+
+    def _close_reason(self) -> str:
+        proto = self.protocol
+        close = proto.close_rcvd or proto.close_sent
+        return close.reason if close is not None else ""
+
+    async def get_message(self) -> str | bytes:
+        """The next whole message; raises LinkClosed once the WebSocket has closed."""
+        inbox = self._inbox
+        proto = self.protocol
+        while not inbox:
+            if proto.state is not State.OPEN:
+                raise LinkClosed(self._close_code(), self._close_reason())
+            try:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if data:
+                proto.receive_data(data)
+                self._take_events()
+            else:
+                proto.receive_eof()
+            if proto.writes:
+                # pongs, the reply to a close, or the close we send when failing
+                await self._flush()
+        return inbox.popleft()
+
+    def _take_events(self) -> None:
+        # after the opening handshake, every event is a frame
+        for frame in cast("list[Frame]", self.protocol.events_received()):
+            opcode = frame.opcode
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                if frame.fin:
+                    self._deliver(opcode, frame.data)
+                else:
+                    self._opcode = opcode
+                    self._parts = [frame.data]
+            elif opcode is Opcode.CONT and self._opcode is not None:
+                self._parts.append(frame.data)
+                if frame.fin:
+                    data = b"".join(self._parts)
+                    opcode, self._opcode, self._parts = self._opcode, None, []
+                    self._deliver(opcode, data)
+
+    def _deliver(self, opcode: Opcode, data: Buffer) -> None:
+        if self.protocol.state is not State.OPEN:
+            return
+        if opcode is Opcode.TEXT:
+            try:
+                self._inbox.append(str(data, "utf-8"))
+            except UnicodeDecodeError:
+                self.protocol.fail(CLOSE_INVALID_DATA, "text message is not valid UTF-8")
+        else:
+            self._inbox.append(bytes(data))
+
+    async def send_message(self, message: str) -> None:
+        """Send one text message; raises LinkClosed if the WebSocket is no longer open."""
+        proto = self.protocol
+        if proto.state is not State.OPEN:
+            raise LinkClosed(self._close_code(), self._close_reason())
+        proto.send_text(message.encode("utf-8"))
+        await self._flush()
+
+    async def _flush(self) -> None:
+        writes = self.protocol.data_to_send()
+        if not writes:
+            return
+        # the lock keeps writers in the order they produced their bytes (FIFO)
+        async with self._lock:
+            try:
+                for chunk in writes:
+                    if chunk:
+                        await self.stream.send_all(chunk)
+                    else:
+                        # websockets asks for a half-close; closing the stream is close enough
+                        await trio.aclose_forcefully(self.stream)
+                        return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.protocol.state = State.CLOSED
+                raise LinkClosed(CLOSE_ABNORMAL, "connection lost") from None
+
+    async def aclose(self, code: int = 1000, reason: str = "", wait_s: float = 2.0) -> None:
+        """Close with a close frame, wait briefly for the peer's, then close the socket."""
+        proto = self.protocol
+        try:
+            if proto.state is State.OPEN:
+                proto.send_close(code, reason)
+                await self._flush()
+            with trio.move_on_after(wait_s):
+                while proto.state is not State.CLOSED:
+                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                    if not data:
+                        break
+                    proto.receive_data(data)
+                    proto.events_received()
+                    await self._flush()
+        except (LinkClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(self.stream)
