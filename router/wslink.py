@@ -10,6 +10,7 @@ messages and the trio I/O. Measured against trio-websocket in ``docs/architectur
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from typing import cast
 
@@ -37,7 +38,8 @@ class LinkClosed(Exception):
 class WsLink:
     """An open WebSocket: whole text (str) or binary (bytes) messages in, text out."""
 
-    __slots__ = ("_inbox", "_lock", "_opcode", "_parts", "protocol", "stream", "subprotocol")
+    __slots__ = ("_inbox", "_lock", "_opcode", "_parts", "_raw", "protocol", "stream",
+                 "subprotocol")
 
     def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol | ClientProtocol) -> None:
         self.stream = stream
@@ -47,6 +49,7 @@ class WsLink:
         self._inbox: deque[str | bytes] = deque()
         self._parts: list[Buffer] = []
         self._opcode: Opcode | None = None
+        self._raw = _raw_socket(stream)
 
     @property
     def closed(self) -> int | None:
@@ -75,10 +78,7 @@ class WsLink:
         while not inbox:
             if proto.state is not State.OPEN:
                 raise LinkClosed(self._close_code(), self._close_reason())
-            try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+            data = await self._receive()
             if data:
                 proto.receive_data(data)
                 self._take_events()
@@ -88,6 +88,37 @@ class WsLink:
                 # pongs, the reply to a close, or the close we send when failing
                 await self._flush()
         return inbox.popleft()
+
+    async def _receive(self) -> bytes | bytearray:
+        """Next bytes from the peer, b"" at end of stream. Always a checkpoint."""
+        raw = self._raw
+        if raw is None:
+            try:
+                return await self.stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
+        # Plain TCP: wait for readability ourselves and read once, one scheduler round
+        # trip where trio's receive_some takes two (wait, then a checkpoint after reading).
+        try:
+            data = raw.recv(RECEIVE_BYTES)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            return b""
+        if data is not None:
+            await trio.lowlevel.checkpoint()  # data was waiting: still let others run
+            return data
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(raw)
+            except (trio.ClosedResourceError, trio.BusyResourceError):
+                return b""
+            try:
+                return raw.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return b""
 
     def _take_events(self) -> None:
         # after the opening handshake, every event is a frame
@@ -129,16 +160,30 @@ class WsLink:
         writes = self.protocol.data_to_send()
         if not writes:
             return
-        # the lock keeps writers in the order they produced their bytes (FIFO)
-        async with self._lock:
+        data = writes[0] if len(writes) == 1 else b"".join(writes)
+        eof = not writes[-1]  # websockets asks for a half-close after a final close frame
+        lock = self._lock
+        raw = self._raw
+        if raw is not None and data and not lock.locked():
+            # Fast path: nobody else is writing, so try the kernel buffer right away. A
+            # trio send is a scheduler checkpoint; this saves one per forwarded frame.
             try:
-                for chunk in writes:
-                    if chunk:
-                        await self.stream.send_all(chunk)
-                    else:
-                        # websockets asks for a half-close; closing the stream is close enough
-                        await trio.aclose_forcefully(self.stream)
-                        return
+                sent = raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.protocol.state = State.CLOSED
+                raise LinkClosed(CLOSE_ABNORMAL, "connection lost") from None
+            data = data[sent:]
+            if not data and not eof:
+                return
+        # the lock keeps writers in the order they produced their bytes (FIFO)
+        async with lock:
+            try:
+                if data:
+                    await self.stream.send_all(data)
+                if eof:
+                    await trio.aclose_forcefully(self.stream)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.protocol.state = State.CLOSED
                 raise LinkClosed(CLOSE_ABNORMAL, "connection lost") from None
@@ -162,3 +207,12 @@ class WsLink:
             pass
         finally:
             await trio.aclose_forcefully(self.stream)
+
+
+def _raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    """The stdlib socket under a plain trio TCP stream (None for TLS and other streams)."""
+    if isinstance(stream, trio.SocketStream):
+        raw = getattr(stream.socket, "_sock", None)
+        if isinstance(raw, socket.socket):
+            return raw
+    return None
