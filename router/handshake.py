@@ -43,16 +43,26 @@ class Upgrade:
 
     def __init__(self, stream: trio.abc.Stream, proto: ServerProtocol, request: Request) -> None:
         self.stream = stream
-        self.request = request
-        self._proto = proto
+        self.path = request.path
+        self._request: Request | None = request  # dropped once answered: it is only needed
+        self._proto = proto                      # until then, and a session lives for days
         self._chosen: str | None = None
 
     @property
-    def path(self) -> str:
-        return self.request.path
+    def request(self) -> Request:
+        if self._request is None:
+            raise RuntimeError("the upgrade has been answered; its request is gone")
+        return self._request
 
     def header(self, name: str) -> str | None:
         return self.request.headers.get(name)
+
+    def _forget_request(self) -> None:
+        # websockets' parser generator keeps the request object for the connection's
+        # life; emptying its headers saves a few KiB per station
+        if self._request is not None:
+            self._request.headers.clear()
+            self._request = None
 
     def offered_subprotocols(self) -> list[str]:
         """The subprotocols the client offered, in its order; HandshakeFailed(400) if garbled."""
@@ -80,6 +90,7 @@ class Upgrade:
         self._chosen = subprotocol
         response = self._proto.accept(self.request)
         self._proto.send_response(response)
+        self._forget_request()
         await _send(self.stream, self._proto)
         if response.status_code != 101:
             raise HandshakeFailed(f"upgrade refused: {self._proto.handshake_exc}",
@@ -92,6 +103,7 @@ class Upgrade:
         for name, value in (headers or {}).items():
             response.headers[name] = value
         self._proto.send_response(response)
+        self._forget_request()
         await _send(self.stream, self._proto)
 
 
@@ -155,6 +167,7 @@ async def dial(
                         raise HandshakeFailed(str(exc), exc.response.status_code)
                     if exc is not None:
                         raise HandshakeFailed(f"bad upgrade response: {exc}")
+                    event.headers.clear()  # kept alive by the parser; see Upgrade
                     return WsLink(stream, proto)
             if not data or proto.handshake_exc is not None:
                 raise HandshakeFailed(f"no upgrade response: {proto.handshake_exc}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
@@ -50,7 +50,7 @@ class Lane:
     pending_id: str | None = None
     pending_token: int = 0
     deadline: float = 0.0  # when the CALL in flight times out (trio clock)
-    queue: deque[tuple[str, str]] = field(default_factory=deque)
+    queue: deque[tuple[str, str]] | None = None  # made on first use: most lanes never queue
 
 
 @dataclass(slots=True, eq=False)
@@ -93,8 +93,9 @@ class StationSession:
         """Forward until a link closes, then answer what is pending and close both links."""
         with self._scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, self.station, nursery.cancel_scope)
+                # the station side runs in this task: one task fewer per station
                 nursery.start_soon(self._pump, self.backend, nursery.cancel_scope)
+                await self._pump(self.station, nursery.cancel_scope)
         with trio.CancelScope(shield=True), trio.move_on_after(
             self.node.config.node.shutdown_timeout_s
         ):
@@ -162,7 +163,9 @@ class StationSession:
             self._set_pending(lane, message_id)
             await lane.callee.send_message(text)
             self._count(self.station if lane is self.up else self.backend, t0)
-        elif len(lane.queue) < self.node.config.node.max_queued_calls:
+        elif (len(lane.queue) if lane.queue else 0) < self.node.config.node.max_queued_calls:
+            if lane.queue is None:
+                lane.queue = deque()
             lane.queue.append((message_id, text))
         else:
             await self._answer_node_error(
@@ -181,7 +184,7 @@ class StationSession:
         instead of overtaking it.
         """
         lane.pending_id = None
-        if not lane.queue:
+        if not lane.queue:  # None or empty
             return None
         message_id, text = lane.queue.popleft()
         self._set_pending(lane, message_id)
@@ -256,10 +259,10 @@ class StationSession:
         for lane in (self.up, self.down):
             self.node.timer.disarm(lane)
             owed = ([lane.pending_id] if lane.pending_id is not None else []) + [
-                mid for mid, _ in lane.queue
+                mid for mid, _ in lane.queue or ()
             ]
             lane.pending_id = None
-            lane.queue.clear()
+            lane.queue = None
             if lane.caller.closed is not None:
                 continue
             for message_id in owed:

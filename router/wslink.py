@@ -11,7 +11,6 @@ messages and the trio I/O. Measured against trio-websocket in ``docs/architectur
 from __future__ import annotations
 
 import socket
-from collections import deque
 from typing import cast
 
 import trio
@@ -38,7 +37,7 @@ class LinkClosed(Exception):
 class WsLink:
     """An open WebSocket: whole text (str) or binary (bytes) messages in, text out."""
 
-    __slots__ = ("_inbox", "_lock", "_opcode", "_parts", "_raw", "protocol", "stream",
+    __slots__ = ("_inbox", "_lock", "_next", "_opcode", "_parts", "_raw", "protocol", "stream",
                  "subprotocol")
 
     def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol | ClientProtocol) -> None:
@@ -46,7 +45,10 @@ class WsLink:
         self.protocol = protocol
         self.subprotocol: str | None = protocol.subprotocol
         self._lock = trio.StrictFIFOLock()
-        self._inbox: deque[str | bytes] = deque()
+        # whole messages parsed but not yet returned; a list and a read position are
+        # much smaller than a deque, and a link holds this for its whole life
+        self._inbox: list[str | bytes] = []
+        self._next = 0
         self._parts: list[Buffer] = []
         self._opcode: Opcode | None = None
         self._raw = _raw_socket(stream)
@@ -75,7 +77,10 @@ class WsLink:
         """The next whole message; raises LinkClosed once the WebSocket has closed."""
         inbox = self._inbox
         proto = self.protocol
-        while not inbox:
+        while self._next >= len(inbox):
+            if self._next:
+                inbox.clear()
+                self._next = 0
             if proto.state is not State.OPEN:
                 raise LinkClosed(self._close_code(), self._close_reason())
             data = await self._receive()
@@ -87,7 +92,9 @@ class WsLink:
             if proto.writes:
                 # pongs, the reply to a close, or the close we send when failing
                 await self._flush()
-        return inbox.popleft()
+        message = inbox[self._next]
+        self._next += 1
+        return message
 
     async def _receive(self) -> bytes | bytearray:
         """Next bytes from the peer, b"" at end of stream. Always a checkpoint."""
