@@ -107,6 +107,7 @@ class StationSession:
         ws, other = side.ws, side.other
         stats = self.node.stats
         version = self.version
+        debug = log.isEnabledFor(logging.DEBUG)  # read once: frames are the hot path
         try:
             while True:
                 try:
@@ -115,6 +116,9 @@ class StationSession:
                     side.closed_code = exc.code
                     return
                 t0 = perf_counter_ns()
+                if debug:
+                    log_event(log, logging.DEBUG, "frame", station=self.identity,
+                              side=side.name, text=text[:2000])
                 if type(text) is not str:
                     await self._refuse_binary(side)
                     return

@@ -58,3 +58,45 @@ def test_demo_runs_and_stops_cleanly() -> None:
     assert "commands 4 delivered, 4 answered" in last
     assert "node errors 0" in last
     assert "demo: done." in done.stdout
+
+
+def test_frames_are_logged_at_debug_and_secrets_never(tmp_path: Path) -> None:
+    """At debug level each frame is a log line; Authorization never appears."""
+    import base64
+
+    from websockets.sync.client import connect
+
+    from router.passwords import hash_password
+    from tests.nodeproc import start_node
+    from tests.raw_backend import RawBackend
+
+    with RawBackend() as backend:
+        config = f"""
+[node]
+id = "debug-log"
+[listen]
+port = 0
+security_profile = 1
+[[stations]]
+match = "*"
+password_hash = "{hash_password("topsecret-pw")}"
+[[backends]]
+name = "main"
+url = "{backend.url}"
+"""
+        node = start_node(config, tmp_path, log_level="debug")
+        try:
+            token = base64.b64encode(b"LOG-1:topsecret-pw").decode()
+            with connect(node.url("LOG-1"), subprotocols=["ocpp1.6"],
+                         additional_headers={"Authorization": f"Basic {token}"}) as ws:
+                ws.send('[2,"m1","Heartbeat",{}]')
+                ws.recv(timeout=10)
+            node.wait_for_event("station_disconnected", station="LOG-1")
+        finally:
+            node.stop()
+    frames = node.events("frame")
+    assert [(f["side"], f["text"].replace(" ", "")[:9]) for f in frames][:2] == [
+        ("station", '[2,"m1","'), ("backend", '[3,"m1",{')]
+    everything = "".join(node.raw_stderr)
+    assert "topsecret-pw" not in everything
+    assert token not in everything
