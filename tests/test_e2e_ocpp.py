@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.nodeproc import NodeProcess, start_node
-from tests.peers import edge_config, node_env
+from tests.nodeproc import NodeProcess
 from tests.peers.ocpp_csms import (
     Csms,
     group_id_token,
@@ -27,21 +25,6 @@ from tests.peers.ocpp_csms import (
 from tests.peers.ocpp_station import handshake_status, open_raw, open_station
 
 STEP = 10.0  # upper bound for any single network step in these tests
-
-
-@pytest.fixture(scope="module")
-def csms() -> Iterator[Csms]:
-    with Csms() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def node(csms: Csms, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    proc = start_node(edge_config(csms.url), tmp_path_factory.mktemp("edge"), env=node_env())
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 async def recv_text(ws: Any, timeout: float = STEP) -> str:

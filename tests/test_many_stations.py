@@ -10,15 +10,12 @@ status of its own, so the CSMS checks the other direction the same way.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from ocpp.v16 import call as call16
 from ocpp.v201 import call as call201
 
-from tests.nodeproc import NodeProcess, start_node
-from tests.peers import edge_config, node_env
+from tests.nodeproc import NodeProcess
 from tests.peers.ocpp_csms import (
     Csms,
     group_id_token,
@@ -30,21 +27,6 @@ from tests.peers.ocpp_station import open_station
 
 STATIONS = 50
 ROUNDS = 3
-
-
-@pytest.fixture(scope="module")
-def csms() -> Iterator[Csms]:
-    with Csms() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def node(csms: Csms, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    proc = start_node(edge_config(csms.url), tmp_path_factory.mktemp("many"), env=node_env())
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 def plan(index: int) -> dict[str, Any]:
