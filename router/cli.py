@@ -10,6 +10,7 @@ import argparse
 import gc
 import getpass
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -67,11 +68,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _load_or_explain(path: str) -> config_mod.Config | None:
     try:
-        return config_mod.load(path)
+        cfg = config_mod.load(path)
     except config_mod.ConfigError as exc:
         for problem in exc.problems:
             print(f"ocpp-router: {problem}", file=sys.stderr)
         return None
+    # files that exist can still be unusable: load the TLS material the way run will
+    from router.tls import server_context
+
+    try:
+        server_context(cfg.listen)
+    except (ssl.SSLError, OSError) as exc:
+        print(f"ocpp-router: {path}: listen.tls_cert / listen.tls_key / listen.tls_ca: "
+              f"cannot load: {exc}", file=sys.stderr)
+        return None
+    return cfg
 
 
 def _check(path: str) -> int:

@@ -100,3 +100,28 @@ url = "{backend.url}"
     everything = "".join(node.raw_stderr)
     assert "topsecret-pw" not in everything
     assert token not in everything
+
+
+def test_unloadable_tls_files_are_a_clear_config_error(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    config = tmp_path / "tls.toml"
+    config.write_text("""
+[node]
+id = "tls"
+[listen]
+security_profile = 2
+tls_cert = "cert.pem"
+tls_key = "key.pem"
+[[stations]]
+match = "*"
+password_hash = "scrypt$16$8$1$AAAA$AAAA"
+[[backends]]
+name = "main"
+url = "ws://127.0.0.1:9/ocpp"
+""")
+    for command in ("check", "run"):
+        done = cli(command, "--config", str(config))
+        assert done.returncode == 2, (command, done.stderr)
+        assert "listen.tls_cert" in done.stderr and "cannot load" in done.stderr
+        assert "Traceback" not in done.stderr
