@@ -1,0 +1,157 @@
+"""Overlay frames: OCPP-J with a destination and a network path, in JSON or msgpack.
+
+On a peer link every frame names where it goes and where it has been, right after the
+message type (the WWCP_OCPP field order):
+
+    [2, dest, path, id, action, payload]        CALL
+    [3, dest, path, id, payload]                CALLRESULT
+    [4, dest, path, id, code, description, details]   CALLERROR (5: CALLRESULTERROR)
+    [6, dest, path, id, action, payload]        SEND
+
+``dest`` is a node id, ``"CSMS"`` (the backend responsible for the source station) or
+``"*"`` (broadcast); ``path`` lists the node ids the frame has passed, oldest first.
+JSON frames travel one per text message. msgpack frames travel in binary messages,
+either one frame or a batch (an array of frames) per message. Decoding is strict and
+raises :class:`~router.frames.FrameError`, as for standard frames.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from router.frames import (
+    CALL,
+    CALLERROR,
+    CALLRESULT,
+    CALLRESULTERROR,
+    MAX_MESSAGE_ID,
+    SEND,
+    FrameError,
+    Problem,
+)
+
+#: A frame that has passed this many nodes is dropped: no route may loop forever.
+MAX_HOPS = 16
+MAX_NODE_ID = 48
+ANYCAST_CSMS = "CSMS"
+BROADCAST = "*"
+
+_LENGTHS = {CALL: 6, CALLRESULT: 5, CALLERROR: 7, CALLRESULTERROR: 7, SEND: 6}
+
+
+@dataclass(slots=True, frozen=True)
+class OverlayFrame:
+    """One overlay frame; fields a type does not carry are None."""
+
+    type: int
+    dest: str
+    path: tuple[str, ...]
+    id: str
+    action: str | None = None
+    payload: Any = None
+    code: str | None = None
+    description: str | None = None
+    details: Any = None
+
+    def as_list(self) -> list[Any]:
+        """The frame as the JSON/msgpack array it travels as."""
+        head: list[Any] = [self.type, self.dest, list(self.path), self.id]
+        if self.type in (CALL, SEND):
+            return [*head, self.action, self.payload]
+        if self.type == CALLRESULT:
+            return [*head, self.payload]
+        return [*head, self.code, self.description, self.details]
+
+    def passed(self, node_id: str) -> OverlayFrame:
+        """The frame with ``node_id`` appended to its path (the authenticated neighbour)."""
+        return OverlayFrame(self.type, self.dest, (*self.path, node_id), self.id, self.action,
+                            self.payload, self.code, self.description, self.details)
+
+
+def _node_id(value: Any, what: str, mid: str | None, mtype: int) -> str:
+    if type(value) is not str or not 1 <= len(value) <= MAX_NODE_ID:
+        raise FrameError(Problem.FORMAT, f"{what} must be a node id of 1-{MAX_NODE_ID} characters",
+                         mid, mtype)
+    return value
+
+
+def from_list(msg: Any) -> OverlayFrame:
+    """Check one decoded overlay frame array and return it as an OverlayFrame."""
+    if type(msg) is not list or not msg:
+        raise FrameError(Problem.RPC, "an overlay frame is a non-empty array")
+    mtype = msg[0]
+    if type(mtype) is not int:
+        raise FrameError(Problem.RPC, "the message type must be an integer")
+    if mtype not in _LENGTHS:
+        mid = msg[3] if len(msg) > 3 and type(msg[3]) is str else None
+        raise FrameError(Problem.MESSAGE_TYPE, f"message type {mtype} is not supported", mid)
+    if len(msg) != _LENGTHS[mtype]:
+        raise FrameError(Problem.RPC, f"overlay message type {mtype} has {_LENGTHS[mtype]} "
+                         f"elements, got {len(msg)}", None, mtype)
+    mid = msg[3]
+    if type(mid) is not str or not 1 <= len(mid) <= MAX_MESSAGE_ID:
+        raise FrameError(Problem.RPC, f"the message id must be 1-{MAX_MESSAGE_ID} characters",
+                         None, mtype)
+    dest = _node_id(msg[1], "dest", mid, mtype)
+    raw_path = msg[2]
+    if type(raw_path) is not list or len(raw_path) > MAX_HOPS:
+        raise FrameError(Problem.FORMAT, f"path must be a list of at most {MAX_HOPS} node ids",
+                         mid, mtype)
+    path = tuple(_node_id(hop, "each path element", mid, mtype) for hop in raw_path)
+    if mtype in (CALL, SEND):
+        action, payload = msg[4], msg[5]
+        if type(action) is not str or not action:
+            raise FrameError(Problem.FORMAT, "the action must be a non-empty string", mid, mtype)
+        if type(payload) is not dict:
+            raise FrameError(Problem.FORMAT, "the payload must be an object", mid, mtype)
+        return OverlayFrame(mtype, dest, path, mid, action=action, payload=payload)
+    if mtype == CALLRESULT:
+        if type(msg[4]) is not dict:
+            raise FrameError(Problem.FORMAT, "the payload must be an object", mid, mtype)
+        return OverlayFrame(mtype, dest, path, mid, payload=msg[4])
+    code, description, details = msg[4], msg[5], msg[6]
+    if type(code) is not str or type(description) is not str or type(details) is not dict:
+        raise FrameError(Problem.FORMAT, "an error frame carries code, description and details",
+                         mid, mtype)
+    return OverlayFrame(mtype, dest, path, mid, code=code, description=description,
+                        details=details)
+
+
+def decode_json(text: str) -> OverlayFrame:
+    """One overlay frame from a text WebSocket message."""
+    try:
+        msg = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise FrameError(Problem.RPC, f"not valid JSON: {exc}") from None
+    return from_list(msg)
+
+
+def encode_json(frame: OverlayFrame) -> str:
+    """An overlay frame as compact JSON text."""
+    return json.dumps(frame.as_list(), separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_msgpack(data: bytes, max_frames: int = 10_000) -> list[OverlayFrame]:
+    """The overlay frames of one binary WebSocket message: one frame or a batch."""
+    try:
+        msg = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
+                              max_array_len=max(max_frames, 8), max_map_len=100_000)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
+            TypeError, RecursionError) as exc:
+        raise FrameError(Problem.RPC, f"not valid msgpack: {exc}") from None
+    if type(msg) is list and msg and type(msg[0]) is list:
+        if len(msg) > max_frames:
+            raise FrameError(Problem.RPC, f"a batch holds at most {max_frames} frames")
+        return [from_list(item) for item in msg]
+    return [from_list(msg)]
+
+
+def encode_msgpack(frames: list[OverlayFrame]) -> bytes:
+    """One binary message: a single frame, or a batch when there are several."""
+    if len(frames) == 1:
+        return msgpack.packb(frames[0].as_list(), use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb([f.as_list() for f in frames], use_bin_type=True)  # type: ignore[no-any-return]
