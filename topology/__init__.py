@@ -1,4 +1,69 @@
-"""Sans-IO overlay topology: node ids, the route table and the route-exchange protocol.
+"""Sans-IO overlay topology: the route table and the route-exchange protocol.
 
-Filled in by the overlay work; it imports neither trio nor sockets.
+It imports neither trio nor sockets: time comes in as a number, randomness as an
+injected ``random.Random``, signing and verification as callables.
 """
+
+from topology.exchange import (
+    AnnouncementRejected,
+    CachedVerifier,
+    Event,
+    ExchangeSession,
+    PeerExpired,
+    RoutesChanged,
+    SessionStats,
+)
+from topology.messages import (
+    ACTION,
+    JSONDict,
+    RouteAnnouncement,
+    SignFn,
+    TopologyMessage,
+    TopologyMessageError,
+    VerifyFn,
+    build_payload,
+    check_signatures,
+    claim_bytes,
+    parse_payload,
+    route_entry,
+    sign_claim,
+)
+from topology.table import (
+    LOCAL,
+    ChangeFeed,
+    Route,
+    RouteTable,
+    TableStats,
+    announced_alike,
+    weighted_choice,
+)
+
+__all__ = [
+    "ACTION",
+    "LOCAL",
+    "AnnouncementRejected",
+    "CachedVerifier",
+    "ChangeFeed",
+    "Event",
+    "ExchangeSession",
+    "JSONDict",
+    "PeerExpired",
+    "Route",
+    "RouteAnnouncement",
+    "RouteTable",
+    "RoutesChanged",
+    "SessionStats",
+    "SignFn",
+    "TableStats",
+    "TopologyMessage",
+    "TopologyMessageError",
+    "VerifyFn",
+    "announced_alike",
+    "build_payload",
+    "check_signatures",
+    "claim_bytes",
+    "parse_payload",
+    "route_entry",
+    "sign_claim",
+    "weighted_choice",
+]
