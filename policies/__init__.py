@@ -1,4 +1,96 @@
 """Sans-IO signature policies: end-to-end signatures, keys and roles, firewall decisions.
 
-Filled in by the security-gateway work; it imports neither trio nor sockets.
+Nothing here does I/O on the network or reads a clock: time is an argument (``now``,
+epoch seconds). Files are read only when loading a policy or a key.
 """
+
+from policies.canonical import CanonicalError, canonicalize, canonicalize_reference
+from policies.firewall import Decision, Explanation, Firewall
+from policies.policy import (
+    DIRECTION_CHOICES,
+    MESSAGE_KINDS,
+    KeyEntry,
+    Outcome,
+    Policy,
+    PolicyError,
+    PolicyProblem,
+    RateLimit,
+    Requirement,
+    Rule,
+    check_policy,
+    load_policy,
+    parse_policy,
+)
+from policies.ratelimit import RateLimiter
+from policies.replay import ReplayCache
+from policies.schemas import SchemaUnavailable, SchemaValidator
+from policies.signatures import (
+    ALGORITHMS,
+    DEFAULT_ALGORITHM,
+    DIRECTIONS,
+    MAX_SIGNATURES,
+    KeyFormatError,
+    PrivateKey,
+    PublicKey,
+    RejectedSignature,
+    SignedContent,
+    SigningKey,
+    VerifiedSignature,
+    check_signature,
+    format_timestamp,
+    key_id_of,
+    load_public_key,
+    parse_timestamp,
+    public_key_from_key_id,
+    sign_payload,
+    signed_content,
+    verify_signatures,
+    without_signatures,
+)
+
+__all__ = [
+    "ALGORITHMS",
+    "DEFAULT_ALGORITHM",
+    "DIRECTIONS",
+    "DIRECTION_CHOICES",
+    "MAX_SIGNATURES",
+    "MESSAGE_KINDS",
+    "CanonicalError",
+    "Decision",
+    "Explanation",
+    "Firewall",
+    "KeyEntry",
+    "KeyFormatError",
+    "Outcome",
+    "Policy",
+    "PolicyError",
+    "PolicyProblem",
+    "PrivateKey",
+    "PublicKey",
+    "RateLimit",
+    "RateLimiter",
+    "RejectedSignature",
+    "ReplayCache",
+    "Requirement",
+    "Rule",
+    "SchemaUnavailable",
+    "SchemaValidator",
+    "SignedContent",
+    "SigningKey",
+    "VerifiedSignature",
+    "canonicalize",
+    "canonicalize_reference",
+    "check_policy",
+    "check_signature",
+    "format_timestamp",
+    "key_id_of",
+    "load_policy",
+    "load_public_key",
+    "parse_policy",
+    "parse_timestamp",
+    "public_key_from_key_id",
+    "sign_payload",
+    "signed_content",
+    "verify_signatures",
+    "without_signatures",
+]

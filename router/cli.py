@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import trio
 
 from router import config as config_mod
-from router import logs
+from router import logs, policy_cli
 from router.passwords import hash_password
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", required=True, help="the node's TOML config file")
 
     sub.add_parser("hash-password", help="read a password on stdin, print its hash for a config")
+    policy_cli.add_commands(sub)
     return parser
 
 
@@ -61,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from router.demo import run_demo
 
             return run_demo(args.stations, args.duration, args.log_level)
+        if args.command in ("keys", "sign", "policy"):
+            return policy_cli.run_command(args)
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_USAGE
@@ -81,6 +84,19 @@ def _load_or_explain(path: str) -> config_mod.Config | None:
     except (ssl.SSLError, OSError) as exc:
         print(f"ocpp-router: {path}: listen.tls_cert / listen.tls_key / listen.tls_ca: "
               f"cannot load: {exc}", file=sys.stderr)
+        return None
+    if cfg.policy is not None:
+        policy_problems = policy_cli.check_policy_file(cfg.policy.file)
+        if policy_problems:
+            for line in policy_problems:
+                print(f"ocpp-router: {line}", file=sys.stderr)
+            return None
+    from router.gate import Gate, GateError
+
+    try:
+        Gate.from_config(cfg).close()
+    except GateError as exc:
+        print(f"ocpp-router: {path}: {exc}", file=sys.stderr)
         return None
     return cfg
 

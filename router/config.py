@@ -121,6 +121,14 @@ class AdminSection:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicySection:
+    """``[policy]``: the firewall's policy file and where its decisions are audited."""
+
+    file: Path
+    audit_log: Path
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A validated node configuration."""
 
@@ -130,6 +138,7 @@ class Config:
     backends: tuple[BackendEntry, ...]
     admin: AdminSection | None = None
     source: Path | None = None
+    policy: PolicySection | None = None
 
     def station_entry(self, identity: str) -> StationEntry | None:
         """The first ``[[stations]]`` entry whose glob matches, or None."""
@@ -286,7 +295,6 @@ class _Checker:
 _NOT_YET = {
     "peers": "overlay peers are not supported by this version yet",
     "trust": "trusted node keys are not supported by this version yet",
-    "policy": "policy files are not supported by this version yet",
     "dns": "DNS settings are not supported by this version yet",
 }
 
@@ -316,7 +324,7 @@ def parse(text: str, file: str = "<config>", root: Path | None = None) -> Config
             [ConfigProblem(file, "", int(m.group(1)) if m else None, f"not valid TOML: {exc}")]
         ) from None
     c = _Checker(file, text)
-    known = {"node", "listen", "stations", "backends", "admin"}
+    known = {"node", "listen", "stations", "backends", "admin", "policy"}
     for name in raw:
         if name in _NOT_YET:
             c.fail(name, _NOT_YET[name])
@@ -334,9 +342,20 @@ def parse(text: str, file: str = "<config>", root: Path | None = None) -> Config
             host=c.string(t, "admin", "host", "127.0.0.1") or "127.0.0.1",
             port=c.integer(t, "admin", "port", 9090, 0, 65535),
         )
+    policy = None
+    if "policy" in raw:
+        t = c.table(raw["policy"], "policy", {"file", "audit_log"})
+        policy_file = c.path(t, "policy", "file", root, must_exist=True)
+        if policy_file is None and "file" not in t:
+            c.fail("policy.file", "is required: the policy file to enforce")
+        audit = c.string(t, "policy", "audit_log")
+        policy = PolicySection(
+            file=policy_file or root / "policy.toml",
+            audit_log=(root / audit) if audit else node.state_dir / "audit.jsonl",
+        )
     if c.problems:
         raise ConfigError(c.problems)
-    return Config(node, listen, stations, backends, admin, Path(file))
+    return Config(node, listen, stations, backends, admin, Path(file), policy)
 
 
 def _node(c: _Checker, raw: dict[str, Any], root: Path) -> NodeSection:

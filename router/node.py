@@ -19,6 +19,7 @@ import trio
 
 from router.config import MAX_ID, BackendEntry, Config, StationEntry
 from router.frames import Version
+from router.gate import Gate
 from router.handshake import HandshakeFailed, Upgrade, dial, read_upgrade
 from router.logs import log_event
 from router.passwords import VerifiedCache, verify_password
@@ -86,6 +87,7 @@ class Node:
         self.sessions: dict[str, StationSession] = {}
         self._claims: dict[str, trio.CancelScope] = {}
         self._verified = VerifiedCache()
+        self.gate = Gate.from_config(config)  # raises GateError / PolicyError: config mistakes
         self._listen_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self.port = 0
@@ -195,7 +197,7 @@ class Node:
         self._claims[identity] = claim
         try:
             with claim:
-                await self._connect(upgrade, identity, backend, offered, claim, remote)
+                await self._connect(upgrade, identity, entry, backend, offered, claim, remote)
         finally:
             if self._claims.get(identity) is claim:
                 del self._claims[identity]
@@ -267,8 +269,8 @@ class Node:
         return {}
 
     async def _connect(
-        self, upgrade: Upgrade, identity: str, backend: BackendEntry, offered: list[str],
-        claim: trio.CancelScope, remote: str,
+        self, upgrade: Upgrade, identity: str, entry: StationEntry, backend: BackendEntry,
+        offered: list[str], claim: trio.CancelScope, remote: str,
     ) -> None:
         listen = self.config.listen
         url = backend.station_url(quote(identity, safe=""))
@@ -296,14 +298,15 @@ class Node:
             await self._refuse(upgrade, identity, remote, Refused(502, "backend unreachable"))
             return
         try:
-            await self._bridge(upgrade, identity, backend, offered, claim, remote, backend_ws)
+            await self._bridge(upgrade, identity, entry, backend, offered, claim, remote,
+                               backend_ws)
         finally:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(backend_ws.stream)
 
     async def _bridge(
-        self, upgrade: Upgrade, identity: str, backend: BackendEntry, offered: list[str],
-        claim: trio.CancelScope, remote: str, backend_ws: Any,
+        self, upgrade: Upgrade, identity: str, entry: StationEntry, backend: BackendEntry,
+        offered: list[str], claim: trio.CancelScope, remote: str, backend_ws: Any,
     ) -> None:
         chosen = backend_ws.subprotocol
         if chosen not in offered:
@@ -321,7 +324,9 @@ class Node:
             await backend_ws.aclose(1001, "station went away during the handshake")
             return
         session = StationSession(
-            self, identity, Version.from_subprotocol(chosen), station_ws, backend_ws, backend.name
+            self, identity, Version.from_subprotocol(chosen), station_ws, backend_ws, backend.name,
+            station_keeps_signatures=entry.keep_signatures,
+            backend_keeps_signatures=backend.keep_signatures,
         )
         if self._claims.get(identity) is claim:
             # connected: from now on a newer connection stops this one gracefully

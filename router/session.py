@@ -17,10 +17,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from policies import Outcome
 from router.frames import (
     CALL,
+    CALLERROR,
+    CALLRESULT,
     CALLRESULTERROR,
     SEND,
+    Frame,
     FrameError,
     Problem,
     Version,
@@ -48,9 +52,11 @@ class Lane:
     caller: WsLink
     callee: WsLink
     pending_id: str | None = None
+    pending_action: str = ""
     pending_token: int = 0
     deadline: float = 0.0  # when the CALL in flight times out (trio clock)
-    queue: deque[tuple[str, str]] | None = None  # made on first use: most lanes never queue
+    # (message id, action, text); made on first use: most lanes never queue
+    queue: deque[tuple[str, str, str]] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -62,6 +68,9 @@ class Side:
     other: WsLink  # the other side's WebSocket
     calls: Lane  # CALLs this side makes
     answers: Lane  # CALLs this side must answer
+    direction: str  # policy direction of what this side sends
+    source: str  # policy source name: the station identity or the backend name
+    peer_keeps_signatures: bool  # whether the other side is given signatures
     closed_code: int | None = None
 
 
@@ -70,7 +79,8 @@ class StationSession:
 
     def __init__(
         self, node: Node, identity: str, version: Version, station_ws: WsLink, backend_ws: WsLink,
-        backend_name: str,
+        backend_name: str, *, station_keeps_signatures: bool = False,
+        backend_keeps_signatures: bool = False,
     ) -> None:
         self.node = node
         self.identity = identity
@@ -78,8 +88,12 @@ class StationSession:
         self.backend_name = backend_name
         self.up = Lane("up", station_ws, backend_ws)
         self.down = Lane("down", backend_ws, station_ws)
-        self.station = Side("station", station_ws, backend_ws, self.up, self.down)
-        self.backend = Side("backend", backend_ws, station_ws, self.down, self.up)
+        # the gate needs, per side: the policy direction, the source name, and whether
+        # the *receiving* peer keeps signatures
+        self.station = Side("station", station_ws, backend_ws, self.up, self.down,
+                            "from-station", identity, backend_keeps_signatures)
+        self.backend = Side("backend", backend_ws, station_ws, self.down, self.up,
+                            "to-station", backend_name, station_keeps_signatures)
         self._scope = trio.CancelScope()
         self.done = trio.Event()  # set by the node once the session has fully ended
         self._why = ""  # set when the node ends the session (replaced, shutdown)
@@ -108,6 +122,7 @@ class StationSession:
         stats = self.node.stats
         version = self.version
         debug = log.isEnabledFor(logging.DEBUG)  # read once: frames are the hot path
+        gate_all = self.node.gate.firewall is not None  # else only signed frames are touched
         try:
             while True:
                 try:
@@ -128,18 +143,20 @@ class StationSession:
                     await self._bad_frame(side, err)
                     continue
                 mtype = frame.type
+                if gate_all or _signed(frame):
+                    text = await self._through_gate(side, frame, text)
+                    if not text:
+                        continue
                 if mtype == CALL:
-                    await self._offer_call(side.calls, frame.id, text, t0)
+                    await self._offer_call(side.calls, frame.id, frame.action or "", text, t0)
                 elif mtype in (SEND, CALLRESULTERROR):
                     # neither is answered; a CALLRESULTERROR refers to a CALL already done
                     await other.send_message(text)
                     self._count(side, t0)
                 else:
                     lane = side.answers
-                    if lane.pending_id != frame.id:
-                        stats.dropped += 1
-                        log_event(log, logging.INFO, "frame_dropped", station=self.identity,
-                                  side=side.name, message_id=frame.id, reason="unmatched answer")
+                    if lane.pending_id != frame.id:  # the gate, if it ran, checked already
+                        self._drop_unmatched(side, frame.id)
                         continue
                     following = self._advance(lane)
                     await other.send_message(text)
@@ -153,6 +170,48 @@ class StationSession:
         finally:
             scope.cancel()
 
+    async def _through_gate(self, side: Side, frame: Frame, text: str) -> str:
+        """The frame's text to forward after the firewall, or "" when it must not go on."""
+        mtype = frame.type
+        action: str | None = frame.action
+        lane = side.answers
+        if mtype in (CALLRESULT, CALLERROR):
+            if lane.pending_id != frame.id:
+                self._drop_unmatched(side, frame.id)
+                return ""
+            action = lane.pending_action
+        verdict = self.node.gate.check(frame, text, action, side.direction, side.source,
+                                       self.version.value, side.peer_keeps_signatures)
+        if verdict.forward:
+            return verdict.text
+        decision = verdict.decision
+        assert decision is not None and verdict.refusal is not None
+        rejected = decision.outcome is Outcome.REJECT
+        if mtype == CALL:
+            if rejected:
+                await self._answer_node_error(side.calls, frame.id, Problem.SECURITY,
+                                              verdict.refusal)
+            else:
+                self.node.stats.dropped += 1
+        elif mtype in (CALLRESULT, CALLERROR):
+            if rejected:
+                # the caller still gets exactly one answer: ours, instead of the refused one
+                following = self._advance(lane)
+                await self._answer_node_error(lane, frame.id, Problem.SECURITY, verdict.refusal)
+                if following is not None:
+                    await self._send_call(lane, following)
+            else:
+                # dropped: the CALL stays pending and the node answers it on timeout
+                self.node.stats.dropped += 1
+        else:
+            self.node.stats.dropped += 1  # SEND and CALLRESULTERROR have no answer to give
+        return ""
+
+    def _drop_unmatched(self, side: Side, message_id: str) -> None:
+        self.node.stats.dropped += 1
+        log_event(log, logging.INFO, "frame_dropped", station=self.identity, side=side.name,
+                  message_id=message_id, reason="unmatched answer")
+
     def _count(self, side: Side, t0: int) -> None:
         stats = self.node.stats
         if side is self.station:
@@ -161,24 +220,27 @@ class StationSession:
             stats.frames_down += 1
         stats.residence.record(perf_counter_ns() - t0)
 
-    async def _offer_call(self, lane: Lane, message_id: str, text: str, t0: int) -> None:
+    async def _offer_call(
+        self, lane: Lane, message_id: str, action: str, text: str, t0: int
+    ) -> None:
         # invariant: a lane with no CALL in flight has an empty queue (see _advance)
         if lane.pending_id is None:
-            self._set_pending(lane, message_id)
+            self._set_pending(lane, message_id, action)
             await lane.callee.send_message(text)
             self._count(self.station if lane is self.up else self.backend, t0)
         elif (len(lane.queue) if lane.queue else 0) < self.node.config.node.max_queued_calls:
             if lane.queue is None:
                 lane.queue = deque()
-            lane.queue.append((message_id, text))
+            lane.queue.append((message_id, action, text))
         else:
             await self._answer_node_error(
                 lane, message_id, Problem.BUSY,
                 "too many CALLs waiting: OCPP-J allows one outstanding CALL per direction",
             )
 
-    def _set_pending(self, lane: Lane, message_id: str) -> None:
+    def _set_pending(self, lane: Lane, message_id: str, action: str) -> None:
         lane.pending_id = message_id
+        lane.pending_action = action
         lane.pending_token = self.node.timer.arm(self, lane)
 
     def _advance(self, lane: Lane) -> str | None:
@@ -190,8 +252,8 @@ class StationSession:
         lane.pending_id = None
         if not lane.queue:  # None or empty
             return None
-        message_id, text = lane.queue.popleft()
-        self._set_pending(lane, message_id)
+        message_id, action, text = lane.queue.popleft()
+        self._set_pending(lane, message_id, action)
         return text
 
     async def _send_call(self, lane: Lane, text: str) -> None:
@@ -263,7 +325,7 @@ class StationSession:
         for lane in (self.up, self.down):
             self.node.timer.disarm(lane)
             owed = ([lane.pending_id] if lane.pending_id is not None else []) + [
-                mid for mid, _ in lane.queue or ()
+                mid for mid, _, _ in lane.queue or ()
             ]
             lane.pending_id = None
             lane.queue = None
@@ -278,3 +340,9 @@ class StationSession:
                   code=station_code, reason=reason)
         await station.ws.aclose(station_code, reason)
         await backend.ws.aclose(backend_code, reason)
+
+
+def _signed(frame: Frame) -> bool:
+    """Whether a frame carries end-to-end signatures (in its payload, or an error's details)."""
+    body = frame.payload if frame.payload is not None else frame.details
+    return type(body) is dict and "signatures" in body

@@ -91,6 +91,18 @@ def test_syntax_error_names_the_line() -> None:
     assert "TOML" in problem
 
 
+def test_policy_section_names_an_existing_file(tmp_path: Path) -> None:
+    found = problems(GOOD + '\n[policy]\nfile = "absent.toml"\n')
+    assert [(k, line) for k, line, _ in found] == [("policy.file", 16)]
+    (tmp_path / "p.toml").write_text('default = "forward"\n')
+    path = tmp_path / "node.toml"
+    path.write_text(GOOD + '\n[policy]\nfile = "p.toml"\n')
+    cfg = load(path)
+    assert cfg.policy is not None
+    assert cfg.policy.file == tmp_path / "p.toml"
+    assert cfg.policy.audit_log == tmp_path / "state" / "audit.jsonl"
+
+
 def test_sections_of_later_versions_are_refused_clearly() -> None:
     found = problems(GOOD + '\n[[peers]]\nid = "core-1"\nurl = "ws://x"\n')
     assert [(k, p) for k, _, p in found] == [

@@ -1,0 +1,156 @@
+"""The firewall gate: where a policy's decisions meet the frames of a session.
+
+Every CALL, SEND and answer passes the gate once, where it enters the node. The
+sans-IO :class:`policies.Firewall` decides; the gate applies the decision: answers a
+refused CALL with CALLERROR ``SecurityError`` naming the rule, counts and audits refusals
+and drops (JSON lines), counter-signs with the node's key where a rule says ``sign``,
+and removes ``signatures`` before a frame reaches a standard peer that does not keep
+them (standard OCPP 2.x peers refuse unknown fields).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from policies import Decision, Firewall, Outcome, SigningKey, load_policy, sign_payload
+from policies.signatures import without_signatures
+from router.config import Config
+from router.frames import (
+    CALL,
+    CALLERROR,
+    CALLRESULT,
+    CALLRESULTERROR,
+    SEND,
+    Frame,
+    encode_call,
+    encode_result,
+)
+from router.logs import log_event
+
+log = logging.getLogger("router.gate")
+
+_MESSAGE_KIND = {CALL: "call", SEND: "call", CALLRESULT: "result"}
+
+
+class GateError(Exception):
+    """The policy or the node key named by the config cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the session does with one frame: forward ``text``, or refuse it."""
+
+    forward: bool
+    text: str  # the frame to forward (maybe re-signed or stripped); unused when refused
+    refusal: str | None = None  # for a refused CALL: the SecurityError description
+    decision: Decision | None = None
+
+
+def encode_frame(frame: Frame, payload: Any) -> str:
+    """A standard frame with a new payload (details, for the two error types)."""
+    if frame.type == CALL or frame.type == SEND:
+        assert frame.action is not None
+        if frame.type == CALL:
+            return encode_call(frame.id, frame.action, payload)
+        return json.dumps([SEND, frame.id, frame.action, payload], separators=(",", ":"))
+    if frame.type == CALLRESULT:
+        return encode_result(frame.id, payload)
+    return json.dumps([frame.type, frame.id, frame.code, frame.description, payload],
+                      separators=(",", ":"))
+
+
+def _strip(frame: Frame, payload: Any) -> Any:
+    """The payload (CALL, SEND, CALLRESULT) or details (errors) without signatures."""
+    return without_signatures(payload) if isinstance(payload, dict) else payload
+
+
+class Gate:
+    """Applies a policy to a node's frames; one per node, shared by its sessions."""
+
+    def __init__(self, firewall: Firewall | None, node_key: SigningKey | None,
+                 audit: IO[str] | None) -> None:
+        self.firewall = firewall
+        self.node_key = node_key
+        self._audit = audit
+        self.decisions: Counter[tuple[str, str]] = Counter()  # (rule, outcome) -> count
+
+    @classmethod
+    def from_config(cls, config: Config) -> Gate:
+        """Load the policy, the node key (if a rule signs) and open the audit log."""
+        node_key = None
+        if config.node.key is not None:
+            try:
+                node_key = SigningKey.from_pem(config.node.key.read_bytes())
+            except Exception as exc:
+                raise GateError(f"node.key {config.node.key}: {exc}") from None
+        if config.policy is None:
+            return cls(None, node_key, None)
+        policy = load_policy(config.policy.file)  # raises PolicyError naming file and line
+        if any(rule.sign for rule in policy.rules) and node_key is None:
+            raise GateError(f"{config.policy.file}: a rule has sign = true but [node] key "
+                            "names no signing key")
+        config.policy.audit_log.parent.mkdir(parents=True, exist_ok=True)
+        audit = config.policy.audit_log.open("a", encoding="utf-8", buffering=1)
+        return cls(Firewall(policy), node_key, audit)
+
+    def close(self) -> None:
+        if self._audit is not None:
+            self._audit.close()
+
+    def check(
+        self, frame: Frame, text: str, action: str | None, direction: str, source: str,
+        version: str, keep_signatures: bool,
+    ) -> Verdict:
+        """Decide one frame entering the node and prepare what goes out."""
+        payload = frame.details if frame.type in (CALLERROR, CALLRESULTERROR) else frame.payload
+        decision = None
+        if self.firewall is not None and action is not None:
+            now = time.time()
+            decision = self.firewall.decide(
+                action, direction, source, payload, now,
+                message=_MESSAGE_KIND.get(frame.type, "error"), ocpp_version=version,
+            )
+            rule = decision.rule or "default"
+            self.decisions[(rule, decision.outcome.value)] += 1
+            if decision.outcome is not Outcome.FORWARD:
+                self._record(decision, frame, action, direction, source)
+                description = f"refused by policy rule {rule!r}: {decision.reason}"
+                return Verdict(False, text, description, decision)
+            if decision.sign and self.node_key is not None and isinstance(payload, dict):
+                payload = sign_payload(payload, action, direction, self.node_key, now,
+                                       canonical_payload=decision.canonical_payload)
+                if not keep_signatures:
+                    payload = _strip(frame, payload)
+                return Verdict(True, encode_frame(frame, payload), None, decision)
+        if not keep_signatures and isinstance(payload, dict) and "signatures" in payload:
+            return Verdict(True, encode_frame(frame, _strip(frame, payload)), None, decision)
+        return Verdict(True, text, None, decision)
+
+    def _record(self, decision: Decision, frame: Frame, action: str, direction: str,
+                source: str) -> None:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "outcome": decision.outcome.value,
+            "rule": decision.rule or "default",
+            "reason": decision.reason,
+            "source": source,
+            "action": action,
+            "direction": direction,
+            "message_type": frame.type,
+            "message_id": frame.id,
+            "key_ids": list(decision.key_ids),
+        }
+        log_event(log, logging.WARNING, "policy_" + decision.outcome.value, **entry)
+        if self._audit is not None:
+            self._audit.write(json.dumps(entry) + "\n")
+
+
+def audit_lines(path: Path) -> list[dict[str, Any]]:
+    """The audit log's entries (for tests and tools)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

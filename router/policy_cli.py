@@ -1,0 +1,259 @@
+"""The signature and policy commands of ``ocpp-router``: ``keys``, ``sign``, ``policy``.
+
+:func:`add_commands` registers them on the main parser's subparsers and
+:func:`run_command` runs the parsed command; :func:`check_policy_file` is what
+``ocpp-router check`` calls for a config's ``[policy] file``. :func:`main` runs these
+commands alone (``python -m router.policy_cli``), for tests and scripts.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error. A user's mistake is one
+clear sentence on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from policies.canonical import CanonicalError
+from policies.firewall import Firewall
+from policies.policy import MESSAGE_KINDS, PolicyError, check_policy, load_policy
+from policies.schemas import VERSIONS, SchemaUnavailable
+from policies.signatures import (
+    ALGORITHMS,
+    DEFAULT_ALGORITHM,
+    DIRECTIONS,
+    KeyFormatError,
+    SigningKey,
+    parse_timestamp,
+    sign_payload,
+)
+
+__all__ = ["COMMANDS", "add_commands", "check_policy_file", "main", "run_command"]
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+#: The top-level commands this module handles (``args.command``).
+COMMANDS = ("keys", "sign", "policy")
+_PROG = "ocpp-router"
+
+
+class _UserError(Exception):
+    """A mistake the user can fix: reported as one sentence, exit 2."""
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``keys``, ``sign`` and ``policy`` on the result of ``add_subparsers()``."""
+    keys = subparsers.add_parser("keys", help="make and inspect signing keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    new = keys_sub.add_parser("new", help="write a new private key (PEM), print its key id")
+    new.add_argument("--out", required=True, help="where to write the private key")
+    new.add_argument("--algorithm", default=DEFAULT_ALGORITHM, choices=ALGORITHMS,
+                     help=f"key type (default {DEFAULT_ALGORITHM}, i.e. P-256)")
+    new.add_argument("--force", action="store_true", help="overwrite an existing file")
+    public = keys_sub.add_parser("public", help="print a private key's public key (PEM) "
+                                                "for a policy's [[keys]]")
+    public.add_argument("--key", required=True, help="the private key (PEM)")
+    public.add_argument("--out", help="write the PEM here instead of stdout")
+
+    sign = subparsers.add_parser("sign", help="sign a payload read from stdin, print it "
+                                              "with its signatures")
+    sign.add_argument("--key", required=True, help="the private key (PEM)")
+    sign.add_argument("--action", required=True, help="the OCPP action, e.g. Reset")
+    sign.add_argument("--direction", default="to-station", choices=DIRECTIONS,
+                      help="where the message travels (default to-station)")
+    sign.add_argument("--name", help="optional name stored in the signature")
+    sign.add_argument("--description", help="optional description stored in the signature")
+
+    policy = subparsers.add_parser("policy", help="check or explain a policy file")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True,
+                                       metavar="SUBCOMMAND")
+    check = policy_sub.add_parser("check", help="validate a policy file")
+    check.add_argument("file", help="the policy file (TOML)")
+    explain = policy_sub.add_parser("explain", help="say which rule decides a message and why")
+    explain.add_argument("file", help="the policy file (TOML)")
+    explain.add_argument("--action", required=True, help="the OCPP action")
+    explain.add_argument("--direction", required=True, choices=DIRECTIONS)
+    explain.add_argument("--source", required=True,
+                         help="who sent it: backend name, node id or station id")
+    explain.add_argument("--payload", help="a file with the JSON payload ('-' for stdin); "
+                                           "default {}")
+    explain.add_argument("--message", default="call", choices=MESSAGE_KINDS,
+                         help="call (CALL or SEND, the default), result or error")
+    explain.add_argument("--ocpp-version", choices=tuple(VERSIONS),
+                         help="the link's OCPP version, for schema validation")
+    explain.add_argument("--at", help="evaluate at this RFC 3339 UTC time (default: now)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a command registered by :func:`add_commands`; returns the exit code."""
+    try:
+        if args.command == "keys":
+            if args.keys_command == "new":
+                return _keys_new(args.out, args.algorithm, args.force)
+            return _keys_public(args.key, args.out)
+        if args.command == "sign":
+            return _sign(args)
+        if args.command == "policy":
+            if args.policy_command == "check":
+                return _policy_check(args.file)
+            return _policy_explain(args)
+    except _UserError as exc:
+        print(f"{_PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"{_PROG}: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(f"{_PROG}: unknown command {args.command!r}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def check_policy_file(path: str | Path) -> list[str]:
+    """Every problem of a policy file (and the key files it names), one sentence each."""
+    return [str(p) for p in check_policy(path)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """These commands alone, as ``ocpp-router`` would run them."""
+    parser = argparse.ArgumentParser(prog=_PROG)
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return run_command(parser.parse_args(argv))
+
+
+# --- keys --------------------------------------------------------------------------------
+
+
+def _load_key(path: str) -> SigningKey:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise _UserError(f"{path}: cannot read the key: {exc.strerror or exc}") from None
+    try:
+        return SigningKey.from_pem(data)
+    except KeyFormatError as exc:
+        raise _UserError(f"{path}: {exc}") from None
+
+
+def _keys_new(out: str, algorithm: str, force: bool) -> int:
+    key = SigningKey.generate(algorithm)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(out, flags, 0o600)  # a private key is readable by its owner only
+    except FileExistsError:
+        raise _UserError(f"{out} already exists (use --force to overwrite it)") from None
+    except OSError as exc:
+        raise _UserError(f"{out}: cannot write: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "wb") as file:
+        file.write(key.private_pem())
+    print(key.key_id)
+    return EXIT_OK
+
+
+def _keys_public(key_path: str, out: str | None) -> int:
+    key = _load_key(key_path)
+    if out is None:
+        sys.stdout.write(key.public_pem().decode("ascii"))
+        return EXIT_OK
+    try:
+        Path(out).write_bytes(key.public_pem())
+    except OSError as exc:
+        raise _UserError(f"{out}: cannot write: {exc.strerror or exc}") from None
+    print(key.key_id)
+    return EXIT_OK
+
+
+# --- sign --------------------------------------------------------------------------------
+
+
+def _read_json(text: str, what: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise _UserError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise _UserError(f"{what} is not a JSON object (an OCPP payload is one)")
+    return payload
+
+
+def _sign(args: argparse.Namespace) -> int:
+    key = _load_key(args.key)
+    payload = _read_json(sys.stdin.read(), "the payload on stdin")
+    try:
+        signed = sign_payload(payload, args.action, args.direction, key, time.time(),
+                              name=args.name, description=args.description)
+    except CanonicalError as exc:
+        raise _UserError(f"the payload cannot be signed: {exc}") from None
+    except ValueError as exc:
+        raise _UserError(f"the payload cannot be signed: {exc}") from None
+    print(json.dumps(signed, ensure_ascii=False, separators=(",", ":")))
+    return EXIT_OK
+
+
+# --- policy ------------------------------------------------------------------------------
+
+
+def _policy_check(path: str) -> int:
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"{_PROG}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{path}: ok ({len(policy.keys)} keys, {len(policy.rules)} rules, "
+          f"default {policy.default.value})")
+    return EXIT_OK
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"{_PROG}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.payload is None:
+        payload: dict[str, Any] = {}
+    elif args.payload == "-":
+        payload = _read_json(sys.stdin.read(), "the payload on stdin")
+    else:
+        try:
+            text = Path(args.payload).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _UserError(f"{args.payload}: cannot read the payload: {exc}") from None
+        payload = _read_json(text, args.payload)
+    now = time.time()
+    if args.at is not None:
+        at = parse_timestamp(args.at)
+        if at is None:
+            raise _UserError(f"--at {args.at!r} is not an RFC 3339 UTC time "
+                             "(like 2026-11-22T10:00:00Z)")
+        now = at
+    try:
+        firewall = Firewall(policy)
+    except SchemaUnavailable as exc:
+        raise _UserError(str(exc)) from None
+    explanation = firewall.explain(args.action, args.direction, args.source, payload, now,
+                                   message=args.message, ocpp_version=args.ocpp_version)
+    decision = explanation.decision
+    print(f"decision: {decision.outcome.value}")
+    if decision.rule is None:
+        print("decided by: the default (no rule matched)")
+    else:
+        where = f" (line {explanation.line})" if explanation.line else ""
+        print(f"decided by: rule {decision.rule!r}{where}")
+    print(f"why: {decision.reason}")
+    if decision.sign:
+        print("then: the node adds its own signature before forwarding")
+    if explanation.skipped:
+        print("rules passed over:")
+        for line in explanation.skipped:
+            print(f"  {line}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
