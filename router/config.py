@@ -121,6 +121,23 @@ class AdminSection:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerEntry:
+    """One ``[[peers]]`` entry: an overlay uplink this node dials."""
+
+    id: str
+    url: str
+    encoding: str = "json"  # json | msgpack
+    password: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrustSection:
+    """``[trust]``: node ids and the public keys (PEM file or base64 key id) they sign with."""
+
+    nodes: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PolicySection:
     """``[policy]``: the firewall's policy file and where its decisions are audited."""
 
@@ -139,6 +156,8 @@ class Config:
     admin: AdminSection | None = None
     source: Path | None = None
     policy: PolicySection | None = None
+    peers: tuple[PeerEntry, ...] = ()
+    trust: TrustSection | None = None
 
     def station_entry(self, identity: str) -> StationEntry | None:
         """The first ``[[stations]]`` entry whose glob matches, or None."""
@@ -293,8 +312,6 @@ class _Checker:
 
 
 _NOT_YET = {
-    "peers": "overlay peers are not supported by this version yet",
-    "trust": "trusted node keys are not supported by this version yet",
     "dns": "DNS settings are not supported by this version yet",
 }
 
@@ -324,7 +341,7 @@ def parse(text: str, file: str = "<config>", root: Path | None = None) -> Config
             [ConfigProblem(file, "", int(m.group(1)) if m else None, f"not valid TOML: {exc}")]
         ) from None
     c = _Checker(file, text)
-    known = {"node", "listen", "stations", "backends", "admin", "policy"}
+    known = {"node", "listen", "stations", "backends", "admin", "policy", "peers", "trust"}
     for name in raw:
         if name in _NOT_YET:
             c.fail(name, _NOT_YET[name])
@@ -333,7 +350,8 @@ def parse(text: str, file: str = "<config>", root: Path | None = None) -> Config
 
     node = _node(c, raw, root)
     listen = _listen(c, raw, root)
-    backends = _backends(c, raw)
+    peers = _peers(c, raw, node.id)
+    backends = _backends(c, raw, required=not peers)
     stations = _stations(c, raw, listen, backends)
     admin = None
     if "admin" in raw:
@@ -353,9 +371,27 @@ def parse(text: str, file: str = "<config>", root: Path | None = None) -> Config
             file=policy_file or root / "policy.toml",
             audit_log=(root / audit) if audit else node.state_dir / "audit.jsonl",
         )
+    trust = None
+    if "trust" in raw:
+        t = c.table(raw["trust"], "trust", {"nodes"})
+        nodes = t.get("nodes", {})
+        if not isinstance(nodes, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in nodes.items()
+        ):
+            c.fail("trust.nodes", "must be a table of node id = \"key file or key id\"")
+            nodes = {}
+        resolved = []
+        for node_id, key in nodes.items():
+            if key.endswith(".pem"):
+                path = root / key if not os.path.isabs(key) else Path(key)
+                if not path.is_file():
+                    c.fail("trust.nodes", f"{node_id}: file not found: {path}")
+                key = str(path)
+            resolved.append((node_id, key))
+        trust = TrustSection(tuple(resolved))
     if c.problems:
         raise ConfigError(c.problems)
-    return Config(node, listen, stations, backends, admin, Path(file), policy)
+    return Config(node, listen, stations, backends, admin, Path(file), policy, peers, trust)
 
 
 def _node(c: _Checker, raw: dict[str, Any], root: Path) -> NodeSection:
@@ -417,10 +453,43 @@ def _listen(c: _Checker, raw: dict[str, Any], root: Path) -> ListenSection:
     )
 
 
-def _backends(c: _Checker, raw: dict[str, Any]) -> tuple[BackendEntry, ...]:
+def peer_env_name(peer_id: str) -> str:
+    """The environment variable that overrides a peer's password."""
+    return "OCPP_ROUTER_PEER_" + re.sub(r"[^A-Za-z0-9]", "_", peer_id).upper() + "_PASSWORD"
+
+
+def _peers(c: _Checker, raw: dict[str, Any], node_id: str) -> tuple[PeerEntry, ...]:
+    items = raw.get("peers", [])
+    if not isinstance(items, list):
+        c.fail("peers", "must be an array of tables ([[peers]])")
+        return ()
+    out: list[PeerEntry] = []
+    for i, item in enumerate(items):
+        base = f"peers[{i}]"
+        t = c.table(item, base, {"id", "url", "srv", "encoding", "password"})
+        peer_id = c.string(t, base, "id", required=True) or f"peer-{i}"
+        if not 1 <= len(peer_id) <= MAX_ID or peer_id == node_id:
+            c.fail(f"{base}.id", f"must be 1-{MAX_ID} characters and not this node's own id")
+        if "srv" in t:
+            c.fail(f"{base}.srv", "SRV discovery is not supported by this version yet; use url")
+        url = c.string(t, base, "url", required=True) or ""
+        if url and (urlsplit(url).scheme not in ("ws", "wss") or not urlsplit(url).hostname):
+            c.fail(f"{base}.url", f"must be a ws:// or wss:// URL with a host, not {url!r}")
+        encoding = c.string(t, base, "encoding", "json") or "json"
+        if encoding not in ("json", "msgpack"):
+            c.fail(f"{base}.encoding", f"must be \"json\" or \"msgpack\", not {encoding!r}")
+        password = os.environ.get(peer_env_name(peer_id)) or c.string(t, base, "password")
+        out.append(PeerEntry(peer_id, url, encoding, password))
+    return tuple(out)
+
+
+def _backends(
+    c: _Checker, raw: dict[str, Any], required: bool = True
+) -> tuple[BackendEntry, ...]:
     items = raw.get("backends", [])
-    if not isinstance(items, list) or not items:
-        c.fail("backends", "at least one [[backends]] entry with role = \"primary\" is required")
+    if not isinstance(items, list) or (required and not items):
+        c.fail("backends", "at least one [[backends]] entry with role = \"primary\" is required"
+               " (or [[peers]] for a chained node)")
         return ()
     allowed = {"name", "role", "url", "srv", "scheme", "path", "stations", "auth",
                "subscribe", "keep_signatures"}
@@ -455,7 +524,7 @@ def _backends(c: _Checker, raw: dict[str, Any]) -> tuple[BackendEntry, ...]:
             auth=_backend_auth(c, t, base, name),
             keep_signatures=c.boolean(t, base, "keep_signatures", False),
         ))
-    if not any(b.role == "primary" for b in out):
+    if out and not any(b.role == "primary" for b in out):
         c.fail("backends", "no backend has role = \"primary\"")
     return tuple(out)
 

@@ -85,10 +85,14 @@ class Upgrade:
     def _select(self, _proto: ServerProtocol, _offered: object) -> Subprotocol | None:
         return Subprotocol(self._chosen) if self._chosen is not None else None
 
-    async def accept(self, subprotocol: str) -> WsLink:
-        """Answer 101 with this subprotocol and return the open link."""
+    async def accept(self, subprotocol: str | None,
+                     headers: dict[str, str] | None = None) -> WsLink:
+        """Answer 101 with this subprotocol (and extra headers); return the open link."""
         self._chosen = subprotocol
         response = self._proto.accept(self.request)
+        if response.status_code == 101:
+            for name, value in (headers or {}).items():
+                response.headers[name] = value
         self._proto.send_response(response)
         self._forget_request()
         await _send(self.stream, self._proto)
@@ -137,8 +141,12 @@ async def dial(
     headers: dict[str, str],
     max_message_bytes: int,
     ssl_context: ssl.SSLContext | None = None,
+    keep_headers: tuple[str, ...] = (),
 ) -> WsLink:
-    """Open a client WebSocket; HandshakeFailed carries the HTTP status of a refusal."""
+    """Open a client WebSocket; HandshakeFailed carries the HTTP status of a refusal.
+
+    Response headers named in ``keep_headers`` are kept in the link's ``headers``.
+    """
     uri = parse_uri(url)
     parts = urlsplit(url)
     tcp = await trio.open_tcp_stream(uri.host, uri.port)
@@ -167,8 +175,13 @@ async def dial(
                         raise HandshakeFailed(str(exc), exc.response.status_code)
                     if exc is not None:
                         raise HandshakeFailed(f"bad upgrade response: {exc}")
+                    link = WsLink(stream, proto)
+                    for name in keep_headers:
+                        kept = event.headers.get(name)
+                        if kept is not None:
+                            link.headers[name] = kept
                     event.headers.clear()  # kept alive by the parser; see Upgrade
-                    return WsLink(stream, proto)
+                    return link
             if not data or proto.handshake_exc is not None:
                 raise HandshakeFailed(f"no upgrade response: {proto.handshake_exc}")
     except BaseException:

@@ -22,11 +22,13 @@ from router.frames import Version
 from router.gate import Gate
 from router.handshake import HandshakeFailed, Upgrade, dial, read_upgrade
 from router.logs import log_event
+from router.mesh import MODE_HEADER, MODE_OVERLAY, Mesh
 from router.passwords import VerifiedCache, verify_password
 from router.session import StationSession
 from router.stats import Stats
 from router.timer import CallTimer
 from router.tls import common_name, server_context
+from router.wslink import WsLink
 
 log = logging.getLogger("router.node")
 
@@ -88,6 +90,7 @@ class Node:
         self._claims: dict[str, trio.CancelScope] = {}
         self._verified = VerifiedCache()
         self.gate = Gate.from_config(config)  # raises GateError / PolicyError: config mistakes
+        self.mesh = Mesh(self)
         self._listen_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self.port = 0
@@ -111,6 +114,7 @@ class Node:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.timer.run, nursery)
+            await self.mesh.run(nursery)
             nursery.start_soon(self._serve, listeners, nursery)
             log_event(log, logging.INFO, "listening", host=listen.host, port=self.port,
                       path=listen.path, tls=ssl_context is not None,
@@ -133,6 +137,7 @@ class Node:
         with trio.move_on_after(self.config.node.shutdown_timeout_s + 1):
             for session in list(self.sessions.values()):
                 await session.done.wait()
+        await self.mesh.stop_all()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -177,19 +182,26 @@ class Node:
             identity = identity_from_path(upgrade.path, self.config.listen.path)
             upgrade.check()
             entry = await self._authenticate(identity, upgrade, peer_cert)
-            offered = [p for p in upgrade.offered_subprotocols()
-                       if p in self.config.listen.subprotocols]
-            if not offered:
-                raise Refused(400, "no supported OCPP subprotocol offered (supported: "
-                              + ", ".join(self.config.listen.subprotocols) + ")")
-            backend = self.config.primary_for(identity, entry)
-            if backend is None:
-                raise Refused(403, "no primary backend serves this station")
+            if upgrade.header(MODE_HEADER) == MODE_OVERLAY:
+                peer = True
+            else:
+                peer = False
+                offered = [p for p in upgrade.offered_subprotocols()
+                           if p in self.config.listen.subprotocols]
+                if not offered:
+                    raise Refused(400, "no supported OCPP subprotocol offered (supported: "
+                                  + ", ".join(self.config.listen.subprotocols) + ")")
+                backend = self.config.primary_for(identity, entry)
+                if backend is None and not self.mesh.active:
+                    raise Refused(403, "no primary backend serves this station")
         except HandshakeFailed as exc:
             await self._refuse(upgrade, identity, remote, Refused(exc.status or 400, exc.reason))
             return
         except Refused as refused:
             await self._refuse(upgrade, identity, remote, refused)
+            return
+        if peer:
+            await self.mesh.accept_peer(upgrade, identity)
             return
         # authenticated: this connection now replaces any older one for the identity
         await self._claim(identity)
@@ -197,10 +209,36 @@ class Node:
         self._claims[identity] = claim
         try:
             with claim:
-                await self._connect(upgrade, identity, entry, backend, offered, claim, remote)
+                if backend is None:
+                    await self._attach_over_overlay(upgrade, identity, entry, offered, claim,
+                                                    remote)
+                else:
+                    await self._connect(upgrade, identity, entry, backend, offered, claim,
+                                        remote)
         finally:
             if self._claims.get(identity) is claim:
                 del self._claims[identity]
+
+    async def _attach_over_overlay(
+        self, upgrade: Upgrade, identity: str, entry: StationEntry, offered: list[str],
+        claim: trio.CancelScope, remote: str,
+    ) -> None:
+        async def refuse(refused: Refused) -> None:
+            await self._refuse(upgrade, identity, remote, refused)
+
+        attached = await self.mesh.attach_station(upgrade, identity, offered, refuse)
+        if attached is None:
+            return
+        station_ws, virtual = attached
+        session = StationSession(
+            self, identity, Version.from_subprotocol(virtual.subprotocol or ""), station_ws,
+            virtual, f"overlay:{virtual.link.peer_id}",
+            station_keeps_signatures=entry.keep_signatures, backend_keeps_signatures=True,
+        )
+        try:
+            await self._run_session(identity, session, claim, remote)
+        finally:
+            self.mesh.detach_station(identity, virtual)
 
     async def _claim(self, identity: str) -> None:
         older = self._claims.get(identity)
@@ -257,45 +295,49 @@ class Node:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await upgrade.reject(refused.status, refused.reason, refused.headers)
 
-    def _backend_headers(self, upgrade: Upgrade, identity: str,
-                         backend: BackendEntry) -> dict[str, str]:
+    @staticmethod
+    def backend_headers(authorization: str | None, identity: str,
+                        backend: BackendEntry) -> dict[str, str]:
+        """The Authorization header toward a backend, per its ``auth`` setting."""
         auth = backend.auth
         if auth.mode == "passthrough":
-            value = upgrade.header("Authorization")
-            return {"Authorization": value} if value is not None else {}
+            return {"Authorization": authorization} if authorization is not None else {}
         if auth.mode == "password" and auth.password is not None:
             token = base64.b64encode(f"{identity}:{auth.password}".encode()).decode()
             return {"Authorization": f"Basic {token}"}
         return {}
 
+    async def dial_backend(
+        self, identity: str, backend: BackendEntry, offered: list[str],
+        authorization: str | None,
+    ) -> WsLink:
+        """Open ``<backend url>/<identity>``; raises Refused with the status for the station."""
+        url = backend.station_url(quote(identity, safe=""))
+        try:
+            with trio.fail_after(self.config.node.connect_timeout_s):
+                return await dial(url, offered,
+                                  self.backend_headers(authorization, identity, backend),
+                                  self.config.listen.max_message_bytes)
+        except HandshakeFailed as exc:
+            status = exc.status if exc.status is not None and 400 <= exc.status <= 599 else 502
+            reason, refusal = exc.reason, Refused(status, "backend refused the station")
+        except trio.TooSlowError:
+            reason, refusal = "timeout", Refused(504, "backend did not answer in time")
+        except (OSError, trio.BrokenResourceError) as exc:
+            reason, refusal = repr(exc), Refused(502, "backend unreachable")
+        log_event(log, logging.WARNING, "backend_failed", station=identity,
+                  backend=backend.name, reason=reason)
+        raise refusal
+
     async def _connect(
         self, upgrade: Upgrade, identity: str, entry: StationEntry, backend: BackendEntry,
         offered: list[str], claim: trio.CancelScope, remote: str,
     ) -> None:
-        listen = self.config.listen
-        url = backend.station_url(quote(identity, safe=""))
         try:
-            with trio.fail_after(self.config.node.connect_timeout_s):
-                backend_ws = await dial(url, offered,
-                                        self._backend_headers(upgrade, identity, backend),
-                                        listen.max_message_bytes)
-        except HandshakeFailed as exc:
-            status = exc.status if exc.status is not None and 400 <= exc.status <= 599 else 502
-            log_event(log, logging.WARNING, "backend_failed", station=identity,
-                      backend=backend.name, reason=exc.reason)
-            await self._refuse(upgrade, identity, remote,
-                               Refused(status, "backend refused the station"))
-            return
-        except trio.TooSlowError:
-            log_event(log, logging.WARNING, "backend_failed", station=identity,
-                      backend=backend.name, reason="timeout")
-            await self._refuse(upgrade, identity, remote,
-                               Refused(504, "backend did not answer in time"))
-            return
-        except (OSError, trio.BrokenResourceError) as exc:
-            log_event(log, logging.WARNING, "backend_failed", station=identity,
-                      backend=backend.name, reason=repr(exc))
-            await self._refuse(upgrade, identity, remote, Refused(502, "backend unreachable"))
+            backend_ws = await self.dial_backend(identity, backend, offered,
+                                                 upgrade.header("Authorization"))
+        except Refused as refused:
+            await self._refuse(upgrade, identity, remote, refused)
             return
         try:
             await self._bridge(upgrade, identity, entry, backend, offered, claim, remote,
@@ -328,13 +370,18 @@ class Node:
             station_keeps_signatures=entry.keep_signatures,
             backend_keeps_signatures=backend.keep_signatures,
         )
+        await self._run_session(identity, session, claim, remote)
+
+    async def _run_session(
+        self, identity: str, session: StationSession, claim: trio.CancelScope, remote: str
+    ) -> None:
         if self._claims.get(identity) is claim:
             # connected: from now on a newer connection stops this one gracefully
             del self._claims[identity]
         self.sessions[identity] = session
         self.stats.stations_connected += 1
-        log_event(log, logging.INFO, "station_connected", station=identity, subprotocol=chosen,
-                  backend=backend.name, remote=remote)
+        log_event(log, logging.INFO, "station_connected", station=identity,
+                  subprotocol=session.version.value, backend=session.backend_name, remote=remote)
         try:
             await session.run()
         finally:

@@ -32,7 +32,7 @@ from router.frames import (
     error_answer,
 )
 from router.logs import log_event
-from router.wslink import LinkClosed, WsLink
+from router.wslink import Link, LinkClosed
 
 if TYPE_CHECKING:
     from router.node import Node
@@ -49,8 +49,8 @@ class Lane:
     """CALLs from ``caller`` to ``callee``: the one in flight and those queued behind it."""
 
     name: str  # "up" (station -> backend) or "down" (backend -> station)
-    caller: WsLink
-    callee: WsLink
+    caller: Link
+    callee: Link
     pending_id: str | None = None
     pending_action: str = ""
     pending_token: int = 0
@@ -64,8 +64,8 @@ class Side:
     """One end of the session, as its pump sees it."""
 
     name: str  # "station" or "backend"
-    ws: WsLink
-    other: WsLink  # the other side's WebSocket
+    ws: Link
+    other: Link  # the other side's WebSocket
     calls: Lane  # CALLs this side makes
     answers: Lane  # CALLs this side must answer
     direction: str  # policy direction of what this side sends
@@ -78,7 +78,7 @@ class StationSession:
     """Forwards between one station and its backend until either side goes away."""
 
     def __init__(
-        self, node: Node, identity: str, version: Version, station_ws: WsLink, backend_ws: WsLink,
+        self, node: Node, identity: str, version: Version, station_ws: Link, backend_ws: Link,
         backend_name: str, *, station_keeps_signatures: bool = False,
         backend_keeps_signatures: bool = False,
     ) -> None:

@@ -11,7 +11,7 @@ messages and the trio I/O. Measured against trio-websocket in ``docs/architectur
 from __future__ import annotations
 
 import socket
-from typing import cast
+from typing import Protocol, cast
 
 import trio
 from websockets.client import ClientProtocol
@@ -34,11 +34,26 @@ class LinkClosed(Exception):
         self.reason = reason
 
 
+class Link(Protocol):
+    """What a station session needs from a link: a real WebSocket or a virtual one."""
+
+    subprotocol: str | None
+
+    @property
+    def closed(self) -> int | None: ...
+
+    async def get_message(self) -> str | bytes: ...
+
+    async def send_message(self, message: str) -> None: ...
+
+    async def aclose(self, code: int = 1000, reason: str = "", wait_s: float = 2.0) -> None: ...
+
+
 class WsLink:
     """An open WebSocket: whole text (str) or binary (bytes) messages in, text out."""
 
-    __slots__ = ("_inbox", "_lock", "_next", "_opcode", "_parts", "_raw", "protocol", "stream",
-                 "subprotocol")
+    __slots__ = ("_inbox", "_lock", "_next", "_opcode", "_parts", "_raw", "headers", "protocol",
+                 "stream", "subprotocol")
 
     def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol | ClientProtocol) -> None:
         self.stream = stream
@@ -52,6 +67,7 @@ class WsLink:
         self._parts: list[Buffer] = []
         self._opcode: Opcode | None = None
         self._raw = _raw_socket(stream)
+        self.headers: dict[str, str] = {}  # handshake headers the caller asked to keep
 
     @property
     def closed(self) -> int | None:
@@ -161,6 +177,14 @@ class WsLink:
         if proto.state is not State.OPEN:
             raise LinkClosed(self._close_code(), self._close_reason())
         proto.send_text(message.encode("utf-8"))
+        await self._flush()
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Send one binary message (overlay links with msgpack)."""
+        proto = self.protocol
+        if proto.state is not State.OPEN:
+            raise LinkClosed(self._close_code(), self._close_reason())
+        proto.send_binary(data)
         await self._flush()
 
     async def _flush(self) -> None:

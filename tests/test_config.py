@@ -104,9 +104,19 @@ def test_policy_section_names_an_existing_file(tmp_path: Path) -> None:
 
 
 def test_sections_of_later_versions_are_refused_clearly() -> None:
-    found = problems(GOOD + '\n[[peers]]\nid = "core-1"\nurl = "ws://x"\n')
+    found = problems(GOOD + '\n[dns]\nnameservers = ["127.0.0.1:53"]\n')
     assert [(k, p) for k, _, p in found] == [
-        ("peers", "overlay peers are not supported by this version yet")]
+        ("dns", "DNS settings are not supported by this version yet")]
+
+
+def test_peers_make_backends_optional_and_are_checked() -> None:
+    chained = GOOD.split("[[backends]]")[0] + (
+        '[[peers]]\nid = "core-1"\nurl = "ws://127.0.0.1:9300/ocpp"\nencoding = "msgpack"\n')
+    cfg = parse(chained)
+    assert cfg.backends == ()
+    assert [(p.id, p.encoding) for p in cfg.peers] == [("core-1", "msgpack")]
+    found = problems(chained.replace('"msgpack"', '"xml"').replace('"core-1"', '"edge-1"'))
+    assert {k for k, _, _ in found} == {"peers[0].id", "peers[0].encoding"}
 
 
 def test_tls_profiles_need_their_files(tmp_path: Path) -> None:
