@@ -113,6 +113,18 @@ class PeerLink:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise LinkClosed(1001, "peer link closed") from None
 
+    def send_nowait(self, frame: OverlayFrame) -> bool:
+        """Queue a frame if there is room now; False when the queue is full."""
+        if self.closed:
+            raise LinkClosed(1001, "peer link closed")
+        try:
+            self._out_send.send_nowait(frame)
+        except trio.WouldBlock:
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise LinkClosed(1001, "peer link closed") from None
+        return True
+
     async def run(self) -> None:
         """Read, write and exchange routes until the link closes; then clean up."""
         try:
@@ -245,7 +257,9 @@ class VirtualLink:
     async def send_message(self, message: str) -> None:
         if self._closed is not None:
             raise LinkClosed(self._closed, self._reason)
-        await self.link.send(from_standard(message, self.dest, self.path))
+        frame = from_standard(message, self.dest, self.path)
+        if not self.link.send_nowait(frame):  # no checkpoint when there is room: batches form
+            await self.link.send(frame)
 
     async def aclose(self, code: int = 1000, reason: str = "", wait_s: float = 2.0) -> None:
         if self._closed is not None:
@@ -441,7 +455,8 @@ class Mesh:
                 await self._answer_error(frame, "InternalError", f"no route to {frame.dest}")
             return
         try:
-            await link.send(frame)
+            if not link.send_nowait(frame):
+                await link.send(frame)
         except LinkClosed:
             self.count("no_route")
 
