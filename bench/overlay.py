@@ -30,12 +30,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from routes import full_sync  # noqa: E402
-from topology import RouteTable  # noqa: E402
 
 from router.frames import CALL  # noqa: E402
 from router.handshake import dial, read_upgrade  # noqa: E402
 from router.mesh import PeerLink  # noqa: E402
 from router.overlay import OverlayFrame  # noqa: E402
+from topology import RouteTable  # noqa: E402
 
 PAYLOAD = {"evseId": 1, "meterValue": [{"timestamp": "2026-11-22T10:00:00Z", "sampledValue": [
     {"value": 1234.5, "measurand": "Energy.Active.Import.Register", "unit": "Wh"},
