@@ -54,6 +54,10 @@ class Upgrade:
             raise RuntimeError("the upgrade has been answered; its request is gone")
         return self._request
 
+    def allow_messages_up_to(self, max_bytes: int) -> None:
+        """Raise the message size limit before accepting (overlay links carry route syncs)."""
+        self._proto.max_message_size = max_bytes
+
     def header(self, name: str) -> str | None:
         return self.request.headers.get(name)
 
@@ -168,7 +172,8 @@ async def dial(
                 proto.receive_eof()
             else:
                 proto.receive_data(data)
-            for event in proto.events_received():
+            events = proto.events_received()
+            for index, event in enumerate(events):
                 if isinstance(event, Response):
                     exc = proto.handshake_exc
                     if isinstance(exc, InvalidStatus):
@@ -181,6 +186,8 @@ async def dial(
                         if kept is not None:
                             link.headers[name] = kept
                     event.headers.clear()  # kept alive by the parser; see Upgrade
+                    # frames that came in the same read as the 101 belong to the link
+                    link.take_frames(events[index + 1:])
                     return link
             if not data or proto.handshake_exc is not None:
                 raise HandshakeFailed(f"no upgrade response: {proto.handshake_exc}")

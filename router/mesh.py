@@ -68,6 +68,7 @@ CONNECT = "OverlayStationConnect"
 DISCONNECT = "OverlayStationDisconnect"
 _BATCH = 256
 _STATION_INBOX = 64
+PEER_MAX_MESSAGE_BYTES = 16 * 2**20  # a full route sync travels in messages of 5,000 routes
 
 
 def to_standard(frame: OverlayFrame) -> str:
@@ -143,6 +144,7 @@ class PeerLink:
 
     async def _reader(self) -> None:
         mesh = self.mesh
+        debug = log.isEnabledFor(logging.DEBUG)
         while True:
             try:
                 message = await self.ws.get_message()
@@ -162,6 +164,10 @@ class PeerLink:
                           reason=err.description)
                 continue
             for frame in frames:
+                if debug:
+                    log_event(log, logging.DEBUG, "overlay_frame", peer=self.peer_id,
+                              type=frame.type, dest=frame.dest, path=list(frame.path),
+                              id=frame.id, action=frame.action)
                 # the path is extended with whom we authenticated, never what was claimed
                 await mesh.dispatch(self, frame.passed(self.peer_id))
 
@@ -216,8 +222,11 @@ class VirtualLink:
     """
 
     def __init__(self, mesh: Mesh, link: PeerLink, station: str, dest: str,
-                 path: tuple[str, ...], subprotocol: str) -> None:
+                 path: tuple[str, ...], subprotocol: str, origin: str | None = None) -> None:
         self.mesh = mesh
+        # at the edge: the node holding the backend session; frames for the station must
+        # start there (path[0]), so no other node can speak to the station as its CSMS
+        self.origin = origin
         self.link = link
         self.station = station
         self.dest = dest
@@ -332,8 +341,7 @@ class Mesh:
             try:
                 with trio.fail_after(self.node.config.node.connect_timeout_s):
                     ws = await dial(url, [OVERLAY_SUBPROTOCOL], headers,
-                                    self.node.config.listen.max_message_bytes * 16,
-                                    keep_headers=(ENCODING_HEADER,))
+                                    PEER_MAX_MESSAGE_BYTES, keep_headers=(ENCODING_HEADER,))
             except (HandshakeFailed, OSError, trio.TooSlowError,
                     trio.BrokenResourceError) as exc:
                 log_event(log, logging.WARNING, "peer_dial_failed", peer=entry.id, url=url,
@@ -349,6 +357,7 @@ class Mesh:
         """A node authenticated as ``peer_id`` asked for an overlay link on our listener."""
         encoding = "msgpack" if upgrade.header(ENCODING_HEADER) == "msgpack" else "json"
         offered = upgrade.offered_subprotocols()
+        upgrade.allow_messages_up_to(PEER_MAX_MESSAGE_BYTES)
         ws = await upgrade.accept(OVERLAY_SUBPROTOCOL if OVERLAY_SUBPROTOCOL in offered else None,
                                   {ENCODING_HEADER: encoding})
         await self._serve_link(peer_id, ws, encoding, "in")
@@ -423,11 +432,16 @@ class Mesh:
             return
         edge = self.edge.get(dest)
         if edge is not None:
-            if edge.link is not link:
-                # only the link a station attached through may speak to it
+            if edge.link is not link or not frame.path or frame.path[0] != edge.origin:
+                # only the node holding the station's backend session may speak to it,
+                # and only over the link the station attached through
                 self.count("refused")
                 log_event(log, logging.WARNING, "overlay_refused", peer=link.peer_id,
-                          station=dest, reason="station is not attached through this peer")
+                          station=dest, origin=frame.path[0] if frame.path else None,
+                          reason="not from the node holding this station's backend session")
+                if frame.type == CALL:
+                    await self._answer_error(frame, "SecurityError",
+                                             "not from this station's backend node", link)
                 return
             if frame.action == DISCONNECT and frame.type == SEND:
                 edge.end(int(frame.payload.get("code", 1001)), str(frame.payload.get("reason")))
@@ -460,14 +474,25 @@ class Mesh:
         except LinkClosed:
             self.count("no_route")
 
-    async def _answer_error(self, frame: OverlayFrame, code: str, description: str) -> None:
-        """Answer an overlay CALL from its origin side with a CALLERROR."""
+    async def _answer_error(self, frame: OverlayFrame, code: str, description: str,
+                            link: PeerLink | None = None) -> None:
+        """Answer an overlay CALL with a CALLERROR.
+
+        A refusal goes straight back on the link the CALL came by, addressed to its origin
+        (never along the route to a station it claimed to come from); a node without a
+        route answers toward the origin by the route table.
+        """
         dest = frame.path[0]
         if frame.action == CONNECT and len(frame.path) > 1:
             dest = frame.path[1]  # the node that asked; the station is not routed yet
+        if link is not None:
+            dest = link.peer_id  # the neighbour that sent it, authenticated: not its claim
         error = OverlayFrame(CALLERROR, dest, (), frame.id, code=code,
                              description=description, details={})
-        await self.forward(error)
+        if link is not None:
+            await self._reply(link, error)
+        else:
+            await self.forward(error)
 
     async def _for_backend(self, link: PeerLink, frame: OverlayFrame, station: str) -> None:
         """A frame for the backend of ``station``, which this node holds."""
@@ -486,7 +511,7 @@ class Mesh:
                       station=station, reason="station is not attached through this peer")
             if frame.type == CALL:
                 await self._answer_error(frame, "SecurityError",
-                                         "station is not attached through this link")
+                                         "station is not attached through this link", link)
             return
         if frame.type == SEND and frame.action == DISCONNECT:
             if held is not None:
@@ -541,7 +566,8 @@ class Mesh:
                                  answer.description or "backend refused the station"))
             return None
         station_ws = await upgrade.accept(chosen)
-        virtual = VirtualLink(self, link, identity, ANYCAST_CSMS, (identity,), chosen)
+        origin = answer.path[0] if answer.path else link.peer_id
+        virtual = VirtualLink(self, link, identity, ANYCAST_CSMS, (identity,), chosen, origin)
         link.bound.add(virtual)
         self.edge[identity] = virtual
         self.table.originate(identity)

@@ -11,6 +11,7 @@ messages and the trio I/O. Measured against trio-websocket in ``docs/architectur
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from typing import Protocol, cast
 
 import trio
@@ -143,9 +144,15 @@ class WsLink:
             except OSError:
                 return b""
 
-    def _take_events(self) -> None:
+    def take_frames(self, events: Sequence[object]) -> None:
+        """Frames parsed before this link existed (in the read that completed the handshake)."""
+        self._take_events(cast("list[Frame]", list(events)))
+
+    def _take_events(self, events: list[Frame] | None = None) -> None:
         # after the opening handshake, every event is a frame
-        for frame in cast("list[Frame]", self.protocol.events_received()):
+        if events is None:
+            events = cast("list[Frame]", self.protocol.events_received())
+        for frame in events:
             opcode = frame.opcode
             if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
                 if frame.fin:
