@@ -43,10 +43,13 @@ def answer(frame: str) -> str | None:
     return None
 
 
+STALL = False  # --stall: accept and read everything, answer nothing (a stalled secondary)
+
+
 async def handle(ws: ServerConnection) -> None:
     try:
         async for message in ws:
-            if isinstance(message, str):
+            if isinstance(message, str) and not STALL:
                 reply = answer(message)
                 if reply is not None:
                     await ws.send(reply)
@@ -78,6 +81,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--stall", action="store_true", help="never answer (a stalled peer)")
     args = parser.parse_args()
+    STALL = args.stall
     raise_nofile_limit()
     asyncio.run(main(args.host, args.port))

@@ -39,6 +39,8 @@ from benchutil import raise_nofile_limit
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 SCENARIOS = ("direct", "relay", "node")
+# duplication scenarios: the node with secondary backends subscribed to MeterValues
+SECONDARY_SCENARIOS = {"node+1sec": (1, 0), "node+3sec": (2, 1)}  # (answering, stalled)
 
 AIM_US_PER_FRAME = 45.0
 AIM_KIB_PER_STATION = 25.0
@@ -175,6 +177,17 @@ class Middle:
     checks: Callable[[], dict[str, Any]]
 
 
+SECONDARY = """
+[[backends]]
+name = "{name}"
+role = "secondary"
+url = "ws://127.0.0.1:{port}/ocpp"
+auth = "none"
+subscribe = ["MeterValues"]
+answer_timeout_s = 2
+"""
+
+
 def start_middle(kind: str, csms_port: int, workdir: Path, pin: list[int] | None) -> Middle:
     csms_url = f"ws://127.0.0.1:{csms_port}"
     if kind == "direct":
@@ -188,15 +201,25 @@ def start_middle(kind: str, csms_port: int, workdir: Path, pin: list[int] | None
         if pin:
             proc.cpu_affinity(pin)
         return Middle(f"ws://127.0.0.1:{port}/ocpp/", proc, relay.stop, dict)
-    if kind == "node":
+    if kind == "node" or kind in SECONDARY_SCENARIOS:
         if str(REPO_ROOT) not in sys.path:
             sys.path.insert(0, str(REPO_ROOT))
         from tests.nodeproc import start_node
 
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-        node = start_node(
-            NODE_CONFIG.format(csms_port=csms_port), workdir, env={"PYTHONPATH": pythonpath}
-        )
+        config = NODE_CONFIG.format(csms_port=csms_port)
+        secondaries: list[LineProcess] = []
+        answering, stalled = SECONDARY_SCENARIOS.get(kind, (0, 0))
+        for index in range(answering + stalled):
+            flags = ["--stall"] if index >= answering else []
+            sec = LineProcess.spawn(f"secondary-{index}",
+                                    [str(BENCH_DIR / "csms.py"), "--port", "0", *flags], workdir)
+            port = int(sec.wait_for("listening", 20.0)["port"])
+            secondaries.append(sec)
+            config += SECONDARY.format(name=f"sec-{index}", port=port)
+        node = start_node(config.replace('id = "bench-edge"',
+                                         f'id = "bench-edge"\nstate_dir = "{workdir}/state"'),
+                          workdir, env={"PYTHONPATH": pythonpath})
         proc = psutil.Process(node.proc.pid)
         if pin:
             proc.cpu_affinity(pin)
@@ -212,6 +235,8 @@ def start_middle(kind: str, csms_port: int, workdir: Path, pin: list[int] | None
             code = node.stop()
             if code != 0:
                 print(f"  note: node exited with code {code}", file=sys.stderr)
+            for sec in secondaries:
+                sec.stop()
 
         return Middle(node.url(""), proc, node_stop, node_checks)
     raise ValueError(kind)
@@ -337,21 +362,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def report(results: list[dict[str, Any]], stations: list[int]) -> list[str]:
     out: list[str] = []
     by = {(r["scenario"], r["stations"]): r for r in results}
-    head = (f"{'scenario':<8} {'N':>5} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+    head = (f"{'scenario':<9} {'N':>5} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
             f"{'+p50':>6} {'+p99':>6} {'us/frame':>8} {'KiB/stn':>7} {'(loaded)':>8} "
             f"{'mid%':>5} {'lg%':>5} {'csms%':>5} {'other%':>6}")
     out.append(head)
     out.append("-" * len(head))
     for n in stations:
         base = by.get(("direct", n))
-        for kind in SCENARIOS:
+        for kind in (*SCENARIOS, *SECONDARY_SCENARIOS):
             r = by.get((kind, n))
             if r is None:
                 continue
             add50 = r["p50_ms"] - base["p50_ms"] if base and kind != "direct" else None
             add99 = r["p99_ms"] - base["p99_ms"] if base and kind != "direct" else None
             out.append(
-                f"{kind:<8} {n:>5} {fmt(r['calls_per_s'], '.0f'):>8} {fmt(r['p50_ms'], '.2f'):>7} "
+                f"{kind:<9} {n:>5} {fmt(r['calls_per_s'], '.0f'):>8} {fmt(r['p50_ms'], '.2f'):>7} "
                 f"{fmt(r['p99_ms'], '.2f'):>7} {fmt(add50, '.2f'):>6} {fmt(add99, '.2f'):>6} "
                 f"{fmt(r['us_per_frame']):>8} {fmt(r['kib_per_station']):>7} "
                 f"{fmt(r['kib_per_station_loaded']):>8} {fmt(r['middle_cpu_pct'], '.0f'):>5} "
@@ -373,21 +398,24 @@ def report(results: list[dict[str, Any]], stations: list[int]) -> list[str]:
         node = by.get(("node", n))
         if node is None:
             continue
-        for other in ("relay", "direct"):
-            ref = by.get((other, n))
+        pairs = [(node, "node", other) for other in ("relay", "direct")]
+        pairs += [(by[(kind, n)], kind, "node") for kind in SECONDARY_SCENARIOS
+                  if (kind, n) in by]
+        for top, top_name, other in pairs:
+            ref = node if other == "node" else by.get((other, n))
             if ref is None:
                 continue
             ratio_rows.append(
-                f"node/{other:<6} {n:>5} "
-                f"{fmt(ratio(node['calls_per_s'], ref['calls_per_s']), '.2f'):>8} "
-                f"{fmt(ratio(node['p50_ms'], ref['p50_ms']), '.2f'):>7} "
-                f"{fmt(ratio(node['p99_ms'], ref['p99_ms']), '.2f'):>7} "
-                f"{fmt(ratio(node['us_per_frame'], ref['us_per_frame']), '.2f'):>8} "
-                f"{fmt(ratio(node['kib_per_station'], ref['kib_per_station']), '.2f'):>7}"
+                f"{top_name + '/' + other:<18} {n:>5} "
+                f"{fmt(ratio(top['calls_per_s'], ref['calls_per_s']), '.2f'):>8} "
+                f"{fmt(ratio(top['p50_ms'], ref['p50_ms']), '.2f'):>7} "
+                f"{fmt(ratio(top['p99_ms'], ref['p99_ms']), '.2f'):>7} "
+                f"{fmt(ratio(top['us_per_frame'], ref['us_per_frame']), '.2f'):>8} "
+                f"{fmt(ratio(top['kib_per_station'], ref['kib_per_station']), '.2f'):>7}"
             )
     if ratio_rows:
         out.append("")
-        rhead = (f"{'ratio':<12} {'N':>5} {'calls/s':>8} {'p50':>7} {'p99':>7} "
+        rhead = (f"{'ratio':<18} {'N':>5} {'calls/s':>8} {'p50':>7} {'p99':>7} "
                  f"{'us/frame':>8} {'KiB/stn':>7}")
         out.append(rhead)
         out.append("-" * len(rhead))
@@ -500,7 +528,7 @@ def main() -> int:
     stations = [int(x) for x in (opts.stations or "50,500").split(",") if x.strip()]
     kinds = [k.strip() for k in opts.scenarios.split(",") if k.strip()]
     for k in kinds:
-        if k not in SCENARIOS:
+        if k not in SCENARIOS and k not in SECONDARY_SCENARIOS:
             parser.error(f"unknown scenario {k!r}")
     if "node" in kinds and not node_available():
         print("router/cli.py not found: skipping the node scenario", file=sys.stderr)

@@ -128,8 +128,13 @@ def _run(path: str, log_level: str) -> int:
         return EXIT_USAGE
     logs.setup(log_level)
     tune_gc()
+    from router.outbox import OutboxError
+
     try:
         trio.run(serve_until_signalled, cfg)
+    except OutboxError as exc:
+        print(f"ocpp-router: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     except OSError as exc:
         print(f"ocpp-router: cannot listen on {cfg.listen.host}:{cfg.listen.port}: "
               f"{exc.strerror or exc}", file=sys.stderr)

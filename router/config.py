@@ -20,6 +20,7 @@ from router.frames import SUBPROTOCOLS
 from router.passwords import HashFormatError, parse_hash
 
 MAX_ID = 48
+DEFAULT_SUBSCRIBE = ("BootNotification", "StatusNotification", "MeterValues", "TransactionEvent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,16 @@ class BackendEntry:
     stations: tuple[str, ...] = ("*",)
     auth: BackendAuth = field(default_factory=BackendAuth)
     keep_signatures: bool = False
+    # secondaries only
+    subscribe: tuple[str, ...] = ()
+    allow_commands: bool = False
+    answer_timeout_s: float = 30.0
+    queue: int = 10_000
+    outbox_max_rows: int = 1_000_000
+    outbox_max_age_s: float = 7 * 86400.0
+
+    def subscribes(self, action: str) -> bool:
+        return any(fnmatch.fnmatchcase(action, pattern) for pattern in self.subscribe)
 
     def serves(self, identity: str) -> bool:
         return any(fnmatch.fnmatchcase(identity, pattern) for pattern in self.stations)
@@ -165,6 +176,10 @@ class Config:
             if entry.matches(identity):
                 return entry
         return None
+
+    def secondaries_for(self, identity: str) -> tuple[BackendEntry, ...]:
+        """The secondary backends subscribed to this station's frames."""
+        return tuple(b for b in self.backends if b.role == "secondary" and b.serves(identity))
 
     def primary_for(self, identity: str, entry: StationEntry) -> BackendEntry | None:
         """The station's primary backend: named by its entry, else the first that serves it."""
@@ -492,7 +507,8 @@ def _backends(
                " (or [[peers]] for a chained node)")
         return ()
     allowed = {"name", "role", "url", "srv", "scheme", "path", "stations", "auth",
-               "subscribe", "keep_signatures"}
+               "subscribe", "keep_signatures", "allow_commands", "answer_timeout_s", "queue",
+               "outbox_max_rows", "outbox_max_age_s"}
     out: list[BackendEntry] = []
     names: set[str] = set()
     for i, item in enumerate(items):
@@ -503,9 +519,7 @@ def _backends(
             c.fail(f"{base}.name", f"duplicate backend name {name!r}")
         names.add(name)
         role = c.string(t, base, "role", "primary") or "primary"
-        if role == "secondary":
-            c.fail(f"{base}.role", "secondary backends are not supported by this version yet")
-        elif role != "primary":
+        if role not in ("primary", "secondary"):
             c.fail(f"{base}.role", f"must be \"primary\" or \"secondary\", not {role!r}")
         if "srv" in t:
             c.fail(f"{base}.srv", "SRV discovery is not supported by this version yet; use url")
@@ -523,7 +537,24 @@ def _backends(
             stations=c.strings(t, base, "stations", ("*",)),
             auth=_backend_auth(c, t, base, name),
             keep_signatures=c.boolean(t, base, "keep_signatures", False),
+            subscribe=c.strings(t, base, "subscribe", DEFAULT_SUBSCRIBE if role == "secondary"
+                                else ()),
+            allow_commands=c.boolean(t, base, "allow_commands", False),
+            answer_timeout_s=c.number(t, base, "answer_timeout_s", 30.0, 0.1, 3600.0),
+            queue=c.integer(t, base, "queue", 10_000, 1, 10_000_000),
+            outbox_max_rows=c.integer(t, base, "outbox_max_rows", 1_000_000, 1, 10**9),
+            outbox_max_age_s=c.number(t, base, "outbox_max_age_s", 7 * 86400.0, 1.0, 1e9),
         ))
+        if role == "primary" and any(k in t for k in ("subscribe", "allow_commands")):
+            c.fail(f"{base}.subscribe", "subscribe and allow_commands are for secondaries")
+    outboxes: dict[str, str] = {}
+    for i, b in enumerate(out):
+        if b.role == "secondary":
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", b.name)
+            if safe in outboxes:
+                c.fail(f"backends[{i}].name", f"{b.name!r} and {outboxes[safe]!r} would share "
+                       f"the outbox file outbox-{safe}.sqlite; rename one")
+            outboxes[safe] = b.name
     if out and not any(b.role == "primary" for b in out):
         c.fail("backends", "no backend has role = \"primary\"")
     return tuple(out)

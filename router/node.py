@@ -18,6 +18,7 @@ from urllib.parse import quote, unquote
 import trio
 
 from router.config import MAX_ID, BackendEntry, Config, StationEntry
+from router.fanout import Fanout
 from router.frames import Version
 from router.gate import Gate
 from router.handshake import HandshakeFailed, Upgrade, dial, read_upgrade
@@ -91,6 +92,7 @@ class Node:
         self._verified = VerifiedCache()
         self.gate = Gate.from_config(config)  # raises GateError / PolicyError: config mistakes
         self.mesh = Mesh(self)
+        self.fanout = Fanout(self)
         self._listen_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self.port = 0
@@ -111,10 +113,20 @@ class Node:
         first = listeners[0]
         sock = first.transport_listener.socket if ssl_context else first.socket
         self.port = sock.getsockname()[1]
+        try:
+            await self._run_nursery(listeners, ssl_context, task_status)
+        finally:
+            self.fanout.close()
+            self.gate.close()
+
+    async def _run_nursery(self, listeners: list[Any], ssl_context: Any,
+                           task_status: trio.TaskStatus[Node]) -> None:
+        listen = self.config.listen
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.timer.run, nursery)
             await self.mesh.run(nursery)
+            nursery.start_soon(self.fanout.run)
             nursery.start_soon(self._serve, listeners, nursery)
             log_event(log, logging.INFO, "listening", host=listen.host, port=self.port,
                       path=listen.path, tls=ssl_context is not None,
@@ -127,6 +139,13 @@ class Node:
     async def _serve(self, listeners: list[Any], nursery: trio.Nursery) -> None:
         with self._listen_scope:
             await trio.serve_listeners(self._handle_stream, listeners, handler_nursery=nursery)
+
+    def session_for(self, station: str) -> StationSession | None:
+        """The session of a station, connected here or attached through the overlay."""
+        session = self.sessions.get(station)
+        if session is None and station in self.mesh.remote:
+            session = self.mesh.remote[station][1]
+        return session
 
     async def shutdown(self) -> None:
         """Stop accepting, wind every session down (CALLs answered, close frames), then stop."""

@@ -9,11 +9,13 @@ or a CALLERROR from the node (queue full, timeout, link lost, shutdown).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter_ns
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -23,12 +25,15 @@ from router.frames import (
     CALLERROR,
     CALLRESULT,
     CALLRESULTERROR,
+    MAX_MESSAGE_ID,
     SEND,
     Frame,
     FrameError,
     Problem,
     Version,
     decode,
+    encode_call,
+    encode_result,
     error_answer,
 )
 from router.logs import log_event
@@ -38,6 +43,8 @@ if TYPE_CHECKING:
     from router.node import Node
 
 log = logging.getLogger("router.session")
+
+ReplyFn = Callable[[str], Awaitable[None]]
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -53,10 +60,14 @@ class Lane:
     callee: Link
     pending_id: str | None = None
     pending_action: str = ""
+    # a CALL from another source (a secondary backend): where its answer goes, and the
+    # message id it had there (ours was rewritten so two sources never collide)
+    pending_reply: ReplyFn | None = None
+    pending_origin: str = ""
     pending_token: int = 0
     deadline: float = 0.0  # when the CALL in flight times out (trio clock)
-    # (message id, action, text); made on first use: most lanes never queue
-    queue: deque[tuple[str, str, str]] | None = None
+    # (message id, action, text, reply, origin id); made on first use: most lanes never queue
+    queue: deque[tuple[str, str, str, ReplyFn | None, str]] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -96,6 +107,7 @@ class StationSession:
                             "to-station", backend_name, station_keeps_signatures)
         self._scope = trio.CancelScope()
         self.done = trio.Event()  # set by the node once the session has fully ended
+        self._external = 0  # CALLs from other sources, for their rewritten ids
         self._why = ""  # set when the node ends the session (replaced, shutdown)
 
     def stop(self, why: str) -> None:
@@ -123,6 +135,9 @@ class StationSession:
         version = self.version
         debug = log.isEnabledFor(logging.DEBUG)  # read once: frames are the hot path
         gate_all = self.node.gate.firewall is not None  # else only signed frames are touched
+        fanout = self.node.fanout
+        fanout_on = fanout.active
+        station_side = self.station
         try:
             while True:
                 try:
@@ -148,6 +163,9 @@ class StationSession:
                     if not text:
                         continue
                 if mtype == CALL:
+                    if fanout_on and side is station_side:
+                        fanout.offer(self.identity, version.value, frame.action or "",
+                                     frame.payload)
                     await self._offer_call(side.calls, frame.id, frame.action or "", text, t0)
                 elif mtype in (SEND, CALLRESULTERROR):
                     # neither is answered; a CALLRESULTERROR refers to a CALL already done
@@ -158,8 +176,12 @@ class StationSession:
                     if lane.pending_id != frame.id:  # the gate, if it ran, checked already
                         self._drop_unmatched(side, frame.id)
                         continue
+                    reply, origin = lane.pending_reply, lane.pending_origin
                     following = self._advance(lane)
-                    await other.send_message(text)
+                    if reply is None:
+                        await other.send_message(text)
+                    else:
+                        await reply(_with_id(frame, origin))
                     stats.answers_forwarded += 1
                     self._count(side, t0)
                     if following is not None:
@@ -196,8 +218,10 @@ class StationSession:
         elif mtype in (CALLRESULT, CALLERROR):
             if rejected:
                 # the caller still gets exactly one answer: ours, instead of the refused one
+                reply, origin = lane.pending_reply, lane.pending_origin
                 following = self._advance(lane)
-                await self._answer_node_error(lane, frame.id, Problem.SECURITY, verdict.refusal)
+                await self._owe(lane, frame.id, reply, origin, Problem.SECURITY,
+                                verdict.refusal)
                 if following is not None:
                     await self._send_call(lane, following)
             else:
@@ -221,26 +245,30 @@ class StationSession:
         stats.residence.record(perf_counter_ns() - t0)
 
     async def _offer_call(
-        self, lane: Lane, message_id: str, action: str, text: str, t0: int
+        self, lane: Lane, message_id: str, action: str, text: str, t0: int,
+        reply: ReplyFn | None = None, origin: str = "",
     ) -> None:
         # invariant: a lane with no CALL in flight has an empty queue (see _advance)
         if lane.pending_id is None:
-            self._set_pending(lane, message_id, action)
+            self._set_pending(lane, message_id, action, reply, origin)
             await lane.callee.send_message(text)
             self._count(self.station if lane is self.up else self.backend, t0)
         elif (len(lane.queue) if lane.queue else 0) < self.node.config.node.max_queued_calls:
             if lane.queue is None:
                 lane.queue = deque()
-            lane.queue.append((message_id, action, text))
+            lane.queue.append((message_id, action, text, reply, origin))
         else:
-            await self._answer_node_error(
-                lane, message_id, Problem.BUSY,
+            await self._owe(
+                lane, message_id, reply, origin, Problem.BUSY,
                 "too many CALLs waiting: OCPP-J allows one outstanding CALL per direction",
             )
 
-    def _set_pending(self, lane: Lane, message_id: str, action: str) -> None:
+    def _set_pending(self, lane: Lane, message_id: str, action: str,
+                     reply: ReplyFn | None = None, origin: str = "") -> None:
         lane.pending_id = message_id
         lane.pending_action = action
+        lane.pending_reply = reply
+        lane.pending_origin = origin
         lane.pending_token = self.node.timer.arm(self, lane)
 
     def _advance(self, lane: Lane) -> str | None:
@@ -250,10 +278,11 @@ class StationSession:
         instead of overtaking it.
         """
         lane.pending_id = None
+        lane.pending_reply = None
         if not lane.queue:  # None or empty
             return None
-        message_id, action, text = lane.queue.popleft()
-        self._set_pending(lane, message_id, action)
+        message_id, action, text, reply, origin = lane.queue.popleft()
+        self._set_pending(lane, message_id, action, reply, origin)
         return text
 
     async def _send_call(self, lane: Lane, text: str) -> None:
@@ -262,6 +291,41 @@ class StationSession:
             self.node.stats.frames_up += 1
         else:
             self.node.stats.frames_down += 1
+
+    async def _owe(
+        self, lane: Lane, message_id: str, reply: ReplyFn | None, origin: str,
+        problem: Problem, description: str,
+    ) -> None:
+        """The node's CALLERROR for a CALL, to whoever made it."""
+        if reply is None:
+            await self._answer_node_error(lane, message_id, problem, description)
+        else:
+            self.node.stats.node_errors += 1
+            await reply(error_answer(problem, self.version, origin, description))
+
+    async def call_from(
+        self, source: str, message_id: str, action: str, payload: Any, reply: ReplyFn
+    ) -> None:
+        """A CALL toward the station from another source (a secondary backend).
+
+        Its id is rewritten so it cannot collide with the primary's, and mapped back on
+        the answer; it passes the firewall with ``source`` like any other CALL.
+        """
+        self._external += 1
+        own_id = f"x{self._external}-{message_id}"[:MAX_MESSAGE_ID]
+        text = encode_call(own_id, action, payload)
+        gate = self.node.gate
+        if gate.firewall is not None or (isinstance(payload, dict) and "signatures" in payload):
+            verdict = gate.check(Frame(CALL, own_id, action=action, payload=payload), text,
+                                 action, "to-station", source, self.version.value,
+                                 self.backend.peer_keeps_signatures)
+            if not verdict.forward:
+                await reply(error_answer(Problem.SECURITY, self.version, message_id,
+                                         verdict.refusal or "refused by policy"))
+                return
+            text = verdict.text
+        await self._offer_call(self.down, own_id, action, text, perf_counter_ns(), reply,
+                               message_id)
 
     async def _answer_node_error(
         self, lane: Lane, message_id: str | None, problem: Problem, description: str
@@ -292,13 +356,14 @@ class StationSession:
         if lane.pending_token != token or lane.pending_id is None:
             return
         message_id = lane.pending_id
+        reply, origin = lane.pending_reply, lane.pending_origin
         following = self._advance(lane)
         self.node.stats.timeouts += 1
         log_event(log, logging.WARNING, "call_timeout", station=self.identity,
                   direction=lane.name, message_id=message_id)
         try:
-            await self._answer_node_error(
-                lane, message_id, Problem.INTERNAL,
+            await self._owe(
+                lane, message_id, reply, origin, Problem.INTERNAL,
                 f"no answer within {self.node.config.node.call_timeout_s:g} s",
             )
             if following is not None:
@@ -324,18 +389,19 @@ class StationSession:
             backend_code = backend.closed_code or CLOSE_GOING_AWAY
         for lane in (self.up, self.down):
             self.node.timer.disarm(lane)
-            owed = ([lane.pending_id] if lane.pending_id is not None else []) + [
-                mid for mid, _, _ in lane.queue or ()
+            owed = ([(lane.pending_id, lane.pending_reply, lane.pending_origin)]
+                    if lane.pending_id is not None else []) + [
+                (mid, reply, origin) for mid, _, _, reply, origin in lane.queue or ()
             ]
             lane.pending_id = None
             lane.queue = None
-            if lane.caller.closed is not None:
-                continue
-            for message_id in owed:
+            for message_id, reply, origin in owed:
+                if reply is None and lane.caller.closed is not None:
+                    continue
                 try:
-                    await self._answer_node_error(lane, message_id, Problem.INTERNAL, reason)
+                    await self._owe(lane, message_id, reply, origin, Problem.INTERNAL, reason)
                 except LinkClosed:
-                    break
+                    continue
         log_event(log, logging.INFO, "station_disconnected", station=self.identity,
                   code=station_code, reason=reason)
         await station.ws.aclose(station_code, reason)
@@ -346,3 +412,11 @@ def _signed(frame: Frame) -> bool:
     """Whether a frame carries end-to-end signatures (in its payload, or an error's details)."""
     body = frame.payload if frame.payload is not None else frame.details
     return type(body) is dict and "signatures" in body
+
+
+def _with_id(frame: Frame, message_id: str) -> str:
+    """An answer frame with another message id (mapping a rewritten id back)."""
+    if frame.type == CALLRESULT:
+        return encode_result(message_id, frame.payload)
+    return json.dumps([frame.type, message_id, frame.code, frame.description, frame.details],
+                      separators=(",", ":"))

@@ -1,0 +1,381 @@
+"""Duplication: copies of station frames to subscribed secondary backends.
+
+The primary path only ever calls :meth:`Fanout.offer`, which never waits: a copy goes
+into a subscriber's bounded inbox or, if that is full, is counted as an overflow. Each
+subscriber drains its inbox in a task of its own, over one WebSocket per station to the
+secondary (the station's identity in the path, as if the station were connected to it;
+the station's latest BootNotification is replayed first so a standard CSMS accepts it).
+When the secondary is down or falling behind, copies spill to a durable outbox (SQLite,
+router/outbox.py) and are replayed from it, oldest first, when it is back: delivery is
+at-least-once, with the original payload. See docs/duplication.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import trio
+
+from router.config import BackendEntry
+from router.frames import (
+    CALL,
+    CALLERROR,
+    CALLRESULT,
+    FrameError,
+    Problem,
+    Version,
+    decode,
+    error_answer,
+)
+from router.handshake import HandshakeFailed, dial
+from router.logs import log_event
+from router.outbox import Outbox, OutboxItem
+from router.wslink import LinkClosed, WsLink
+
+if TYPE_CHECKING:
+    from router.node import Node
+
+log = logging.getLogger("router.fanout")
+_REPLAY_BATCH = 200
+IDLE_CLOSE_S = 300.0  # a station's link to a secondary closes after this long unused
+EXPIRE_EVERY_S = 60.0
+
+
+@dataclass(slots=True)
+class SubscriberStats:
+    """Per-subscriber counters (exposed as metrics by the admin endpoint)."""
+
+    offered: int = 0
+    delivered: int = 0
+    answered: int = 0
+    spilled: int = 0
+    replayed: int = 0
+    dropped: int = 0  # outbox bounds (oldest first) and inbox overflow
+    refused_commands: int = 0
+
+
+class BootCache:
+    """The latest BootNotification per station, kept on disk for replays after a restart."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._boots: dict[str, list[str]] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self._boots = {}
+
+    def remember(self, station: str, subprotocol: str, payload: str) -> None:
+        if self._boots.get(station) == [subprotocol, payload]:
+            return
+        self._boots[station] = [subprotocol, payload]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._boots))
+        tmp.replace(self.path)
+
+    def get(self, station: str) -> tuple[str, str] | None:
+        found = self._boots.get(station)
+        return (found[0], found[1]) if found else None
+
+
+class _SecondaryLink:
+    """One station's WebSocket to a secondary: our copies out, its answers consumed."""
+
+    def __init__(self, sub: Subscriber, station: str, ws: WsLink) -> None:
+        self.sub = sub
+        self.station = station
+        self.ws = ws
+        self.version = Version.from_subprotocol(ws.subprotocol or "ocpp2.0.1")
+        self._waiting: tuple[str, trio.MemorySendChannel[bool]] | None = None
+        self._ids = 0
+        self.closed = False
+        self.last_used = trio.current_time()
+
+    async def call(self, action: str, payload_text: str) -> bool:
+        """Send one copy as a CALL; True once the secondary answered it (either way)."""
+        self._ids += 1
+        self.last_used = trio.current_time()
+        message_id = f"dup-{self._ids}"
+        answered_send, answered = trio.open_memory_channel[bool](1)
+        self._waiting = (message_id, answered_send)
+        self.sub.current = self
+        try:
+            await self.ws.send_message(
+                f'[{CALL},"{message_id}",{json.dumps(action)},{payload_text}]')
+            with trio.move_on_after(self.sub.entry.answer_timeout_s):
+                return await answered.receive()
+            log_event(log, logging.WARNING, "secondary_timeout", subscriber=self.sub.name,
+                      station=self.station, action=action)
+            return False
+        except (LinkClosed, trio.EndOfChannel):
+            return False
+        finally:
+            self._waiting = None
+            self.sub.current = None
+
+    def abort(self) -> None:
+        """Give up waiting for the copy in flight (its inbox is filling up behind it)."""
+        waiting = self._waiting
+        if waiting is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
+                                     trio.BrokenResourceError):
+                waiting[1].send_nowait(False)
+
+    async def read(self) -> None:
+        """Consume the secondary's answers; its own CALLs go to the station only if allowed."""
+        try:
+            while True:
+                text = await self.ws.get_message()
+                if not isinstance(text, str):
+                    continue
+                try:
+                    frame = decode(text, self.version)
+                except FrameError:
+                    continue
+                if frame.type in (CALLRESULT, CALLERROR):
+                    waiting = self._waiting
+                    if waiting is not None and waiting[0] == frame.id:
+                        self.sub.stats.answered += 1
+                        waiting[1].send_nowait(True)
+                elif frame.type == CALL:
+                    await self.sub.command(self, frame.id, frame.action or "", frame.payload)
+        except LinkClosed:
+            pass
+        finally:
+            self.closed = True
+            waiting = self._waiting
+            if waiting is not None:
+                waiting[1].close()
+
+    async def answer(self, text: str) -> None:
+        with contextlib.suppress(LinkClosed):
+            await self.ws.send_message(text)
+
+
+class Subscriber:
+    """One secondary backend: its inbox, its outbox and its links, drained by one task."""
+
+    def __init__(self, node: Node, entry: BackendEntry, boots: BootCache) -> None:
+        self.node = node
+        self.entry = entry
+        self.name = entry.name
+        self.boots = boots
+        self.stats = SubscriberStats()
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", entry.name)
+        self.outbox = Outbox(node.config.node.state_dir / f"outbox-{safe}.sqlite",
+                             max_rows_per_subscriber=entry.outbox_max_rows,
+                             max_age_s=entry.outbox_max_age_s)
+        self.backlog = self.outbox.count(self.name)  # copies left from an earlier run
+        self._send, self._recv = trio.open_memory_channel[OutboxItem](entry.queue)
+        self.links: dict[str, _SecondaryLink] = {}
+        self._nursery: trio.Nursery | None = None
+        self._last_overflow_log = 0.0
+        self.current: _SecondaryLink | None = None  # the link whose answer we wait for
+
+    @property
+    def queued(self) -> int:
+        return self._send.statistics().current_buffer_used
+
+    def offer(self, item: OutboxItem) -> None:
+        """Never waits: the primary path calls this."""
+        self.stats.offered += 1
+        try:
+            self._send.send_nowait(item)
+            if self.current is not None and self.queued > self.entry.queue // 2:
+                # the secondary is slower than the station: stop waiting on it and spill
+                self.current.abort()
+        except trio.WouldBlock:
+            self.stats.dropped += 1
+            now = time.monotonic()
+            if now - self._last_overflow_log > 1.0:
+                self._last_overflow_log = now
+                log_event(log, logging.WARNING, "fanout_overflow", subscriber=self.name,
+                          dropped=self.stats.dropped)
+
+    async def _expire(self) -> None:
+        """Enforce the outbox's age bound; the oldest copies go first, counted and logged."""
+        while True:
+            await trio.sleep(EXPIRE_EVERY_S)
+            dropped = await trio.to_thread.run_sync(self.outbox.expire, time.time())
+            count = dropped.get(self.name, 0)
+            if count:
+                self.stats.dropped += count
+                self.backlog = max(0, self.backlog - count)
+                log_event(log, logging.WARNING, "outbox_expired", subscriber=self.name,
+                          dropped=count)
+
+    async def _close_idle(self) -> None:
+        """A station's link to the secondary closes after a while without copies."""
+        while True:
+            await trio.sleep(IDLE_CLOSE_S / 4)
+            now = trio.current_time()
+            for station, link in list(self.links.items()):
+                if link.closed or (now - link.last_used > IDLE_CLOSE_S
+                                   and link._waiting is None):
+                    del self.links[station]
+                    await link.ws.aclose(1000, "idle")
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._close_idle)
+            nursery.start_soon(self._expire)
+            backoff = 0.5
+            while True:
+                if self.backlog or self.queued > self.entry.queue // 2:
+                    await self._spill(self._drain())
+                    if await self._replay():
+                        backoff = 0.5
+                    else:
+                        await self._wait_spilling(backoff)
+                        backoff = min(backoff * 2, 30.0)
+                    continue
+                item = await self._recv.receive()
+                if not await self._deliver(item):
+                    await self._spill([item, *self._drain()])
+
+    def _drain(self) -> list[OutboxItem]:
+        items = []
+        while True:
+            try:
+                items.append(self._recv.receive_nowait())
+            except trio.WouldBlock:
+                return items
+
+    async def _spill(self, items: list[OutboxItem]) -> None:
+        if not items:
+            return
+        dropped = await trio.to_thread.run_sync(self.outbox.append, self.name, items)
+        self.stats.spilled += len(items)
+        self.stats.dropped += dropped
+        self.backlog += len(items) - dropped
+        log_event(log, logging.INFO, "fanout_spill", subscriber=self.name, count=len(items),
+                  backlog=self.backlog, dropped=dropped)
+
+    async def _wait_spilling(self, seconds: float) -> None:
+        """Back off from a down secondary while new copies keep going to the outbox."""
+        with trio.move_on_after(seconds):
+            while True:
+                item = await self._recv.receive()
+                await self._spill([item, *self._drain()])
+
+    async def _replay(self) -> bool:
+        """Deliver the oldest spilled copies; False when the secondary is still unreachable."""
+        rows = await trio.to_thread.run_sync(self.outbox.peek, self.name, _REPLAY_BATCH)
+        if not rows:
+            self.backlog = 0
+            return True
+        last = None
+        for row_id, item in rows:
+            if not await self._deliver(item):
+                break
+            last = row_id
+            self.stats.replayed += 1
+        if last is not None:
+            await trio.to_thread.run_sync(self.outbox.ack, self.name, last)
+            self.backlog = await trio.to_thread.run_sync(self.outbox.count, self.name)
+            if not self.backlog:
+                log_event(log, logging.INFO, "fanout_replayed", subscriber=self.name,
+                          replayed=self.stats.replayed)
+        return last is not None
+
+    async def _deliver(self, item: OutboxItem) -> bool:
+        link = self.links.get(item.station)
+        if link is None or link.closed:
+            link = await self._open(item.station, item.subprotocol, item.action)
+            if link is None:
+                return False
+        if await link.call(item.action, item.payload):
+            self.stats.delivered += 1
+            return True
+        return False
+
+    async def _open(self, station: str, subprotocol: str, action: str) -> _SecondaryLink | None:
+        url = self.entry.station_url(quote(station, safe=""))
+        try:
+            with trio.fail_after(self.node.config.node.connect_timeout_s):
+                ws = await dial(url, [subprotocol], {}, self.node.config.listen.max_message_bytes)
+        except (HandshakeFailed, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            log_event(log, logging.INFO, "secondary_unreachable", subscriber=self.name,
+                      station=station, reason=repr(exc))
+            return None
+        link = _SecondaryLink(self, station, ws)
+        self.links[station] = link
+        assert self._nursery is not None
+        self._nursery.start_soon(link.read)
+        boot = self.boots.get(station)
+        # a standard CSMS expects a station to boot before anything else
+        if (action != "BootNotification" and boot is not None
+                and not await link.call("BootNotification", boot[1])):
+            await ws.aclose(1001, "boot replay failed")
+            return None
+        log_event(log, logging.INFO, "secondary_connected", subscriber=self.name,
+                  station=station)
+        return link
+
+    async def command(self, link: _SecondaryLink, message_id: str, action: str,
+                      payload: Any) -> None:
+        """A CALL from the secondary toward the station: read-only unless allowed."""
+        if not self.entry.allow_commands:
+            self.stats.refused_commands += 1
+            log_event(log, logging.WARNING, "secondary_command_refused", subscriber=self.name,
+                      station=link.station, action=action)
+            await link.answer(error_answer(
+                Problem.SECURITY, link.version, message_id,
+                f"secondary backend {self.name!r} is read-only (allow_commands = false)"))
+            return
+        session = self.node.session_for(link.station)
+        if session is None:
+            await link.answer(error_answer(Problem.INTERNAL, link.version, message_id,
+                                           "the station is not connected"))
+            return
+        await session.call_from(self.name, message_id, action, payload, link.answer)
+
+
+class Fanout:
+    """All subscribers of a node; the copy is made where the backends are configured."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        secondaries = [b for b in node.config.backends if b.role == "secondary"]
+        self.subscribers: list[Subscriber] = []
+        if secondaries:
+            node.config.node.state_dir.mkdir(parents=True, exist_ok=True)
+            boots = BootCache(node.config.node.state_dir / "boots.json")
+            self.boots: BootCache | None = boots
+            self.subscribers = [Subscriber(node, entry, boots) for entry in secondaries]
+        else:
+            self.boots = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.subscribers)
+
+    def offer(self, station: str, subprotocol: str, action: str, payload: Any) -> None:
+        """A station CALL reached the primary path: copy it to whoever subscribed."""
+        text: str | None = None
+        for sub in self.subscribers:
+            if sub.entry.subscribes(action) and sub.entry.serves(station):
+                if text is None:
+                    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+                sub.offer(OutboxItem(station, subprotocol, action, text, time.time()))
+        if action == "BootNotification" and self.boots is not None:
+            self.boots.remember(station, subprotocol, text or json.dumps(payload))
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for sub in self.subscribers:
+                nursery.start_soon(sub.run)
+
+    def close(self) -> None:
+        """Close the outboxes (merges their write-ahead logs); after the tasks have stopped."""
+        for sub in self.subscribers:
+            sub.outbox.close()
+
