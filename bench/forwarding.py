@@ -232,9 +232,13 @@ def start_middle(kind: str, csms_port: int, workdir: Path, pin: list[int] | None
             return counts
 
         def node_stop() -> None:
+            died = not node.alive()
             code = node.stop()
-            if code != 0:
-                print(f"  note: node exited with code {code}", file=sys.stderr)
+            if code != 0 or died:
+                print(f"  note: node exited with code {code}; its last log lines:",
+                      file=sys.stderr)
+                for line in node.raw_stderr[-15:]:
+                    print("    " + line.rstrip()[:300], file=sys.stderr)
             for sec in secondaries:
                 sec.stop()
 

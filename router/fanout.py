@@ -143,11 +143,18 @@ class _SecondaryLink:
                     waiting = self._waiting
                     if waiting is not None and waiting[0] == frame.id:
                         self.sub.stats.answered += 1
-                        waiting[1].send_nowait(True)
+                        # the wait may have been abandoned already (abort): that is fine
+                        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
+                                                 trio.BrokenResourceError):
+                            waiting[1].send_nowait(True)
                 elif frame.type == CALL:
                     await self.sub.command(self, frame.id, frame.action or "", frame.payload)
         except LinkClosed:
             pass
+        except Exception:
+            # a bug here must cost this one link, never the node
+            log.exception("secondary link reader failed",
+                          extra={"fields": {"subscriber": self.sub.name, "station": self.station}})
         finally:
             self.closed = True
             waiting = self._waiting
@@ -223,6 +230,16 @@ class Subscriber:
                     await link.ws.aclose(1000, "idle")
 
     async def run(self) -> None:
+        """Drain for as long as the node runs; a failure restarts the drain, never the node."""
+        while True:
+            try:
+                await self._run_once()
+            except Exception:
+                log.exception("fanout subscriber failed; restarting it",
+                              extra={"fields": {"subscriber": self.name}})
+                await trio.sleep(1.0)
+
+    async def _run_once(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._close_idle)

@@ -349,7 +349,11 @@ class Mesh:
             else:
                 backoff = 0.5
                 encoding = "msgpack" if ws.headers.get(ENCODING_HEADER) == "msgpack" else "json"
-                await self._serve_link(entry.id, ws, encoding, "out")
+                try:
+                    await self._serve_link(entry.id, ws, encoding, "out")
+                except Exception:
+                    # a bug must cost this link (it is redialled), never the node
+                    log.exception("peer link failed", extra={"fields": {"peer": entry.id}})
             await trio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, 30.0)
 
@@ -587,6 +591,13 @@ class Mesh:
     # --- station attach: the backend side -----------------------------------------------
 
     async def _serve_attach(self, link: PeerLink, frame: OverlayFrame, station: str) -> None:
+        try:
+            await self._serve_attach_inner(link, frame, station)
+        except Exception:
+            log.exception("overlay attach failed", extra={"fields": {"station": station}})
+
+    async def _serve_attach_inner(self, link: PeerLink, frame: OverlayFrame,
+                                  station: str) -> None:
         from router.node import Refused
 
         requester = frame.path[1]

@@ -9,6 +9,7 @@ the node between ``timeout`` and ``timeout + tick`` after it was sent.
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Any, Protocol
 
 import trio
@@ -53,4 +54,12 @@ class CallTimer:
             for lane, owner in expired:
                 del self._armed[lane]
                 if getattr(lane, "pending_id", None) is not None:
-                    nursery.start_soon(owner.on_timeout, lane, lane.pending_token)
+                    nursery.start_soon(_guarded, owner.on_timeout, lane, lane.pending_token)
+
+
+async def _guarded(fn: Any, *args: Any) -> None:
+    """Run a timeout handler; its failure is logged, never fatal to the node."""
+    try:
+        await fn(*args)
+    except Exception:
+        logging.getLogger("router.timer").exception("timeout handler failed")
