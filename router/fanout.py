@@ -281,7 +281,10 @@ class Subscriber:
         with trio.move_on_after(seconds):
             while True:
                 item = await self._recv.receive()
-                await self._spill([item, *self._drain()])
+                # once taken from the inbox a copy must reach the outbox: the deadline
+                # may only interrupt the wait, never the spill
+                with trio.CancelScope(shield=True):
+                    await self._spill([item, *self._drain()])
 
     async def _replay(self) -> bool:
         """Deliver the oldest spilled copies; False when the secondary is still unreachable."""

@@ -423,6 +423,15 @@ class Mesh:
                 self.handle_events(link, link.exchange.receive(frame.payload,
                                                                trio.current_time()))
             return
+        if not self._plausible(link, frame):
+            self.count("refused")
+            log_event(log, logging.WARNING, "overlay_refused", peer=link.peer_id,
+                      station=frame.path[0], path=list(frame.path), dest=dest,
+                      reason="claimed path is not possible through this peer")
+            if frame.type == CALL:
+                await self._answer_error(frame, "SecurityError",
+                                         "claimed path is not possible through this link", link)
+            return
         if dest == self.node_id:
             pending = self._pending.pop(frame.id, None)
             if pending is not None:
@@ -453,6 +462,25 @@ class Mesh:
                 edge.deliver(to_standard(frame))
             return
         await self.forward(frame)
+
+    def _plausible(self, link: PeerLink, frame: OverlayFrame) -> bool:
+        """Whether the path a neighbour claims could have reached us through it.
+
+        A claimed path never contains this node (that would be a loop or a forgery), and
+        the node it starts from must be reachable through this neighbour: the neighbour
+        itself, or a node our routes reach via it. For frames to ``"CSMS"`` the station's
+        own route may still be on its way, so the edge node (``path[1]``) is checked; the
+        backend node further checks that the station is attached through this link.
+        """
+        path = frame.path  # already extended with link.peer_id
+        if self.node_id in path:
+            return False
+        if len(path) < 2:
+            return True
+        claimed = path[1] if frame.dest == ANYCAST_CSMS or frame.action == CONNECT else path[0]
+        if claimed == link.peer_id:
+            return True
+        return any(route.peer == link.peer_id for route in self.table.candidates(claimed))
 
     def _serves(self, station: str) -> bool:
         return self._backend_for(station) is not None

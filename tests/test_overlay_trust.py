@@ -389,17 +389,24 @@ def test_a_refused_call_is_answered_to_the_peer_not_to_the_station(trusted: Trus
     asyncio.run(scenario())
 
 
-def test_a_peer_cannot_send_csms_commands_to_a_station(trusted: Trusted, csms: Csms) -> None:
+@pytest.mark.parametrize("claimed", [[], [CORE], [CORE, "tr-relay"]],
+                         ids=["no-claim", "claims-the-backend-node", "claims-a-relay-too"])
+def test_a_peer_cannot_send_csms_commands_to_a_station(
+    trusted: Trusted, csms: Csms, claimed: list[str]
+) -> None:
+    """Only the node holding the station's backend session (here the core) may address
+    CSMS commands to it. A peer of the core sends one to a station on the edge, with no
+    claimed path or claiming that it comes from the core itself: the station never gets it."""
     t = trusted
-    victim = "TR-ST-INJECTED"
+    victim = f"TR-ST-INJECTED-{len(claimed)}"
 
     async def scenario() -> None:
         cm, station = await _station_on_edge(t, victim)
         try:
             async with open_fake_peer(t.base_url, FAKE) as peer:
                 await peer.wait_full_sync(STEP)
-                await peer.send_frames([[overlay.CALL, victim, [], "tr-injected-1", "Reset",
-                                         {"type": "Hard"}]])
+                await peer.send_frames([[overlay.CALL, victim, claimed, "tr-injected-1",
+                                         "Reset", {"type": "Hard"}]])
                 # Fence: a real CSMS command on the same path, after the injected one.
                 answer = await asyncio.to_thread(csms.reset, victim, "Soft")
                 assert answer.status == "Rejected"
