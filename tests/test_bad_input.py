@@ -1,6 +1,6 @@
 """Robustness of the edge gateway (the node) against bad input on a station link.
 
-The node runs as a subprocess (security profile 0, see ``docs/edge-gateway-contract.md``)
+The node runs as a subprocess (security profile 0, see ``docs/edge-gateway.md``)
 in front of :class:`tests.raw_backend.RawBackend`; stations are raw WebSocket clients
 (``websockets`` sync API, or a hand-made socket client where the frame itself is the
 point). Expectations come from the contract:

@@ -1,7 +1,7 @@
 """Acceptance (issue 5, items 1-4): copies of station frames to secondary backends.
 
 Each test runs its own node subprocess (``tests.nodeproc.start_node``) with one primary
-backend and one or more secondaries, as described in docs/duplication-contract.md:
+backend and one or more secondaries, as described in docs/duplication.md:
 
 1. an ``ocpp``-package primary and two ``ocpp``-package secondaries: subscribed station
    CALLs reach all three (the secondaries on their own socket per station, with ``dup-``

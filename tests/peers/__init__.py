@@ -6,7 +6,7 @@ own event loop in a background thread, so plain (sync) pytest tests, asyncio cod
 
 This module also holds two small helpers shared by the end-to-end test modules:
 ``node_env`` (environment for ``tests.nodeproc.start_node``) and ``edge_config`` (the node's
-TOML config as described in ``docs/edge-gateway-contract.md``).
+TOML config as described in ``docs/edge-gateway.md``).
 """
 
 from __future__ import annotations

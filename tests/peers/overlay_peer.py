@@ -2,7 +2,7 @@
 
 It dials ``<listener>/<own node id>`` with subprotocol ``ocpp2.1`` and
 ``X-OCPP-NetworkingMode: OverlayNetwork`` (plus ``X-OCPP-Encoding: msgpack`` when asked),
-exactly as docs/overlay-design.md says a node does, then lets a test send any overlay
+exactly as docs/protocol.md says a node does, then lets a test send any overlay
 frame it likes (well-formed or forged) and records every frame the node sends it.
 
 It implements no routing: it never answers anything by itself, so a CALL the node
