@@ -166,6 +166,21 @@ def decode(text: str | bytes, version: Version) -> Frame:
     return Frame(mtype, mid, code=code, description=description, details=details)
 
 
+def encode_parts(
+    mtype: int, message_id: str, *, action: str | None = None, payload: Any = None,
+    code: str | None = None, description: str | None = None, details: Any = None,
+) -> str:
+    """Any standard frame from its parts (used where a frame is rebuilt: a new payload, a
+    rewritten id, an overlay frame delivered to a standard peer)."""
+    if mtype in (CALL, SEND):
+        body: list[Any] = [mtype, message_id, action, payload]
+    elif mtype == CALLRESULT:
+        body = [mtype, message_id, payload]
+    else:
+        body = [mtype, message_id, code, description, details]
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
 def encode_call(message_id: str, action: str, payload: dict[str, Any]) -> str:
     """A CALL frame as compact JSON text."""
     return json.dumps([CALL, message_id, action, payload], separators=(",", ":"))

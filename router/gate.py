@@ -28,8 +28,7 @@ from router.frames import (
     CALLRESULTERROR,
     SEND,
     Frame,
-    encode_call,
-    encode_result,
+    encode_parts,
 )
 from router.logs import log_event
 
@@ -54,15 +53,10 @@ class Verdict:
 
 def encode_frame(frame: Frame, payload: Any) -> str:
     """A standard frame with a new payload (details, for the two error types)."""
-    if frame.type == CALL or frame.type == SEND:
-        assert frame.action is not None
-        if frame.type == CALL:
-            return encode_call(frame.id, frame.action, payload)
-        return json.dumps([SEND, frame.id, frame.action, payload], separators=(",", ":"))
-    if frame.type == CALLRESULT:
-        return encode_result(frame.id, payload)
-    return json.dumps([frame.type, frame.id, frame.code, frame.description, payload],
-                      separators=(",", ":"))
+    if frame.type in (CALLERROR, CALLRESULTERROR):
+        return encode_parts(frame.type, frame.id, code=frame.code,
+                            description=frame.description, details=payload)
+    return encode_parts(frame.type, frame.id, action=frame.action, payload=payload)
 
 
 def _strip(frame: Frame, payload: Any) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import math
 import random
@@ -32,6 +31,7 @@ from router.frames import (
     FrameError,
     Version,
     decode,
+    encode_parts,
 )
 from router.handshake import HandshakeFailed, Upgrade, dial
 from router.logs import log_event
@@ -73,13 +73,8 @@ PEER_MAX_MESSAGE_BYTES = 16 * 2**20  # a full route sync travels in messages of 
 
 def to_standard(frame: OverlayFrame) -> str:
     """The OCPP-J frame a standard peer sees for an overlay frame."""
-    if frame.type in (CALL, SEND):
-        body: list[Any] = [frame.type, frame.id, frame.action, frame.payload]
-    elif frame.type == CALLRESULT:
-        body = [frame.type, frame.id, frame.payload]
-    else:
-        body = [frame.type, frame.id, frame.code, frame.description, frame.details]
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    return encode_parts(frame.type, frame.id, action=frame.action, payload=frame.payload,
+                        code=frame.code, description=frame.description, details=frame.details)
 
 
 def from_standard(text: str, dest: str, path: tuple[str, ...]) -> OverlayFrame:

@@ -9,7 +9,6 @@ or a CALLERROR from the node (queue full, timeout, link lost, shutdown).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -33,7 +32,7 @@ from router.frames import (
     Version,
     decode,
     encode_call,
-    encode_result,
+    encode_parts,
     error_answer,
 )
 from router.logs import log_event
@@ -416,7 +415,5 @@ def _signed(frame: Frame) -> bool:
 
 def _with_id(frame: Frame, message_id: str) -> str:
     """An answer frame with another message id (mapping a rewritten id back)."""
-    if frame.type == CALLRESULT:
-        return encode_result(message_id, frame.payload)
-    return json.dumps([frame.type, message_id, frame.code, frame.description, frame.details],
-                      separators=(",", ":"))
+    return encode_parts(frame.type, message_id, payload=frame.payload, code=frame.code,
+                        description=frame.description, details=frame.details)
