@@ -56,6 +56,7 @@ class NodeSection:
     max_queued_calls: int = 16
     connect_timeout_s: float = 10.0
     shutdown_timeout_s: float = 5.0
+    failover_grace_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +102,7 @@ class BackendEntry:
 
     name: str
     role: str
-    url: str
+    url: str  # "" when srv is used
     stations: tuple[str, ...] = ("*",)
     auth: BackendAuth = field(default_factory=BackendAuth)
     keep_signatures: bool = False
@@ -112,6 +113,9 @@ class BackendEntry:
     queue: int = 10_000
     outbox_max_rows: int = 1_000_000
     outbox_max_age_s: float = 7 * 86400.0
+    srv: str | None = None  # an SRV name instead of url, with scheme and path
+    scheme: str = "ws"
+    path: str = "/ocpp"
 
     def subscribes(self, action: str) -> bool:
         return any(fnmatch.fnmatchcase(action, pattern) for pattern in self.subscribe)
@@ -136,9 +140,22 @@ class PeerEntry:
     """One ``[[peers]]`` entry: an overlay uplink this node dials."""
 
     id: str
-    url: str
+    url: str  # "" when srv is used
     encoding: str = "json"  # json | msgpack
     password: str | None = None
+    srv: str | None = None
+    scheme: str = "ws"
+    path: str = "/ocpp"
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSection:
+    """``[dns]``: where SRV names are resolved, and how long answers are kept."""
+
+    nameservers: tuple[tuple[str, int], ...] = ()  # empty: the system's resolver config
+    ttl_floor_s: float = 5.0
+    ttl_ceiling_s: float = 3600.0
+    timeout_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +186,7 @@ class Config:
     policy: PolicySection | None = None
     peers: tuple[PeerEntry, ...] = ()
     trust: TrustSection | None = None
+    dns: DnsSection = field(default_factory=DnsSection)
 
     def station_entry(self, identity: str) -> StationEntry | None:
         """The first ``[[stations]]`` entry whose glob matches, or None."""
@@ -326,9 +344,7 @@ class _Checker:
         return resolved
 
 
-_NOT_YET = {
-    "dns": "DNS settings are not supported by this version yet",
-}
+_NOT_YET: dict[str, str] = {}
 
 
 def load(path: str | Path) -> Config:
@@ -356,7 +372,8 @@ def parse(text: str, file: str = "<config>", root: Path | None = None) -> Config
             [ConfigProblem(file, "", int(m.group(1)) if m else None, f"not valid TOML: {exc}")]
         ) from None
     c = _Checker(file, text)
-    known = {"node", "listen", "stations", "backends", "admin", "policy", "peers", "trust"}
+    known = {"node", "listen", "stations", "backends", "admin", "policy", "peers", "trust",
+             "dns"}
     for name in raw:
         if name in _NOT_YET:
             c.fail(name, _NOT_YET[name])
@@ -404,9 +421,56 @@ def parse(text: str, file: str = "<config>", root: Path | None = None) -> Config
                 key = str(path)
             resolved.append((node_id, key))
         trust = TrustSection(tuple(resolved))
+    dns = _dns(c, raw)
     if c.problems:
         raise ConfigError(c.problems)
-    return Config(node, listen, stations, backends, admin, Path(file), policy, peers, trust)
+    return Config(node, listen, stations, backends, admin, Path(file), policy, peers, trust,
+                  dns)
+
+
+def _dns(c: _Checker, raw: dict[str, Any]) -> DnsSection:
+    if "dns" not in raw:
+        return DnsSection()
+    t = c.table(raw["dns"], "dns", {"nameservers", "ttl_floor_s", "ttl_ceiling_s", "timeout_s"})
+    servers = []
+    for item in c.strings(t, "dns", "nameservers", ()):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            c.fail("dns.nameservers", f"{item!r} is not host:port")
+            continue
+        servers.append((host.strip("[]"), int(port)))
+    floor = c.number(t, "dns", "ttl_floor_s", 5.0, 0.0, 86400.0)
+    ceiling = c.number(t, "dns", "ttl_ceiling_s", 3600.0, 0.0, 7 * 86400.0)
+    if ceiling < floor:
+        c.fail("dns.ttl_ceiling_s", "must not be below ttl_floor_s")
+    return DnsSection(tuple(servers), floor, ceiling,
+                      c.number(t, "dns", "timeout_s", 2.0, 0.1, 60.0))
+
+
+def _target(c: _Checker, t: dict[str, Any], base: str) -> tuple[str, str | None, str, str]:
+    """(url, srv, scheme, path) of a backend or peer: a url, or an SRV name with scheme/path."""
+    if "srv" in t and "url" in t:
+        c.fail(f"{base}.srv", "give url or srv, not both")
+    srv = c.string(t, base, "srv")
+    scheme = c.string(t, base, "scheme", "ws") or "ws"
+    path = c.string(t, base, "path", "/ocpp") or "/ocpp"
+    if srv is not None:
+        if not srv.startswith("_") or "." not in srv:
+            c.fail(f"{base}.srv",
+                   f"must be an SRV name such as _ocpp._tcp.example.com, not {srv!r}")
+        if scheme not in ("ws", "wss"):
+            c.fail(f"{base}.scheme", f"must be \"ws\" or \"wss\", not {scheme!r}")
+        if not path.startswith("/"):
+            c.fail(f"{base}.path", "must start with /")
+        return "", srv.rstrip("."), scheme, path.rstrip("/") or "/"
+    url = c.string(t, base, "url", required=True) or ""
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            c.fail(f"{base}.url", f"must be a ws:// or wss:// URL with a host, not {url!r}")
+        elif parts.query or parts.fragment:
+            c.fail(f"{base}.url", "must not carry a query or fragment")
+    return url, None, scheme, path
 
 
 def _node(c: _Checker, raw: dict[str, Any], root: Path) -> NodeSection:
@@ -414,7 +478,7 @@ def _node(c: _Checker, raw: dict[str, Any], root: Path) -> NodeSection:
         c.fail("node", "the [node] section is required (it holds at least id)")
         return NodeSection(id="node")
     allowed = {"id", "key", "state_dir", "call_timeout_s", "max_queued_calls",
-               "connect_timeout_s", "shutdown_timeout_s"}
+               "connect_timeout_s", "shutdown_timeout_s", "failover_grace_s"}
     t = c.table(raw["node"], "node", allowed)
     node_id = c.string(t, "node", "id", required=True) or "node"
     if not 1 <= len(node_id) <= MAX_ID:
@@ -427,6 +491,7 @@ def _node(c: _Checker, raw: dict[str, Any], root: Path) -> NodeSection:
         max_queued_calls=c.integer(t, "node", "max_queued_calls", 16, 0, 10_000),
         connect_timeout_s=c.number(t, "node", "connect_timeout_s", 10.0, 0.1, 600.0),
         shutdown_timeout_s=c.number(t, "node", "shutdown_timeout_s", 5.0, 0.0, 600.0),
+        failover_grace_s=c.number(t, "node", "failover_grace_s", 5.0, 0.0, 600.0),
     )
 
 
@@ -481,20 +546,16 @@ def _peers(c: _Checker, raw: dict[str, Any], node_id: str) -> tuple[PeerEntry, .
     out: list[PeerEntry] = []
     for i, item in enumerate(items):
         base = f"peers[{i}]"
-        t = c.table(item, base, {"id", "url", "srv", "encoding", "password"})
+        t = c.table(item, base, {"id", "url", "srv", "scheme", "path", "encoding", "password"})
         peer_id = c.string(t, base, "id", required=True) or f"peer-{i}"
         if not 1 <= len(peer_id) <= MAX_ID or peer_id == node_id:
             c.fail(f"{base}.id", f"must be 1-{MAX_ID} characters and not this node's own id")
-        if "srv" in t:
-            c.fail(f"{base}.srv", "SRV discovery is not supported by this version yet; use url")
-        url = c.string(t, base, "url", required=True) or ""
-        if url and (urlsplit(url).scheme not in ("ws", "wss") or not urlsplit(url).hostname):
-            c.fail(f"{base}.url", f"must be a ws:// or wss:// URL with a host, not {url!r}")
+        url, srv, scheme, path = _target(c, t, base)
         encoding = c.string(t, base, "encoding", "json") or "json"
         if encoding not in ("json", "msgpack"):
             c.fail(f"{base}.encoding", f"must be \"json\" or \"msgpack\", not {encoding!r}")
         password = os.environ.get(peer_env_name(peer_id)) or c.string(t, base, "password")
-        out.append(PeerEntry(peer_id, url, encoding, password))
+        out.append(PeerEntry(peer_id, url, encoding, password, srv, scheme, path))
     return tuple(out)
 
 
@@ -521,15 +582,7 @@ def _backends(
         role = c.string(t, base, "role", "primary") or "primary"
         if role not in ("primary", "secondary"):
             c.fail(f"{base}.role", f"must be \"primary\" or \"secondary\", not {role!r}")
-        if "srv" in t:
-            c.fail(f"{base}.srv", "SRV discovery is not supported by this version yet; use url")
-        url = c.string(t, base, "url", required="srv" not in t) or ""
-        if url:
-            parts = urlsplit(url)
-            if parts.scheme not in ("ws", "wss") or not parts.hostname:
-                c.fail(f"{base}.url", f"must be a ws:// or wss:// URL with a host, not {url!r}")
-            elif parts.query or parts.fragment:
-                c.fail(f"{base}.url", "must not carry a query or fragment")
+        url, srv, scheme, path = _target(c, t, base)
         out.append(BackendEntry(
             name=name,
             role=role,
@@ -544,6 +597,9 @@ def _backends(
             queue=c.integer(t, base, "queue", 10_000, 1, 10_000_000),
             outbox_max_rows=c.integer(t, base, "outbox_max_rows", 1_000_000, 1, 10**9),
             outbox_max_age_s=c.number(t, base, "outbox_max_age_s", 7 * 86400.0, 1.0, 1e9),
+            srv=srv,
+            scheme=scheme,
+            path=path,
         ))
         if role == "primary" and any(k in t for k in ("subscribe", "allow_commands")):
             c.fail(f"{base}.subscribe", "subscribe and allow_commands are for secondaries")

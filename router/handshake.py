@@ -146,14 +146,17 @@ async def dial(
     max_message_bytes: int,
     ssl_context: ssl.SSLContext | None = None,
     keep_headers: tuple[str, ...] = (),
+    connect_host: str | None = None,
 ) -> WsLink:
     """Open a client WebSocket; HandshakeFailed carries the HTTP status of a refusal.
 
     Response headers named in ``keep_headers`` are kept in the link's ``headers``.
+    ``connect_host`` is the address to connect to when it was resolved elsewhere (an SRV
+    target in a private zone); the URL's host still names the server (Host header, SNI).
     """
     uri = parse_uri(url)
     parts = urlsplit(url)
-    tcp = await trio.open_tcp_stream(uri.host, uri.port)
+    tcp = await trio.open_tcp_stream(connect_host or uri.host, uri.port)
     stream: trio.abc.Stream = tcp
     try:
         if uri.secure:

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import trio
 
@@ -44,6 +45,7 @@ from router.overlay import (
     encode_msgpack,
 )
 from router.session import StationSession
+from router.srv import SrvUnavailable
 from router.trust import load_trusted, route_signer, route_verifier
 from router.wslink import LinkClosed, WsLink
 from topology import (
@@ -332,16 +334,20 @@ class Mesh:
             if entry.password is not None:
                 token = base64.b64encode(f"{self.node_id}:{entry.password}".encode()).decode()
                 headers["Authorization"] = f"Basic {token}"
-            url = f"{entry.url.rstrip('/')}/{self.node_id}"
-            try:
-                with trio.fail_after(self.node.config.node.connect_timeout_s):
-                    ws = await dial(url, [OVERLAY_SUBPROTOCOL], headers,
-                                    PEER_MAX_MESSAGE_BYTES, keep_headers=(ENCODING_HEADER,))
-            except (HandshakeFailed, OSError, trio.TooSlowError,
-                    trio.BrokenResourceError) as exc:
-                log_event(log, logging.WARNING, "peer_dial_failed", peer=entry.id, url=url,
-                          reason=repr(exc))
-            else:
+            ws = None
+            for url in await self._peer_urls(entry):
+                try:
+                    with trio.fail_after(self.node.config.node.connect_timeout_s):
+                        address = await self.node.address_of(urlsplit(url).hostname or "")
+                        ws = await dial(url, [OVERLAY_SUBPROTOCOL], headers,
+                                        PEER_MAX_MESSAGE_BYTES, keep_headers=(ENCODING_HEADER,),
+                                        connect_host=address)
+                    break
+                except (HandshakeFailed, OSError, trio.TooSlowError,
+                        trio.BrokenResourceError) as exc:
+                    log_event(log, logging.WARNING, "peer_dial_failed", peer=entry.id, url=url,
+                              reason=repr(exc))
+            if ws is not None:
                 backoff = 0.5
                 encoding = "msgpack" if ws.headers.get(ENCODING_HEADER) == "msgpack" else "json"
                 try:
@@ -351,6 +357,19 @@ class Mesh:
                     log.exception("peer link failed", extra={"fields": {"peer": entry.id}})
             await trio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, 30.0)
+
+    async def _peer_urls(self, entry: PeerEntry) -> list[str]:
+        """Where to dial a peer: its url, or its SRV targets in RFC 2782 order."""
+        if entry.srv is None:
+            return [f"{entry.url.rstrip('/')}/{self.node_id}"]
+        try:
+            targets = await self.node.srv.targets(entry.srv)
+        except SrvUnavailable as exc:
+            log_event(log, logging.WARNING, "peer_dial_failed", peer=entry.id, srv=entry.srv,
+                      reason=exc.reason)
+            return []
+        return [f"{entry.scheme}://{t.host}:{t.port}{entry.path}/{self.node_id}"
+                for t in targets]
 
     async def accept_peer(self, upgrade: Upgrade, peer_id: str) -> None:
         """A node authenticated as ``peer_id`` asked for an overlay link on our listener."""
@@ -637,7 +656,7 @@ class Mesh:
         try:
             if not offered:
                 raise Refused(400, "no supported OCPP subprotocol offered")
-            backend_ws = await self.node.dial_backend(
+            backend_ws, _ = await self.node.dial_backend(
                 station, backend, offered,
                 authorization if isinstance(authorization, str) else None)
         except Refused as refused:

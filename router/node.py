@@ -13,11 +13,17 @@ import contextlib
 import logging
 import ssl
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
+import dns.asyncbackend
+import dns.asyncresolver
+import dns.exception
+import dns.inet
+import dns.nameserver
 import trio
 
 from router.config import MAX_ID, BackendEntry, Config, StationEntry
+from router.failover import FailoverLink
 from router.fanout import Fanout
 from router.frames import Version
 from router.gate import Gate
@@ -26,6 +32,7 @@ from router.logs import log_event
 from router.mesh import MODE_HEADER, MODE_OVERLAY, Mesh
 from router.passwords import VerifiedCache, verify_password
 from router.session import StationSession
+from router.srv import SrvResolver, SrvUnavailable
 from router.stats import Stats
 from router.timer import CallTimer
 from router.tls import common_name, server_context
@@ -91,6 +98,11 @@ class Node:
         self._claims: dict[str, trio.CancelScope] = {}
         self._verified = VerifiedCache()
         self.gate = Gate.from_config(config)  # raises GateError / PolicyError: config mistakes
+        self._addresses: dict[str, tuple[str, float]] = {}  # SRV target host -> (address, until)
+        self.srv = SrvResolver(config.dns.nameservers or None,
+                               ttl_floor_s=config.dns.ttl_floor_s,
+                               ttl_ceiling_s=config.dns.ttl_ceiling_s,
+                               timeout_s=config.dns.timeout_s)
         self.mesh = Mesh(self)
         self.fanout = Fanout(self)
         self._listen_scope = trio.CancelScope()
@@ -127,6 +139,8 @@ class Node:
             nursery.start_soon(self.timer.run, nursery)
             await self.mesh.run(nursery)
             nursery.start_soon(self.fanout.run)
+            if any(b.srv for b in self.config.backends):
+                nursery.start_soon(self._failback)
             nursery.start_soon(self._serve, listeners, nursery)
             log_event(log, logging.INFO, "listening", host=listen.host, port=self.port,
                       path=listen.path, tls=ssl_context is not None,
@@ -139,6 +153,30 @@ class Node:
     async def _serve(self, listeners: list[Any], nursery: trio.Nursery) -> None:
         with self._listen_scope:
             await trio.serve_listeners(self._handle_stream, listeners, handler_nursery=nursery)
+
+    async def _failback(self) -> None:
+        """Move idle station links back to a better SRV target once one accepts again."""
+        period = max(self.config.dns.ttl_floor_s, 1.0)
+        while True:
+            await trio.sleep(period)
+            best: dict[str, int] = {}
+            gave_up: set[str] = set()
+            for session in list(self.sessions.values()):
+                link = session.backend.ws
+                if not isinstance(link, FailoverLink) or link.moving or not session.idle():
+                    continue
+                name = link.backend.name
+                if name in gave_up:
+                    continue
+                if name not in best:
+                    try:
+                        targets = await self.backend_targets(link.backend, "-")
+                    except Refused:
+                        gave_up.add(name)
+                        continue
+                    best[name] = min(priority for priority, _ in targets)
+                if link.priority > best[name] and not await link.move_to_better():
+                    gave_up.add(name)  # the better target does not answer yet
 
     def session_for(self, station: str) -> StationSession | None:
         """The session of a station, connected here or attached through the overlay."""
@@ -326,44 +364,95 @@ class Node:
             return {"Authorization": f"Basic {token}"}
         return {}
 
+    async def address_of(self, host: str) -> str | None:
+        """An SRV target's address from the ``[dns]`` nameservers (None: use the system's)."""
+        if not self.config.dns.nameservers or dns.inet.is_address(host):
+            return None
+        cached = self._addresses.get(host)
+        if cached is not None and cached[1] > trio.current_time():
+            return cached[0]
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(address, port)
+                                for address, port in self.config.dns.nameservers]
+        try:
+            answer = await resolver.resolve(host, "A", lifetime=self.config.dns.timeout_s,
+                                            backend=dns.asyncbackend.get_backend("trio"))
+        except dns.exception.DNSException:
+            return None  # the system's resolver gets a try
+        address = str(next(iter(answer.rrset or ())))
+        ttl = min(max(float(answer.rrset.ttl if answer.rrset else 0),
+                      self.config.dns.ttl_floor_s), self.config.dns.ttl_ceiling_s)
+        self._addresses[host] = (address, trio.current_time() + ttl)
+        return address
+
+    async def backend_targets(self, backend: BackendEntry, quoted: str) -> list[tuple[int, str]]:
+        """(priority, URL) of each place a station's backend link may go, in the order to try."""
+        if backend.srv is None:
+            return [(0, backend.station_url(quoted))]
+        try:
+            targets = await self.srv.targets(backend.srv)
+        except SrvUnavailable as exc:
+            raise Refused(502, f"no backend target: {exc.reason}") from None
+        return [(t.priority, f"{backend.scheme}://{t.host}:{t.port}{backend.path}/{quoted}")
+                for t in targets]
+
     async def dial_backend(
         self, identity: str, backend: BackendEntry, offered: list[str],
-        authorization: str | None,
-    ) -> WsLink:
-        """Open ``<backend url>/<identity>``; raises Refused with the status for the station."""
-        url = backend.station_url(quote(identity, safe=""))
-        try:
-            with trio.fail_after(self.config.node.connect_timeout_s):
-                return await dial(url, offered,
-                                  self.backend_headers(authorization, identity, backend),
-                                  self.config.listen.max_message_bytes)
-        except HandshakeFailed as exc:
-            status = exc.status if exc.status is not None and 400 <= exc.status <= 599 else 502
-            reason, refusal = exc.reason, Refused(status, "backend refused the station")
-        except trio.TooSlowError:
-            reason, refusal = "timeout", Refused(504, "backend did not answer in time")
-        except (OSError, trio.BrokenResourceError) as exc:
-            reason, refusal = repr(exc), Refused(502, "backend unreachable")
-        log_event(log, logging.WARNING, "backend_failed", station=identity,
-                  backend=backend.name, reason=reason)
+        authorization: str | None, *, better_than: int | None = None,
+    ) -> tuple[WsLink, int]:
+        """Open the station's backend link at the first target that accepts it.
+
+        Returns the link and its target's priority; raises Refused with the status for the
+        station. ``better_than`` limits the attempt to targets of a better priority.
+        """
+        targets = await self.backend_targets(backend, quote(identity, safe=""))
+        if better_than is not None:
+            targets = [t for t in targets if t[0] < better_than]
+            if not targets:
+                raise Refused(502, "no better target")
+        headers = self.backend_headers(authorization, identity, backend)
+        refusal = Refused(502, "backend unreachable")
+        for priority, url in targets:
+            try:
+                with trio.fail_after(self.config.node.connect_timeout_s):
+                    host = urlsplit(url).hostname or ""
+                    ws = await dial(url, offered, headers, self.config.listen.max_message_bytes,
+                                    connect_host=await self.address_of(host))
+                return ws, priority
+            except HandshakeFailed as exc:
+                status = exc.status if exc.status is not None and 400 <= exc.status <= 599 else 502
+                reason, refusal = exc.reason, Refused(status, "backend refused the station")
+                if status < 500:
+                    break  # an answer about the station (e.g. credentials): no other target
+            except trio.TooSlowError:
+                reason, refusal = "timeout", Refused(504, "backend did not answer in time")
+            except (OSError, trio.BrokenResourceError) as exc:
+                reason = repr(exc)
+            log_event(log, logging.WARNING, "backend_failed", station=identity,
+                      backend=backend.name, target=url.rsplit("/", 1)[0], reason=reason)
         raise refusal
 
     async def _connect(
         self, upgrade: Upgrade, identity: str, entry: StationEntry, backend: BackendEntry,
         offered: list[str], claim: trio.CancelScope, remote: str,
     ) -> None:
+        authorization = upgrade.header("Authorization")
         try:
-            backend_ws = await self.dial_backend(identity, backend, offered,
-                                                 upgrade.header("Authorization"))
+            backend_ws, priority = await self.dial_backend(identity, backend, offered,
+                                                           authorization)
         except Refused as refused:
             await self._refuse(upgrade, identity, remote, refused)
             return
+        link: WsLink | FailoverLink = backend_ws
+        if backend.srv is not None:
+            link = FailoverLink(self, identity, backend, offered, authorization, backend_ws,
+                                priority)
         try:
-            await self._bridge(upgrade, identity, entry, backend, offered, claim, remote,
-                               backend_ws)
+            await self._bridge(upgrade, identity, entry, backend, offered, claim, remote, link)
         finally:
             with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(backend_ws.stream)
+                final = link.current if isinstance(link, FailoverLink) else link
+                await trio.aclose_forcefully(final.stream)
 
     async def _bridge(
         self, upgrade: Upgrade, identity: str, entry: StationEntry, backend: BackendEntry,
@@ -389,6 +478,8 @@ class Node:
             station_keeps_signatures=entry.keep_signatures,
             backend_keeps_signatures=backend.keep_signatures,
         )
+        if isinstance(backend_ws, FailoverLink):
+            backend_ws.session = session
         await self._run_session(identity, session, claim, remote)
 
     async def _run_session(

@@ -302,6 +302,34 @@ class StationSession:
             self.node.stats.node_errors += 1
             await reply(error_answer(problem, self.version, origin, description))
 
+    async def backend_lost(self, reason: str) -> None:
+        """The backend link is being replaced (SRV failover): answers owed by it are lost.
+
+        The station's CALL in flight is answered with InternalError and the next queued one
+        goes to the new target; CALLs the old backend made toward the station are
+        forgotten (the backend that made them is gone), except other sources', answered.
+        """
+        up = self.up
+        if up.pending_id is not None:
+            message_id, reply, origin = up.pending_id, up.pending_reply, up.pending_origin
+            following = self._advance(up)
+            await self._owe(up, message_id, reply, origin, Problem.INTERNAL, reason)
+            if following is not None:
+                await self._send_call(up, following)
+        down = self.down
+        owed = ([(down.pending_id, down.pending_reply, down.pending_origin)]
+                if down.pending_id is not None else []) + [
+            (mid, reply, origin) for mid, _, _, reply, origin in down.queue or ()
+        ]
+        down.pending_id, down.pending_reply, down.queue = None, None, None
+        for message_id, reply, origin in owed:
+            if reply is not None:
+                await self._owe(down, message_id, reply, origin, Problem.INTERNAL, reason)
+
+    def idle(self) -> bool:
+        """No CALL in flight either way: the backend link may be moved."""
+        return self.up.pending_id is None and self.down.pending_id is None
+
     async def call_from(
         self, source: str, message_id: str, action: str, payload: Any, reply: ReplyFn
     ) -> None:

@@ -226,6 +226,19 @@ class WsLink:
                 self.protocol.state = State.CLOSED
                 raise LinkClosed(CLOSE_ABNORMAL, "connection lost") from None
 
+    async def close_now(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame if we can and drop the connection without waiting for the
+        peer's (another task may be reading this link)."""
+        proto = self.protocol
+        if proto.state is State.OPEN:
+            proto.send_close(code, reason)
+            try:
+                with trio.move_on_after(1):
+                    await self._flush()
+            except LinkClosed:
+                pass
+        await trio.aclose_forcefully(self.stream)
+
     async def aclose(self, code: int = 1000, reason: str = "", wait_s: float = 2.0) -> None:
         """Close with a close frame, wait briefly for the peer's, then close the socket."""
         proto = self.protocol

@@ -104,9 +104,14 @@ def test_policy_section_names_an_existing_file(tmp_path: Path) -> None:
 
 
 def test_sections_of_later_versions_are_refused_clearly() -> None:
-    found = problems(GOOD + '\n[dns]\nnameservers = ["127.0.0.1:53"]\n')
-    assert [(k, p) for k, _, p in found] == [
-        ("dns", "DNS settings are not supported by this version yet")]
+    found = problems(GOOD + '\n[dns]\nnameservers = ["127.0.0.1"]\n')
+    assert [k for k, _, _ in found] == ["dns.nameservers"]
+    cfg = parse(GOOD.replace('url = "ws://127.0.0.1:9100/ocpp"',
+                             'srv = "_ocpp._tcp.csms.test"\nscheme = "wss"')
+                + '\n[dns]\nnameservers = ["127.0.0.1:5353"]\nttl_floor_s = 1\n')
+    assert (cfg.backends[0].srv, cfg.backends[0].scheme, cfg.backends[0].url) == (
+        "_ocpp._tcp.csms.test", "wss", "")
+    assert cfg.dns.nameservers == (("127.0.0.1", 5353),) and cfg.dns.ttl_floor_s == 1
 
 
 def test_peers_make_backends_optional_and_are_checked() -> None:
