@@ -8,6 +8,7 @@ a config in one pass. Relative paths are resolved against the config file's dire
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import re
 import tomllib
@@ -435,10 +436,16 @@ def _dns(c: _Checker, raw: dict[str, Any]) -> DnsSection:
     servers = []
     for item in c.strings(t, "dns", "nameservers", ()):
         host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            c.fail("dns.nameservers", f"{item!r} is not host:port")
+        address = host.strip("[]")
+        if not sep or not address or not port.isdigit() or not 0 < int(port) < 65536:
+            c.fail("dns.nameservers", f"{item!r} is not address:port")
             continue
-        servers.append((host.strip("[]"), int(port)))
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            c.fail("dns.nameservers", f"{item!r}: a nameserver is given by IP address")
+            continue
+        servers.append((address, int(port)))
     floor = c.number(t, "dns", "ttl_floor_s", 5.0, 0.0, 86400.0)
     ceiling = c.number(t, "dns", "ttl_ceiling_s", 3600.0, 0.0, 7 * 86400.0)
     if ceiling < floor:

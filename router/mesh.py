@@ -65,6 +65,7 @@ log = logging.getLogger("router.mesh")
 MODE_HEADER = "X-OCPP-NetworkingMode"
 MODE_OVERLAY = "OverlayNetwork"
 ENCODING_HEADER = "X-OCPP-Encoding"
+NODE_ID_HEADER = "X-OCPP-NodeId"  # the acceptor's node id: an SRV name may lead to several
 OVERLAY_SUBPROTOCOL = "ocpp2.1"
 CONNECT = "OverlayStationConnect"
 DISCONNECT = "OverlayStationDisconnect"
@@ -340,7 +341,8 @@ class Mesh:
                     with trio.fail_after(self.node.config.node.connect_timeout_s):
                         address = await self.node.address_of(urlsplit(url).hostname or "")
                         ws = await dial(url, [OVERLAY_SUBPROTOCOL], headers,
-                                        PEER_MAX_MESSAGE_BYTES, keep_headers=(ENCODING_HEADER,),
+                                        PEER_MAX_MESSAGE_BYTES,
+                                        keep_headers=(ENCODING_HEADER, NODE_ID_HEADER),
                                         connect_host=address)
                     break
                 except (HandshakeFailed, OSError, trio.TooSlowError,
@@ -350,8 +352,15 @@ class Mesh:
             if ws is not None:
                 backoff = 0.5
                 encoding = "msgpack" if ws.headers.get(ENCODING_HEADER) == "msgpack" else "json"
+                # the node we reached says who it is (several nodes may stand behind one
+                # SRV name); without the header, the configured id
+                peer_id = ws.headers.get(NODE_ID_HEADER) or entry.id
+                if peer_id == self.node_id or not 0 < len(peer_id) <= 48:
+                    await ws.aclose(1008, "a peer cannot have this node's id")
+                    peer_id = ""
                 try:
-                    await self._serve_link(entry.id, ws, encoding, "out")
+                    if peer_id:
+                        await self._serve_link(peer_id, ws, encoding, "out")
                 except Exception:
                     # a bug must cost this link (it is redialled), never the node
                     log.exception("peer link failed", extra={"fields": {"peer": entry.id}})
@@ -377,7 +386,7 @@ class Mesh:
         offered = upgrade.offered_subprotocols()
         upgrade.allow_messages_up_to(PEER_MAX_MESSAGE_BYTES)
         ws = await upgrade.accept(OVERLAY_SUBPROTOCOL if OVERLAY_SUBPROTOCOL in offered else None,
-                                  {ENCODING_HEADER: encoding})
+                                  {ENCODING_HEADER: encoding, NODE_ID_HEADER: self.node_id})
         await self._serve_link(peer_id, ws, encoding, "in")
 
     async def _serve_link(self, peer_id: str, ws: WsLink, encoding: str, direction: str) -> None:
