@@ -162,10 +162,13 @@ async def serve_until_signalled(cfg: config_mod.Config) -> None:
     from router.node import Node
 
     node = Node(cfg)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
-            async for _ in signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    node.reload()  # logs what happened; an invalid file keeps the old one
+                    continue
                 break
             await node.shutdown()
             nursery.cancel_scope.cancel()

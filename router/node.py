@@ -22,11 +22,12 @@ import dns.inet
 import dns.nameserver
 import trio
 
-from router.config import MAX_ID, BackendEntry, Config, StationEntry
+from router.config import MAX_ID, BackendEntry, Config, ConfigError, StationEntry
+from router.config import load as load_config
 from router.failover import FailoverLink
 from router.fanout import Fanout
 from router.frames import Version
-from router.gate import Gate
+from router.gate import Gate, GateError
 from router.handshake import HandshakeFailed, Upgrade, dial, read_upgrade
 from router.logs import log_event
 from router.mesh import MODE_HEADER, MODE_OVERLAY, Mesh
@@ -177,6 +178,47 @@ class Node:
                     best[name] = min(priority for priority, _ in targets)
                 if link.priority > best[name] and not await link.move_to_better():
                     gave_up.add(name)  # the better target does not answer yet
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the config file and its policy; keep the old ones if either is invalid.
+
+        Station credentials, timeouts, the policy and secondaries' subscriptions take
+        effect at once; connected stations stay connected. Listener and peer changes
+        need a restart, and say so.
+        """
+        from policies import PolicyError
+
+        if self.config.source is None:
+            return False, "the config was not read from a file"
+        try:
+            config = load_config(self.config.source)
+            gate = Gate.from_config(config)
+        except (ConfigError, PolicyError, GateError) as exc:
+            reason = str(exc).replace("\n", "; ")
+            log_event(log, logging.ERROR, "reload_refused", reason=reason,
+                      file=str(self.config.source))
+            return False, reason
+        needs_restart = [name for name, old, new in (
+            ("listen", self.config.listen, config.listen),
+            ("peers", self.config.peers, config.peers),
+            ("dns", self.config.dns, config.dns),
+            ("node.id", self.config.node.id, config.node.id),
+        ) if old != new]
+        old_names = {b.name for b in self.config.backends if b.role == "secondary"}
+        new_names = {b.name for b in config.backends if b.role == "secondary"}
+        if old_names != new_names:
+            needs_restart.append("secondary backends added or removed")
+        for sub in self.fanout.subscribers:
+            entry = next((b for b in config.backends if b.name == sub.name), None)
+            if entry is not None:
+                sub.entry = entry
+        old_gate, self.gate, self.config = self.gate, gate, config
+        old_gate.close()
+        log_event(log, logging.INFO, "reloaded", file=str(config.source),
+                  policy=str(config.policy.file) if config.policy else None,
+                  needs_restart=needs_restart)
+        return True, "reloaded" + (f"; restart needed for: {', '.join(needs_restart)}"
+                                    if needs_restart else "")
 
     def session_for(self, station: str) -> StationSession | None:
         """The session of a station, connected here or attached through the overlay."""

@@ -133,8 +133,8 @@ class StationSession:
         stats = self.node.stats
         version = self.version
         debug = log.isEnabledFor(logging.DEBUG)  # read once: frames are the hot path
-        gate_all = self.node.gate.firewall is not None  # else only signed frames are touched
-        fanout = self.node.fanout
+        node = self.node
+        fanout = node.fanout
         fanout_on = fanout.active
         station_side = self.station
         try:
@@ -157,7 +157,8 @@ class StationSession:
                     await self._bad_frame(side, err)
                     continue
                 mtype = frame.type
-                if gate_all or _signed(frame):
+                # read per frame: a reload may add or replace the policy
+                if node.gate.firewall is not None or _signed(frame):
                     text = await self._through_gate(side, frame, text)
                     if not text:
                         continue
