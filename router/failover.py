@@ -88,6 +88,8 @@ class FailoverLink:
 
         self._moving = True
         try:
+            # finish with the old target at once: a CSMS that is stopping waits for us
+            await trio.aclose_forcefully(self.current.stream)
             if self.session is not None:
                 await self.session.backend_lost("backend link lost; moving to another target")
             deadline = trio.current_time() + self.node.config.node.failover_grace_s

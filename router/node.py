@@ -419,7 +419,12 @@ class Node:
         try:
             answer = await resolver.resolve(host, "A", lifetime=self.config.dns.timeout_s,
                                             backend=dns.asyncbackend.get_backend("trio"))
-        except dns.exception.DNSException:
+        except dns.exception.DNSException as exc:
+            if cached is not None:
+                # like SRV answers: DNS trouble keeps the last good address
+                log_event(log, logging.WARNING, "srv_failed", name=host, reason=repr(exc),
+                          using="last good address")
+                return cached[0]
             return None  # the system's resolver gets a try
         address = str(next(iter(answer.rrset or ())))
         ttl = min(max(float(answer.rrset.ttl if answer.rrset else 0),
