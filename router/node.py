@@ -100,6 +100,8 @@ class Node:
         self._verified = VerifiedCache()
         self.gate = Gate.from_config(config)  # raises GateError / PolicyError: config mistakes
         self._addresses: dict[str, tuple[str, float]] = {}  # SRV target host -> (address, until)
+        self._address_failures: dict[str, int] = {}
+        self._refreshing: set[str] = set()
         self.srv = SrvResolver(config.dns.nameservers or None,
                                ttl_floor_s=config.dns.ttl_floor_s,
                                ttl_ceiling_s=config.dns.ttl_ceiling_s,
@@ -407,25 +409,49 @@ class Node:
         return {}
 
     async def address_of(self, host: str) -> str | None:
-        """An SRV target's address from the ``[dns]`` nameservers (None: use the system's)."""
+        """An SRV target's address from the ``[dns]`` nameservers (None: use the system's).
+
+        Only the first lookup of a host waits for DNS. After that the known address is
+        used at once and, once its TTL has passed, refreshed by one background query, so
+        a DNS outage neither delays stations nor floods the resolver; a failed refresh
+        keeps the last good address and is retried with back-off.
+        """
         if not self.config.dns.nameservers or dns.inet.is_address(host):
             return None
         cached = self._addresses.get(host)
-        if cached is not None and cached[1] > trio.current_time():
-            return cached[0]
+        if cached is None:
+            return await self._resolve_address(host)
+        stale = cached[1] <= trio.current_time()
+        if stale and host not in self._refreshing and self._nursery is not None:
+            self._refreshing.add(host)
+            self._nursery.start_soon(self._refresh_address, host)
+        return cached[0]
+
+    async def _refresh_address(self, host: str) -> None:
+        try:
+            await self._resolve_address(host)
+        finally:
+            self._refreshing.discard(host)
+
+    async def _resolve_address(self, host: str) -> str | None:
         resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = [dns.nameserver.Do53Nameserver(address, port)
                                 for address, port in self.config.dns.nameservers]
+        cached = self._addresses.get(host)
         try:
             answer = await resolver.resolve(host, "A", lifetime=self.config.dns.timeout_s,
                                             backend=dns.asyncbackend.get_backend("trio"))
         except dns.exception.DNSException as exc:
-            if cached is not None:
-                # like SRV answers: DNS trouble keeps the last good address
-                log_event(log, logging.WARNING, "srv_failed", name=host, reason=repr(exc),
-                          using="last good address")
-                return cached[0]
-            return None  # the system's resolver gets a try
+            failures = self._address_failures.get(host, 0) + 1
+            self._address_failures[host] = failures
+            log_event(log, logging.WARNING, "srv_failed", name=host, reason=repr(exc),
+                      using="last good address" if cached else "nothing")
+            if cached is None:
+                return None  # the system's resolver gets a try
+            retry = min(60.0, 2.0 ** (failures - 1))
+            self._addresses[host] = (cached[0], trio.current_time() + retry)
+            return cached[0]
+        self._address_failures.pop(host, None)
         address = str(next(iter(answer.rrset or ())))
         ttl = min(max(float(answer.rrset.ttl if answer.rrset else 0),
                       self.config.dns.ttl_floor_s), self.config.dns.ttl_ceiling_s)
@@ -440,6 +466,11 @@ class Node:
             targets = await self.srv.targets(backend.srv)
         except SrvUnavailable as exc:
             raise Refused(502, f"no backend target: {exc.reason}") from None
+        for target in targets:
+            # learn every target's address while DNS answers, not only the first one's:
+            # a failover during a DNS outage needs the backup's
+            if target.host not in self._addresses:
+                await self.address_of(target.host)
         return [(t.priority, f"{backend.scheme}://{t.host}:{t.port}{backend.path}/{quoted}")
                 for t in targets]
 
