@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import trio
 
+from router import admin_cli, logs, policy_cli
 from router import config as config_mod
-from router import logs, policy_cli
 from router.passwords import hash_password
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("hash-password", help="read a password on stdin, print its hash for a config")
     policy_cli.add_commands(sub)
+    admin_cli.add_commands(sub)
     return parser
 
 
@@ -64,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args.stations, args.duration, args.log_level)
         if args.command in ("keys", "sign", "policy"):
             return policy_cli.run_command(args)
+        if args.command in admin_cli.COMMANDS:
+            return admin_cli.run_command(args)
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_USAGE
@@ -128,17 +131,24 @@ def _run(path: str, log_level: str) -> int:
         return EXIT_USAGE
     logs.setup(log_level)
     tune_gc()
+    from router.admin import AdminBindError
     from router.outbox import OutboxError
 
     try:
         trio.run(serve_until_signalled, cfg)
-    except OutboxError as exc:
-        print(f"ocpp-router: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
-    except OSError as exc:
-        print(f"ocpp-router: cannot listen on {cfg.listen.host}:{cfg.listen.port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+    except BaseException as exc:
+        # trio hands errors from the node's nursery over inside exception groups
+        cause = exc
+        while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+            cause = cause.exceptions[0]
+        if isinstance(cause, AdminBindError | OutboxError):
+            print(f"ocpp-router: {cause}", file=sys.stderr)
+            return EXIT_RUNTIME
+        if isinstance(cause, OSError):
+            print(f"ocpp-router: cannot listen on {cfg.listen.host}:{cfg.listen.port}: "
+                  f"{cause.strerror or cause}", file=sys.stderr)
+            return EXIT_RUNTIME
+        raise
     return EXIT_OK
 
 

@@ -22,6 +22,7 @@ import dns.inet
 import dns.nameserver
 import trio
 
+from router.admin import serve_admin
 from router.config import MAX_ID, BackendEntry, Config, ConfigError, StationEntry
 from router.config import load as load_config
 from router.failover import FailoverLink
@@ -148,9 +149,7 @@ class Node:
             log_event(log, logging.INFO, "listening", host=listen.host, port=self.port,
                       path=listen.path, tls=ssl_context is not None,
                       security_profile=listen.security_profile, node=self.config.node.id)
-            if self.config.admin is not None:
-                log_event(log, logging.WARNING, "admin_not_served",
-                          reason="[admin] is validated but this version serves no endpoint yet")
+            await nursery.start(serve_admin, self)  # [admin]: returns at once without it
             task_status.started(self)
 
     async def _serve(self, listeners: list[Any], nursery: trio.Nursery) -> None:

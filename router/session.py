@@ -34,6 +34,7 @@ from router.frames import (
     encode_call,
     encode_parts,
     error_answer,
+    error_code,
 )
 from router.logs import log_event
 from router.wslink import Link, LinkClosed
@@ -169,6 +170,8 @@ class StationSession:
                     await self._offer_call(side.calls, frame.id, frame.action or "", text, t0)
                 elif mtype in (SEND, CALLRESULTERROR):
                     # neither is answered; a CALLRESULTERROR refers to a CALL already done
+                    if frame.action is not None:
+                        stats.frames_by_action[(side.direction, frame.action)] += 1
                     await other.send_message(text)
                     self._count(side, t0)
                 else:
@@ -177,6 +180,7 @@ class StationSession:
                         self._drop_unmatched(side, frame.id)
                         continue
                     reply, origin = lane.pending_reply, lane.pending_origin
+                    stats.frames_by_action[(side.direction, lane.pending_action)] += 1
                     following = self._advance(lane)
                     if reply is None:
                         await other.send_message(text)
@@ -265,6 +269,8 @@ class StationSession:
 
     def _set_pending(self, lane: Lane, message_id: str, action: str,
                      reply: ReplyFn | None = None, origin: str = "") -> None:
+        self.node.stats.frames_by_action[
+            ("from-station" if lane is self.up else "to-station", action)] += 1
         lane.pending_id = message_id
         lane.pending_action = action
         lane.pending_reply = reply
@@ -301,6 +307,7 @@ class StationSession:
             await self._answer_node_error(lane, message_id, problem, description)
         else:
             self.node.stats.node_errors += 1
+            self.node.stats.node_errors_by_code[error_code(problem, self.version)] += 1
             await reply(error_answer(problem, self.version, origin, description))
 
     async def backend_lost(self, reason: str) -> None:
@@ -359,6 +366,7 @@ class StationSession:
         self, lane: Lane, message_id: str | None, problem: Problem, description: str
     ) -> None:
         self.node.stats.node_errors += 1
+        self.node.stats.node_errors_by_code[error_code(problem, self.version)] += 1
         await lane.caller.send_message(error_answer(problem, self.version, message_id, description))
 
     # --- faults -------------------------------------------------------------------------

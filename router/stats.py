@@ -7,6 +7,7 @@ and read by the demo summary now and the admin endpoint's metrics later.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import Counter
 from dataclasses import dataclass, field
 
 
@@ -20,6 +21,8 @@ def _bounds() -> list[int]:
 
 
 _BOUNDS = _bounds()
+BOUNDS_NS: tuple[int, ...] = tuple(_BOUNDS)
+"""Upper bounds (inclusive, nanoseconds) of the histogram buckets; one more bucket above."""
 
 
 @dataclass(slots=True)
@@ -28,10 +31,12 @@ class Histogram:
 
     counts: list[int] = field(default_factory=lambda: [0] * (len(_BOUNDS) + 1))
     total: int = 0
+    sum_ns: int = 0  # of every recorded duration: a Prometheus histogram's _sum
 
     def record(self, ns: int) -> None:
         self.counts[bisect_left(_BOUNDS, ns)] += 1
         self.total += 1
+        self.sum_ns += ns
 
     def snapshot(self) -> list[int]:
         return list(self.counts)
@@ -65,3 +70,7 @@ class Stats:
     stations_rejected: int = 0
     stations_replaced: int = 0
     residence: Histogram = field(default_factory=Histogram)  # node time per forwarded frame
+    # (direction, action) -> frames: CALLs and SENDs by their action, answers by the
+    # action of the CALL they answer
+    frames_by_action: Counter[tuple[str, str]] = field(default_factory=Counter)
+    node_errors_by_code: Counter[str] = field(default_factory=Counter)

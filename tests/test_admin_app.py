@@ -1,0 +1,520 @@
+"""The admin endpoint in-process: a real Node (run in the test's trio loop or not run at
+all) with ``serve_admin``, a raw backend and stations dialled with the node's own client.
+
+The end-to-end acceptance tests (node subprocesses, the ``ocpp`` package, Chromium) are
+in tests/test_admin.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import urllib.error
+import urllib.request
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from router import admin_cli
+from router.admin import (
+    AdminApp,
+    AdminBindError,
+    listener_problem,
+    render_svg,
+    serve_admin,
+    topology_model,
+)
+from router.config import parse
+from router.handshake import dial
+from router.mesh import PeerLink
+from router.node import Node
+from router.srv import SrvTarget
+from router.wslink import WsLink
+from tests.raw_backend import RawBackend
+
+STEP = 10.0
+
+CONFIG = """\
+[node]
+id = "adm-unit"
+state_dir = "{state}"
+call_timeout_s = 5
+
+[listen]
+host = "127.0.0.1"
+port = 0
+path = "/ocpp"
+security_profile = 0
+
+[[stations]]
+match = "*"
+
+[[backends]]
+name = "main"
+role = "primary"
+url = "{backend}"
+auth = "none"
+
+[[backends]]
+name = "copies"
+role = "secondary"
+url = "ws://127.0.0.1:1/ocpp"
+subscribe = ["Heartbeat"]
+{extra}
+[admin]
+host = "127.0.0.1"
+port = 0
+"""
+
+
+def make_node(tmp_path: Path, backend_url: str = "ws://127.0.0.1:1/ocpp", extra: str = "") -> Node:
+    text = CONFIG.format(state=tmp_path / "state", backend=backend_url, extra=extra)
+    return Node(parse(text, str(tmp_path / "node.toml"), tmp_path))
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    text: str
+
+
+def _fetch(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> Reply:
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=STEP) as response:
+            return Reply(response.status, {k.lower(): v for k, v in response.headers.items()},
+                         response.read().decode())
+    except urllib.error.HTTPError as exc:
+        return Reply(exc.code, {k.lower(): v for k, v in exc.headers.items()},
+                     exc.read().decode())
+
+
+async def fetch(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> Reply:
+    return await trio.to_thread.run_sync(_fetch, url, method, headers)
+
+
+async def poll(url: str, done: Callable[[Reply], bool], timeout: float = STEP) -> Reply:
+    """Fetch until ``done`` holds (the health verdict is cached for a second)."""
+    with trio.fail_after(timeout):
+        while True:
+            reply = await fetch(url)
+            if done(reply):
+                return reply
+            await trio.sleep(0.05)
+
+
+def metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Samples by (name, sorted labels), parsed with prometheus_client's text parser."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+@dataclass
+class Running:
+    node: Node
+    backend: RawBackend
+    admin: str
+
+    def station_url(self, identity: str) -> str:
+        return f"ws://127.0.0.1:{self.node.port}/ocpp/{identity}"
+
+
+@pytest.fixture
+async def running(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Running]:
+    backend = RawBackend().start()
+    try:
+        node = make_node(tmp_path, backend.url)
+        await nursery.start(node.run)
+        port = await nursery.start(serve_admin, node)
+        yield Running(node, backend, f"http://127.0.0.1:{port}")
+    finally:
+        await trio.to_thread.run_sync(backend.stop)
+
+
+async def call(ws: WsLink, message_id: str, action: str = "Heartbeat") -> str:
+    await ws.send_message(f'[2,"{message_id}","{action}",{{}}]')
+    answer = await ws.get_message()
+    assert isinstance(answer, str)
+    return answer
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+async def test_metrics_count_the_frames_stations_and_copies(running: Running) -> None:
+    ws = await dial(running.station_url("CP-M1"), ["ocpp1.6"], {}, 65536)
+    calls = 7
+    for i in range(calls):
+        assert json.loads(await call(ws, f"m{i}"))[:2] == [3, f"m{i}"]
+
+    reply = await fetch(running.admin + "/metrics")
+    assert reply.status == 200
+    assert reply.headers["content-type"].startswith("text/plain")
+    m = metrics(reply.text)
+    assert m[("ocpp_router_frames_forwarded_total", (("direction", "from-station"),))] == calls
+    assert m[("ocpp_router_frames_forwarded_total", (("direction", "to-station"),))] == calls
+    assert m[("ocpp_router_answers_forwarded_total", ())] == calls
+    assert m[("ocpp_router_stations_connected", (("where", "local"),))] == 1
+    assert m[("ocpp_router_links", (("kind", "station"), ("state", "open")))] == 1
+    assert m[("ocpp_router_links", (("kind", "backend"), ("state", "open")))] == 1
+    assert m[("ocpp_router_fanout_offered_total", (("subscriber", "copies"),))] == calls
+    assert m[("ocpp_router_fanout_queue_capacity", (("subscriber", "copies"),))] == 10_000
+    assert m[("ocpp_router_node_callerrors_total", ())] == 0
+    assert m[("ocpp_router_routes", ())] == 2  # the node's own id and "CSMS"
+    assert m[("ocpp_router_info", (("node", "adm-unit"), ("version", "0.1.0")))] == 1
+
+    # the residence histogram: one observation per forwarded frame, buckets cumulative
+    assert m[("ocpp_router_frame_residence_seconds_count", ())] == 2 * calls
+    assert m[("ocpp_router_frame_residence_seconds_sum", ())] > 0
+    buckets = sorted((float(dict(labels)["le"]), value) for (name, labels), value in m.items()
+                     if name == "ocpp_router_frame_residence_seconds_bucket")
+    assert buckets[-1] == (float("inf"), 2 * calls)
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(buckets))
+    assert 15 <= len(buckets) <= 40
+
+    await ws.aclose()
+    # openmetrics for a Prometheus server that asks for it
+    om = await fetch(running.admin + "/metrics",
+                     headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert om.headers["content-type"].startswith("application/openmetrics-text")
+    assert om.text.rstrip().endswith("# EOF")
+
+
+async def test_policy_decisions_are_counted_by_rule_and_outcome(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('default = "forward"\n\n[[rules]]\nname = "no resets"\n'
+                      'actions = ["Reset"]\ndirection = "to-station"\nthen = "reject"\n')
+    node = make_node(tmp_path, extra=f'\n[policy]\nfile = "{policy}"\n')
+    node.gate.decisions["no resets", "reject"] += 2
+    node.gate.decisions["default", "forward"] += 5
+    m = metrics(await asgi_text(node, "/metrics"))
+    assert m[("ocpp_router_policy_decisions_total",
+              (("outcome", "reject"), ("rule", "no resets")))] == 2
+    assert m[("ocpp_router_policy_decisions_total",
+              (("outcome", "forward"), ("rule", "default")))] == 5
+
+
+# --- JSON views and the command line ------------------------------------------------------
+
+
+async def test_links_and_routes_describe_the_node(running: Running) -> None:
+    ws = await dial(running.station_url("CP-L1"), ["ocpp2.0.1"], {}, 65536)
+    await call(ws, "l1")
+    data = json.loads((await fetch(running.admin + "/links")).text)
+    assert data["node"] == "adm-unit"
+    [station] = data["stations"]
+    assert station["identity"] == "CP-L1"
+    assert station["subprotocol"] == "ocpp2.0.1"
+    assert station["backend"] == "main"
+    assert station["station_link"] == station["backend_link"] == "open"
+    assert station["backend_target"] == f"127.0.0.1:{running.backend.port}"
+    assert {b["name"]: b["stations"] for b in data["backends"]} == {"main": 1, "copies": None}
+    [secondary] = data["secondaries"]
+    assert secondary["name"] == "copies" and secondary["queue_capacity"] == 10_000
+    assert secondary["offered"] == 1
+
+    routes = json.loads((await fetch(running.admin + "/routes")).text)
+    assert {r["destination"]: r["local"] for r in routes["routes"]} == {"CSMS": True,
+                                                                      "adm-unit": True}
+    await ws.aclose()
+
+
+async def test_routes_and_links_commands_print_tables(
+    running: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ws = await dial(running.station_url("CP-T1"), ["ocpp1.6"], {}, 65536)
+    await call(ws, "t1")
+    code = await trio.to_thread.run_sync(admin_cli.main, ["routes", "--admin", running.admin])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "routes of adm-unit: 2 destination(s)" in out
+    assert "DESTINATION" in out and "NEXT HOP" in out
+    assert any(line.split()[:2] == ["CSMS", "(local)"] for line in out.splitlines())
+
+    code = await trio.to_thread.run_sync(admin_cli.main, ["links", "--admin",
+                                                          running.admin.removeprefix("http://")])
+    out = capsys.readouterr().out
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("CP-T1"))
+    assert row.split()[:4] == ["CP-T1", "local", "ocpp1.6", "main"]
+    assert "secondaries (1)" in out
+    await ws.aclose()
+
+
+def test_commands_say_what_went_wrong(capsys: pytest.CaptureFixture[str]) -> None:
+    assert admin_cli.main(["routes", "--admin", "http://127.0.0.1:1", "--timeout", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ocpp-router: cannot reach the admin endpoint at http://127.0.0.1:1/")
+    assert "\n" not in err
+    assert admin_cli.main(["links", "--admin", "ftp://example.org"]) == 2
+    assert "expected a URL like http://" in capsys.readouterr().err
+
+
+def test_table_aligns_columns() -> None:
+    text = admin_cli.table(["A", "NUMBER"], [["x", 5], ["longer", 1234]])
+    assert text.splitlines() == ["A       NUMBER", "------  ------", "x            5",
+                                 "longer    1234"]
+
+
+# --- health -------------------------------------------------------------------------------
+
+
+async def test_healthz_follows_the_backend(running: Running) -> None:
+    ws = await dial(running.station_url("CP-H1"), ["ocpp1.6"], {}, 65536)
+    await call(ws, "h1")
+    reply = await fetch(running.admin + "/healthz")
+    assert (reply.status, reply.text) == (200, "ok\n")
+
+    # closes the station's backend link, so the node closes the station
+    await trio.to_thread.run_sync(running.backend.stop)
+    with trio.fail_after(STEP):
+        while running.node.sessions:
+            await trio.sleep(0.02)
+    down = await poll(running.admin + "/healthz", lambda r: r.status == 503)
+    assert down.text.startswith("unhealthy: no backend reachable: main: 127.0.0.1:")
+    assert "refused" in down.text
+
+    head = await fetch(running.admin + "/healthz", method="HEAD")
+    assert head.status == 503 and head.text == ""
+
+
+async def test_healthz_without_a_listener(tmp_path: Path) -> None:
+    node = make_node(tmp_path)  # never run: nothing bound
+    assert listener_problem(node) == "listener down: the station listener is not bound"
+    status, body = await asgi(node, "/healthz")
+    assert status == 503
+    assert body.decode() == "unhealthy: listener down: the station listener is not bound\n"
+
+
+async def test_a_chained_node_is_healthy_while_a_peer_offers_csms(tmp_path: Path) -> None:
+    text = CONFIG.format(state=tmp_path / "s", backend="x", extra="").split("[[backends]]")[0]
+    text += '[[peers]]\nid = "core"\nurl = "ws://127.0.0.1:1/ocpp"\n'
+    node = Node(parse(text, "chained.toml", tmp_path))
+    node.port = 1  # as if bound
+    status, body = await asgi(node, "/healthz")
+    assert status == 503
+    assert b"no connected peer offers a route to CSMS" in body
+    node.mesh.links["core"] = PeerLink(node.mesh, "core", cast(Any, None), "json")
+    node.mesh.table.learn("core", "CSMS", ("core",), 0, 1, "core", 1, float("inf"))
+    app = AdminApp(node)  # a new app: the verdict above is cached for a second
+    assert (await asgi(node, "/healthz", app=app))[0] == 200
+
+
+async def test_srv_backends_are_probed_at_their_targets(tmp_path: Path) -> None:
+    backend = RawBackend().start()
+    try:
+        text = CONFIG.format(state=tmp_path / "s", backend="x", extra="").replace(
+            'url = "x"\n', 'srv = "_ocpp._tcp.csms.test"\n')
+        node = Node(parse(text, "srv.toml", tmp_path))
+        node.port = 1  # as if bound
+        targets = [SrvTarget(0, 0, "127.0.0.1", 1), SrvTarget(1, 0, "127.0.0.1", backend.port)]
+
+        async def resolve(name: str) -> list[SrvTarget]:
+            assert name == "_ocpp._tcp.csms.test"
+            return targets
+
+        node.srv.targets = resolve  # type: ignore[method-assign]
+        node.srv.cached_until = lambda name: trio.current_time() + 30  # type: ignore[method-assign]
+        assert (await asgi(node, "/healthz"))[0] == 200  # the second target answers
+        m = metrics(await asgi_text(node, "/metrics"))
+        valid = m[("ocpp_router_srv_answer_valid_seconds", (("name", "_ocpp._tcp.csms.test"),))]
+        assert 29 < valid < 31
+
+        targets = targets[:1]
+        status, body = await asgi(node, "/healthz", app=AdminApp(node))
+        assert status == 503
+        assert body.decode().startswith("unhealthy: no backend reachable: main: 127.0.0.1:1: ")
+    finally:
+        await trio.to_thread.run_sync(backend.stop)
+
+
+# --- topology -----------------------------------------------------------------------------
+
+
+def _overlay_node(tmp_path: Path) -> Node:
+    node = make_node(tmp_path, extra='\n[[peers]]\nid = "core"\nurl = "ws://127.0.0.1:1/ocpp"\n'
+                                     '\n[[peers]]\nid = "spare"\n'
+                                     'url = "ws://127.0.0.1:1/ocpp"\n')
+    mesh = node.mesh
+    mesh.links["core"] = PeerLink(mesh, "core", cast(Any, None), "msgpack")
+    inf = float("inf")
+    table = mesh.table
+    table.learn("core", "core", ("core",), 0, 1, "core", 1, inf)
+    table.learn("core", "CSMS", ("core",), 0, 1, "core", 1, inf)
+    table.learn("core", "edge-b", ("edge-b", "core"), 0, 1, "edge-b", 1, inf)
+    table.learn("core", "ST-1", ("edge-b", "core"), 0, 1, "edge-b", 1, inf)
+    table.learn("core", "ST-2", ("edge-b", "core"), 0, 1, "edge-b", 1, inf)
+    return node
+
+
+def test_topology_draws_nodes_links_backends_and_stations(tmp_path: Path) -> None:
+    node = _overlay_node(tmp_path)
+    svg = ET.fromstring(render_svg(topology_model(node)))
+    ns = "{http://www.w3.org/2000/svg}"
+    nodes = {g.get("data-node"): g for g in svg.iter(f"{ns}g")
+             if "node" in (g.get("class") or "").split()}
+    assert set(nodes) == {"adm-unit", "core", "spare", "edge-b"}
+    assert {k: g.get("data-kind") for k, g in nodes.items()} == {
+        "adm-unit": "self", "core": "peer", "spare": "down", "edge-b": "remote"}
+    assert nodes["edge-b"].get("data-stations") == "2"
+    assert nodes["edge-b"].get("data-hops") == "2"
+    edges = {(e.get("data-from"), e.get("data-to")): e.get("class") for e in svg.iter(f"{ns}line")
+             if e.get("data-from")}
+    assert edges == {("adm-unit", "core"): "edge link", ("adm-unit", "spare"): "edge down",
+                     ("core", "edge-b"): "edge route"}
+    backends = {(b.get("data-node"), b.get("data-backend")) for b in svg.iter(f"{ns}g")
+                if b.get("class") == "backend"}
+    assert backends == {("adm-unit", "main"), ("adm-unit", "copies"), ("core", "CSMS")}
+    texts = "".join(svg.itertext())
+    assert "msgpack" in texts
+
+
+async def test_topology_page_has_no_script_and_escapes_names(tmp_path: Path) -> None:
+    node = _overlay_node(tmp_path)
+    node.mesh.table.learn("core", "<b>x</b>", ("<b>x</b>", "core"), 0, 1, "<b>x</b>", 1,
+                          float("inf"))
+    status, body = await asgi(node, "/topology")
+    page = body.decode()
+    assert status == 200
+    assert "<script" not in page.lower()
+    assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
+    start, end = page.index("<svg"), page.index("</svg>") + len("</svg>")
+    ET.fromstring(page[start:end])  # well-formed
+    status, body = await asgi(node, "/topology.svg")
+    assert status == 200 and body.startswith(b"<svg")
+
+
+# --- the HTTP surface ---------------------------------------------------------------------
+
+
+async def asgi(node: Node, path: str, method: str = "GET",
+               headers: list[tuple[bytes, bytes]] | None = None,
+               app: AdminApp | None = None) -> tuple[int, bytes]:
+    """One request straight into the ASGI app (no sockets)."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope: Any = {"type": "http", "method": method, "path": path, "query_string": b"",
+                  "headers": headers or [(b"host", b"127.0.0.1:9090")],
+                  "client": ("127.0.0.1", 5555)}
+    await (app or AdminApp(node))(scope, receive, send)
+    assert sent[0]["type"] == "http.response.start"
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def asgi_text(node: Node, path: str) -> str:
+    status, body = await asgi(node, path)
+    assert status == 200, body
+    return body.decode()
+
+
+async def test_unknown_paths_and_methods(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    assert (await asgi(node, "/nope"))[0] == 404
+    assert (await asgi(node, "/metrics", "POST"))[0] == 405
+    assert (await asgi(node, "/reload", "GET"))[0] == 405
+
+
+async def test_reload_calls_the_node_when_it_can(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    if not hasattr(Node, "reload"):
+        status, body = await asgi(node, "/reload", "POST")
+        assert status == 501 and b"cannot reload" in body
+    calls: list[str] = []
+
+    async def reload_ok() -> dict[str, Any]:
+        calls.append("ok")
+        return {"ok": True, "policy": "reloaded"}
+
+    node.reload = reload_ok  # type: ignore[attr-defined]
+    status, body = await asgi(node, "/reload", "POST")
+    assert (status, calls) == (200, ["ok"])
+    assert b'"policy": "reloaded"' in body
+
+    node.reload = lambda: {"ok": False, "error": "policy.toml:3: bad"}  # type: ignore[attr-defined]
+    status, body = await asgi(node, "/reload", "POST")
+    assert status == 422 and b"policy.toml:3: bad" in body
+
+    node.reload = reload_ok  # type: ignore[attr-defined]
+    status, _ = await asgi(node, "/reload", "POST",
+                           [(b"host", b"127.0.0.1:9090"), (b"origin", b"http://evil.example")])
+    assert status == 403
+    status, _ = await asgi(node, "/reload", "POST",
+                           [(b"host", b"127.0.0.1:9090"), (b"origin", b"http://127.0.0.1:9090")])
+    assert status == 200
+
+
+async def test_reload_answers_what_the_node_did(tmp_path: Path) -> None:
+    if not hasattr(Node, "reload"):
+        pytest.skip("Node.reload is not there yet")
+    policy = tmp_path / "policy.toml"
+    policy.write_text('default = "forward"\n')
+    text = CONFIG.format(state=tmp_path / "state", backend="ws://127.0.0.1:1/ocpp",
+                         extra=f'\n[policy]\nfile = "{policy}"\n')
+    source = tmp_path / "node.toml"
+    source.write_text(text)
+    node = Node(parse(text, str(source), tmp_path))
+    status, body = await asgi(node, "/reload", "POST")
+    assert status == 200
+    assert json.loads(body)["ok"] is True
+
+    policy.write_text("default = \"sometimes\"\n")
+    status, body = await asgi(node, "/reload", "POST")
+    answer = json.loads(body)
+    assert status == 422 and answer["ok"] is False
+    assert "policy.toml" in answer["message"]
+
+
+async def test_serve_admin_logs_where_it_listens(tmp_path: Path, nursery: trio.Nursery) -> None:
+    node = make_node(tmp_path)
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logger = logging.getLogger("router.admin")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        port = await nursery.start(serve_admin, node)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    [record] = [r for r in seen if r.getMessage() == "admin_listening"]
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["host"] == "127.0.0.1" and fields["port"] == port > 0
+    reply = await fetch(f"http://127.0.0.1:{port}/routes")
+    assert reply.status == 200 and reply.headers["content-type"] == "application/json"
+
+
+async def test_no_admin_section_serves_nothing(tmp_path: Path, nursery: trio.Nursery) -> None:
+    text = CONFIG.format(state=tmp_path / "s", backend="ws://127.0.0.1:1/ocpp", extra="")
+    node = Node(parse(text.split("[admin]")[0], "plain.toml", tmp_path))
+    assert await nursery.start(serve_admin, node) is None
+
+
+async def test_a_busy_admin_port_is_reported(tmp_path: Path, nursery: trio.Nursery) -> None:
+    node = make_node(tmp_path)
+    port = await nursery.start(serve_admin, node)
+    text = CONFIG.format(state=tmp_path / "s2", backend="ws://127.0.0.1:1/ocpp", extra="")
+    other = Node(parse(text.replace("port = 0\n", f"port = {port}\n"), "busy.toml", tmp_path))
+    assert other.config.admin is not None and other.config.admin.port == port
+    with pytest.raises(AdminBindError) as refused:
+        await nursery.start(serve_admin, other)
+    assert str(refused.value).startswith(f"admin endpoint 127.0.0.1:{port}: ")
+
