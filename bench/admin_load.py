@@ -19,7 +19,6 @@ import http.client
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,52 +45,17 @@ from forwarding import (  # noqa: E402
     wait_until_quiet,
 )
 
-from tests.nodeproc import NodeProcess, _pump, start_node  # noqa: E402
+from tests.nodeproc import NodeProcess, start_node  # noqa: E402
 
 AIM = 1.1
 ADMIN = '\n[admin]\nhost = "127.0.0.1"\nport = 0\n'
-# Until Node.run starts serve_admin itself, run the node with it (same Node, same config).
-NODE_SERVES_ADMIN = any("serve_admin" in (REPO_ROOT / "router" / name).read_text()
-                        for name in ("node.py", "cli.py"))
-_RUNNER = """\
-import signal, sys, trio
-from router import config, logs
-from router.admin import serve_admin
-from router.cli import tune_gc
-from router.node import Node
-
-async def main(cfg):
-    node = Node(cfg)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(node.run)
-            await nursery.start(serve_admin, node)
-            async for _ in signals:
-                break
-            await node.shutdown()
-            nursery.cancel_scope.cancel()
-
-logs.setup("info")
-tune_gc()
-trio.run(main, config.load(sys.argv[1]))
-"""
 
 
 def start_admin_node(config: str, workdir: Path) -> tuple[NodeProcess, int]:
     """The node and its admin port (from the ``admin_listening`` log line)."""
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {"PYTHONPATH": pythonpath}
-    if NODE_SERVES_ADMIN:
-        node = start_node(config, workdir, env=env)
-    else:
-        path = workdir / "node.toml"
-        path.write_text(config)
-        proc = subprocess.Popen([sys.executable, "-c", _RUNNER, str(path)], cwd=workdir,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, env={**os.environ, **env})
-        node = NodeProcess(proc=proc, config_path=path)
-        threading.Thread(target=_pump, args=(node,), daemon=True).start()
-        node.port = int(node.wait_for_event("listening", timeout=20.0)["port"])
+    node = start_node(config, workdir, env=env)
     try:
         admin = node.wait_for_event("admin_listening", timeout=20.0)
     except TimeoutError:
@@ -287,7 +251,7 @@ def main() -> int:
           f"{opts.scrapes} scrapes of {opts.path} over each {opts.seconds:g} s window "
           f"({opts.scrapes / opts.seconds:.0f}/s, keep-alive); {os.cpu_count()} CPUs"
           f"{', node pinned' if opts.pin_plan else ''}; "
-          f"node {'serves [admin] itself' if NODE_SERVES_ADMIN else 'run with serve_admin'}\n")
+          "node serves [admin] itself\n")
     head = (f"{'round':>5} {'phase':<8} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
             f"{'errors':>6} {'scrapes':>7} {'scrape p50':>10} {'scrape p99':>10} "
             f"{'node%':>5} {'other%':>6}")

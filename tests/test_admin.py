@@ -21,11 +21,9 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,9 +32,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.nodeproc import NodeProcess, _pump, start_node
+from tests.nodeproc import NodeProcess, start_node
 from tests.overlay_support import PeerLink, await_log, overlay_config, routes_to, wait_log
-from tests.peers import REPO_ROOT, edge_config, node_env
+from tests.peers import edge_config, node_env
 from tests.peers.ocpp_csms import Csms
 from tests.peers.ocpp_station import open_station
 
@@ -44,30 +42,6 @@ STEP = 10.0
 ADMIN = '\n[admin]\nhost = "127.0.0.1"\nport = 0\n'
 SVG = "{http://www.w3.org/2000/svg}"
 
-# Until the node starts serve_admin itself, the tests run the node with it (same Node,
-# same config, same logs) so the endpoint can be exercised end to end.
-NODE_SERVES_ADMIN = any("serve_admin" in (REPO_ROOT / "router" / name).read_text()
-                        for name in ("node.py", "cli.py"))
-_RUNNER = """\
-import signal, sys, trio
-from router import config, logs
-from router.admin import serve_admin
-from router.node import Node
-
-async def main(cfg):
-    node = Node(cfg)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(node.run)
-            await nursery.start(serve_admin, node)
-            async for _ in signals:
-                break
-            await node.shutdown()
-            nursery.cancel_scope.cancel()
-
-logs.setup(sys.argv[2])
-trio.run(main, config.load(sys.argv[1]))
-"""
 
 
 @dataclass
@@ -84,27 +58,9 @@ class AdminNode:
         self.proc.stop()
 
 
-def _start_with_runner(config_text: str, directory: Path, name: str) -> NodeProcess:
-    config_path = directory / name
-    config_path.write_text(config_text)
-    proc = subprocess.Popen([sys.executable, "-c", _RUNNER, str(config_path), "info"],
-                            cwd=directory, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, **node_env()})
-    node = NodeProcess(proc=proc, config_path=config_path)
-    threading.Thread(target=_pump, args=(node,), daemon=True).start()
-    listening = node.wait_for_event("listening", timeout=20.0)
-    node.port = int(listening["port"])
-    return node
-
-
 def start_admin_node(config_text: str, directory: Path, name: str = "node.toml") -> AdminNode:
     """Start a node whose config has ``[admin]``; wait until the endpoint listens."""
-    if NODE_SERVES_ADMIN:
-        proc = start_node(config_text, directory, env=node_env(), name=name)
-    else:
-        warnings.warn("router/node.py does not start serve_admin yet: the admin tests run "
-                      "the node with it from a test runner", stacklevel=2)
-        proc = _start_with_runner(config_text, directory, name)
+    proc = start_node(config_text, directory, env=node_env(), name=name)
     try:
         line = proc.wait_for_event("admin_listening", timeout=STEP)
     except TimeoutError:
