@@ -196,10 +196,6 @@ class Config:
                 return entry
         return None
 
-    def secondaries_for(self, identity: str) -> tuple[BackendEntry, ...]:
-        """The secondary backends subscribed to this station's frames."""
-        return tuple(b for b in self.backends if b.role == "secondary" and b.serves(identity))
-
     def primary_for(self, identity: str, entry: StationEntry) -> BackendEntry | None:
         """The station's primary backend: named by its entry, else the first that serves it."""
         for backend in self.backends:

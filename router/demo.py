@@ -82,11 +82,9 @@ class DemoCsms:
     """A CSMS that accepts every station, answers its messages and sends it one command."""
 
     def __init__(self) -> None:
-        self.calls_received = 0
         self.commands_answered = 0
 
     def answer(self, version: str, action: str, payload: dict[str, Any]) -> dict[str, Any]:
-        self.calls_received += 1
         if action == "BootNotification":
             return {"currentTime": _now(), "interval": 10, "status": "Accepted"}
         if action == "Heartbeat":

@@ -103,6 +103,7 @@ class Node:
         self._addresses: dict[str, tuple[str, float]] = {}  # SRV target host -> (address, until)
         self._address_failures: dict[str, int] = {}
         self._refreshing: set[str] = set()
+        self._address_resolver: dns.asyncresolver.Resolver | None = None
         self.srv = SrvResolver(config.dns.nameservers or None,
                                ttl_floor_s=config.dns.ttl_floor_s,
                                ttl_ceiling_s=config.dns.ttl_ceiling_s,
@@ -433,9 +434,12 @@ class Node:
             self._refreshing.discard(host)
 
     async def _resolve_address(self, host: str) -> str | None:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(address, port)
-                                for address, port in self.config.dns.nameservers]
+        if self._address_resolver is None:
+            self._address_resolver = dns.asyncresolver.Resolver(configure=False)
+            self._address_resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(address, port)
+                for address, port in self.config.dns.nameservers]
+        resolver = self._address_resolver
         cached = self._addresses.get(host)
         try:
             answer = await resolver.resolve(host, "A", lifetime=self.config.dns.timeout_s,

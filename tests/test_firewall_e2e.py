@@ -120,17 +120,6 @@ def signed(directory: Path, key: str, payload: dict[str, Any]) -> dict[str, Any]
     return result
 
 
-def answer_to(csms: Csms, identity: str, message_id: str) -> list[Any]:
-    """The frame the CSMS received in answer to its CALL ``message_id``."""
-    def find() -> list[Any] | None:
-        for text in csms.frames(identity):
-            frame = json.loads(text)
-            if frame[0] in (3, 4) and frame[1] == message_id:
-                return list(frame)
-        return None
-    return csms.wait_for(find, timeout=10, what=f"answer to {message_id}")
-
-
 def test_signature_policy_end_to_end(setup: tuple[Csms, NodeProcess, Path]) -> None:
     csms, node, directory = setup
     identity = "FW-STATION-1"
@@ -145,23 +134,23 @@ def test_signature_policy_end_to_end(setup: tuple[Csms, NodeProcess, Path]) -> N
 
             # unsigned: refused at the node, the station never sees it
             await send(csms.send_raw, identity, json.dumps([2, "r-unsigned", "Reset", reset]))
-            refused = await send(answer_to, csms, identity, "r-unsigned")
+            refused = await send(csms.wait_for_answer, identity, "r-unsigned")
             assert refused[:3] == [4, "r-unsigned", "SecurityError"]
             assert ADMIN_RULE in refused[3]
 
             # signed by an admin key: delivered (signatures removed for the standard
             # station, which validates the schema), and the station's answer comes back
             await send(csms.send_raw, identity, json.dumps([2, "r-admin", "Reset", admin_reset]))
-            delivered = await send(answer_to, csms, identity, "r-admin")
+            delivered = await send(csms.wait_for_answer, identity, "r-admin")
             assert delivered == [3, "r-admin", {"status": "Accepted"}]
 
             # signed by a key without the admin role: refused
             await send(csms.send_raw, identity, json.dumps([2, "r-viewer", "Reset", viewer_reset]))
-            assert (await send(answer_to, csms, identity, "r-viewer"))[2] == "SecurityError"
+            assert (await send(csms.wait_for_answer, identity, "r-viewer"))[2] == "SecurityError"
 
             # the admin-signed payload again: a replay, refused
             await send(csms.send_raw, identity, json.dumps([2, "r-replay", "Reset", admin_reset]))
-            replay = await send(answer_to, csms, identity, "r-replay")
+            replay = await send(csms.wait_for_answer, identity, "r-replay")
             assert replay[2] == "SecurityError" and "replay" in replay[3].lower()
 
             # station MeterValues pass and reach the CSMS counter-signed by the node

@@ -6,7 +6,6 @@ import asyncio
 import json
 import signal
 from pathlib import Path
-from typing import Any
 
 from tests.nodeproc import start_node
 from tests.peers import node_env
@@ -22,16 +21,6 @@ actions = ["Reset"]
 direction = "to-station"
 then = "reject"
 """
-
-
-def answer_to(csms: Csms, identity: str, message_id: str) -> list[Any]:
-    def find() -> list[Any] | None:
-        for text in csms.frames(identity):
-            frame = json.loads(text)
-            if frame[0] in (3, 4) and frame[1] == message_id:
-                return list(frame)
-        return None
-    return csms.wait_for(find, timeout=10, what=f"answer to {message_id}")
 
 
 def test_sighup_changes_the_next_decision_without_dropping_stations(tmp_path: Path) -> None:
@@ -61,13 +50,13 @@ file = "policy.toml"
                     send = asyncio.to_thread
                     reset = json.dumps([2, "r-1", "Reset", {"type": "Immediate"}])
                     await send(csms.send_raw, identity, reset)
-                    assert (await send(answer_to, csms, identity, "r-1"))[0] == 3
+                    assert (await send(csms.wait_for_answer, identity, "r-1"))[0] == 3
 
                     policy.write_text(REJECT_RESET)
                     node.proc.send_signal(signal.SIGHUP)
                     await send(node.wait_for_event, "reloaded")
                     await send(csms.send_raw, identity, reset.replace("r-1", "r-2"))
-                    refused = await send(answer_to, csms, identity, "r-2")
+                    refused = await send(csms.wait_for_answer, identity, "r-2")
                     assert refused[2] == "SecurityError" and "no resets today" in refused[3]
 
                     policy.write_text('default = "forward"\n[[rules]]\nname = 5\n')
@@ -75,7 +64,7 @@ file = "policy.toml"
                     failed = await send(node.wait_for_event, "reload_refused")
                     assert "policy.toml" in failed["reason"]
                     await send(csms.send_raw, identity, reset.replace("r-1", "r-3"))
-                    assert (await send(answer_to, csms, identity, "r-3"))[2] == "SecurityError"
+                    assert (await send(csms.wait_for_answer, identity, "r-3"))[2] == "SecurityError"
                     # the station stayed connected throughout, on its first link
                     assert (await station.heartbeat()) is not None
                     assert [c.action for c in station.commands] == ["Reset"]

@@ -536,6 +536,16 @@ class Csms:
             return self.call(identity, call16.Reset(type=kind or "Hard"))
         return self.call(identity, call201.Reset(type=kind or "Immediate"))
 
+    def wait_for_answer(self, identity: str, message_id: str, timeout: float = 10.0) -> list[Any]:
+        """The CALLRESULT or CALLERROR the CSMS received for its CALL ``message_id``."""
+        def find() -> list[Any] | None:
+            for text in self.frames(identity):
+                frame = json.loads(text)
+                if frame[0] in (3, 4) and frame[1] == message_id:
+                    return list(frame)
+            return None
+        return self.wait_for(find, timeout=timeout, what=f"answer to {message_id}")
+
     def send_raw(self, identity: str, text: str | bytes) -> None:
         """Send one message exactly as given on the station's current link."""
         self._run(self._send_raw(identity, text), timeout=10.0)
