@@ -502,7 +502,7 @@ def wait_until_quiet(max_wait: float) -> float | None:
 
 
 def node_available() -> bool:
-    return (REPO_ROOT / "router" / "cli.py").exists()
+    return (REPO_ROOT / "router" / "__main__.py").exists()
 
 
 def main() -> int:
@@ -535,7 +535,7 @@ def main() -> int:
         if k not in SCENARIOS and k not in SECONDARY_SCENARIOS:
             parser.error(f"unknown scenario {k!r}")
     if "node" in kinds and not node_available():
-        print("router/cli.py not found: skipping the node scenario", file=sys.stderr)
+        print("router/__main__.py not found: skipping the node scenario", file=sys.stderr)
         kinds.remove("node")
 
     cpus = sorted(psutil.Process().cpu_affinity() or [])

@@ -1,4 +1,4 @@
-"""Outbox spill and replay rates (router/outbox.py), synchronous=NORMAL and FULL.
+"""Outbox spill and replay rates (router/backends/outbox.py), synchronous=NORMAL and FULL.
 
 Spill: ``n`` MeterValues copies (~500-byte payloads) appended to one subscriber in
 batches of 1, 10 and 100 items per `append` (one commit each). Replay: the same rows read
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: make `router` importable
     sys.path.insert(0, str(ROOT))
 
-from router.outbox import Outbox, OutboxItem, Synchronous  # noqa: E402
+from router.backends.outbox import Outbox, OutboxItem, Synchronous  # noqa: E402
 
 AIM_FRAMES_PER_S = 20_000
 PAYLOAD_BYTES = 500

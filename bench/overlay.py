@@ -1,6 +1,6 @@
 """Overlay benchmark: peer-link throughput per encoding, and a 100,000-route full sync.
 
-Link throughput: two real ``PeerLink`` endpoints (router/mesh.py) joined by a loopback
+Link throughput: two real ``PeerLink`` endpoints (router/overlay/peer_link.py) joined by a loopback
 TCP connection in one trio process. The sender queues overlay frames (a ~300-byte
 MeterValues CALL) through ``PeerLink.send``; its writer frames them (JSON text, one
 msgpack frame per message, or msgpack batches); the receiver's reader decodes each frame
@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from routes import full_sync  # noqa: E402
 
-from router.frames import CALL  # noqa: E402
-from router.handshake import dial, read_upgrade  # noqa: E402
 from router.mesh import PeerLink  # noqa: E402
-from router.overlay import OverlayFrame  # noqa: E402
+from router.net.handshake import dial, read_upgrade  # noqa: E402
+from router.wire.frames import CALL  # noqa: E402
+from router.wire.overlay_frames import OverlayFrame  # noqa: E402
 from topology import RouteTable  # noqa: E402
 
 PAYLOAD = {"evseId": 1, "meterValue": [{"timestamp": "2026-11-22T10:00:00Z", "sampledValue": [

@@ -15,7 +15,7 @@ Part 2 times a full sync of N station routes between two sessions: node A's tabl
 N local routes; A's session builds the full-sync payloads on link up, B's session
 receives them into B's table. Printed with and without a JSON round trip (what the wire
 adds), against the aim of <= 2 s for 100,000 routes, once with Python's default garbage
-collector settings and once with the node's (``router/cli.py``: ``gc.freeze()`` and
+collector settings and once with the node's (``router/cli/main.py``: ``gc.freeze()`` and
 thresholds 20,000/20/20), which is what a running node pays. Part 3 does the same with Ed25519
 signatures per route (signed once at the origin, verified at the receiver).
 """

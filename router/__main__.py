@@ -1,5 +1,5 @@
 """``python -m router`` runs the same command line as ``ocpp-router``."""
 
-from router.cli import main
+from router.cli.main import main
 
 raise SystemExit(main())

@@ -50,10 +50,10 @@ from router.config import BackendEntry
 from router.failover import FailoverLink
 from router.logs import log_event
 from router.mesh import VirtualLink
-from router.overlay import ANYCAST_CSMS
-from router.srv import SrvUnavailable
+from router.net.dns import SrvUnavailable
+from router.net.wslink import Link, WsLink
 from router.stats import BOUNDS_NS
-from router.wslink import Link, WsLink
+from router.wire.overlay_frames import ANYCAST_CSMS
 
 if TYPE_CHECKING:
     from router.node import Node

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from router.logs import log_event
-from router.wslink import LinkClosed, WsLink
+from router.net.wslink import LinkClosed, WsLink
 
 if TYPE_CHECKING:
     from router.config import BackendEntry

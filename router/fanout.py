@@ -24,8 +24,12 @@ from urllib.parse import quote
 
 import trio
 
+from router.backends.outbox import Outbox, OutboxItem
 from router.config import BackendEntry
-from router.frames import (
+from router.logs import log_event
+from router.net.handshake import HandshakeFailed, dial
+from router.net.wslink import LinkClosed, WsLink
+from router.wire.frames import (
     CALL,
     CALLERROR,
     CALLRESULT,
@@ -35,10 +39,6 @@ from router.frames import (
     decode,
     error_answer,
 )
-from router.handshake import HandshakeFailed, dial
-from router.logs import log_event
-from router.outbox import Outbox, OutboxItem
-from router.wslink import LinkClosed, WsLink
 
 if TYPE_CHECKING:
     from router.node import Node

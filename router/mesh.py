@@ -24,7 +24,13 @@ from urllib.parse import urlsplit
 import trio
 
 from router.config import BackendEntry, PeerEntry, StationEntry
-from router.frames import (
+from router.logs import log_event
+from router.net.dns import SrvUnavailable
+from router.net.handshake import HandshakeFailed, Upgrade, dial
+from router.net.wslink import LinkClosed, WsLink
+from router.session import StationSession
+from router.trust import load_trusted, route_signer, route_verifier
+from router.wire.frames import (
     CALL,
     CALLERROR,
     CALLRESULT,
@@ -34,9 +40,7 @@ from router.frames import (
     decode,
     encode_parts,
 )
-from router.handshake import HandshakeFailed, Upgrade, dial
-from router.logs import log_event
-from router.overlay import (
+from router.wire.overlay_frames import (
     ANYCAST_CSMS,
     OverlayFrame,
     decode_json,
@@ -44,10 +48,6 @@ from router.overlay import (
     encode_json,
     encode_msgpack,
 )
-from router.session import StationSession
-from router.srv import SrvUnavailable
-from router.trust import load_trusted, route_signer, route_verifier
-from router.wslink import LinkClosed, WsLink
 from topology import (
     ACTION,
     AnnouncementRejected,

@@ -27,18 +27,18 @@ from router.config import MAX_ID, BackendEntry, Config, ConfigError, StationEntr
 from router.config import load as load_config
 from router.failover import FailoverLink
 from router.fanout import Fanout
-from router.frames import Version
-from router.gate import Gate, GateError
-from router.handshake import HandshakeFailed, Upgrade, dial, read_upgrade
 from router.logs import log_event
 from router.mesh import MODE_HEADER, MODE_OVERLAY, Mesh
+from router.net.dns import SrvResolver, SrvUnavailable
+from router.net.handshake import HandshakeFailed, Upgrade, dial, read_upgrade
+from router.net.tls import common_name, server_context
+from router.net.wslink import WsLink
 from router.passwords import VerifiedCache, verify_password
+from router.relay.gate import Gate, GateError
+from router.relay.timer import CallTimer
 from router.session import StationSession
-from router.srv import SrvResolver, SrvUnavailable
 from router.stats import Stats
-from router.timer import CallTimer
-from router.tls import common_name, server_context
-from router.wslink import WsLink
+from router.wire.frames import Version
 
 log = logging.getLogger("router.node")
 

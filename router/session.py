@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from policies import Outcome
-from router.frames import (
+from router.logs import log_event
+from router.net.wslink import Link, LinkClosed
+from router.wire.frames import (
     CALL,
     CALLERROR,
     CALLRESULT,
@@ -36,8 +38,6 @@ from router.frames import (
     error_answer,
     error_code,
 )
-from router.logs import log_event
-from router.wslink import Link, LinkClosed
 
 if TYPE_CHECKING:
     from router.node import Node

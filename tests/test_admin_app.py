@@ -22,7 +22,6 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from router import admin_cli
 from router.admin import (
     AdminApp,
     AdminBindError,
@@ -31,12 +30,13 @@ from router.admin import (
     serve_admin,
     topology_model,
 )
+from router.cli import admin_views as admin_cli
 from router.config import parse
-from router.handshake import dial
 from router.mesh import PeerLink
+from router.net.dns import SrvTarget
+from router.net.handshake import dial
+from router.net.wslink import WsLink
 from router.node import Node
-from router.srv import SrvTarget
-from router.wslink import WsLink
 from tests.raw_backend import RawBackend
 
 STEP = 10.0

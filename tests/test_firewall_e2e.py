@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from websockets.sync.client import connect
 
 from policies import VerifiedSignature, verify_signatures
-from router.gate import audit_lines
+from router.relay.gate import audit_lines
 from tests.nodeproc import NodeProcess, start_node
 from tests.peers import node_env
 from tests.peers.ocpp_csms import Csms

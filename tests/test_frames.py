@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.frames import (
+from router.wire.frames import (
     CALL,
     CALLERROR,
     CALLRESULT,

@@ -1,4 +1,4 @@
-"""The durable outbox (router/outbox.py): order, bounds, restarts, SIGKILL, threads, errors."""
+"""The durable outbox (router/backends/outbox.py): order, bounds, restarts, SIGKILL, errors."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import router.outbox as outbox_module
-from router.outbox import Outbox, OutboxError, OutboxItem
+import router.backends.outbox as outbox_module
+from router.backends.outbox import Outbox, OutboxError, OutboxItem
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -239,7 +239,7 @@ def test_sigkill_loses_no_returned_append(tmp_path: Path) -> None:
     child = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from router.outbox import Outbox, OutboxItem\n"
+        "from router.backends.outbox import Outbox, OutboxItem\n"
         "outbox = Outbox(Path(sys.argv[1]))\n"
         "n, i = int(sys.argv[2]), 0\n"
         "while True:\n"

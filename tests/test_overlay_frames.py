@@ -11,8 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.frames import CALL, CALLERROR, CALLRESULT, CALLRESULTERROR, SEND, FrameError, Problem
-from router.overlay import (
+from router.wire.frames import (
+    CALL,
+    CALLERROR,
+    CALLRESULT,
+    CALLRESULTERROR,
+    SEND,
+    FrameError,
+    Problem,
+)
+from router.wire.overlay_frames import (
     MAX_HOPS,
     OverlayFrame,
     decode_json,

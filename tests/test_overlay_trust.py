@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from policies import SigningKey
-from router import overlay
+from router.wire import overlay_frames as overlay
 from tests.nodeproc import NodeProcess, start_node
 from tests.overlay_support import (
     PeerLink,

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from policies.signatures import VerifiedSignature, verify_signatures
-from router.policy_cli import COMMANDS, add_commands, check_policy_file, run_command
+from router.cli.policy_tools import COMMANDS, add_commands, check_policy_file, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str, stdin: str = "", cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "router.policy_cli", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "router.cli.policy_tools", *args], input=stdin,
                           capture_output=True, text=True, timeout=60, cwd=cwd)
 
 

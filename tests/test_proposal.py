@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from router import frames, overlay
+from router.wire import frames
+from router.wire import overlay_frames as overlay
 from topology.messages import parse_payload
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,6 +1,6 @@
 """docs/protocol.md stays true: every JSON example in it decodes with the code it specifies.
 
-Each fenced ```json block is an overlay frame (``router.overlay.from_list``), a batch of
+Each fenced ```json block is an overlay frame (``router.wire.overlay_frames.from_list``), a batch of
 frames, or a NotifyNetworkTopology payload (``topology.messages.parse_payload``). Signed
 routes in the examples verify against their key id, the claim bytes shown in ```text
 blocks are exactly what ``topology.messages.claim_bytes`` produces, and the constants
@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from policies import public_key_from_key_id
-from router import overlay
 from router.trust import route_verifier
+from router.wire import overlay_frames as overlay
 from topology.exchange import DEFAULT_MAX_ROUTES_PER_MESSAGE
 from topology.messages import ACTION, check_signatures, claim_bytes, parse_payload
 from topology.table import DEFAULT_MAX_PATH_LENGTH

@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from router.srv import (
+from router.net.dns import (
     NOT_OFFERED,
     SrvResolver,
     SrvTarget,

@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from router.timer import CallTimer
+from router.relay.timer import CallTimer
 
 
 @dataclass(eq=False)

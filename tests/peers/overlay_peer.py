@@ -26,8 +26,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from policies import SigningKey, format_timestamp
-from router import overlay
-from router.overlay import OverlayFrame
+from router.wire import overlay_frames as overlay
+from router.wire.overlay_frames import OverlayFrame
 from topology.messages import ACTION, build_payload, claim_bytes, route_entry
 
 NETWORKING_MODE = "X-OCPP-NetworkingMode"

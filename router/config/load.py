@@ -7,341 +7,36 @@ a config in one pass. Relative paths are resolved against the config file's dire
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from router.frames import SUBPROTOCOLS
+from router.config.checker import Checker as _Checker
+from router.config.model import (
+    DEFAULT_SUBSCRIBE,
+    MAX_ID,
+    AdminSection,
+    BackendAuth,
+    BackendEntry,
+    Config,
+    ConfigError,
+    ConfigProblem,
+    DnsSection,
+    ListenSection,
+    NodeSection,
+    PeerEntry,
+    PolicySection,
+    StationEntry,
+    TrustSection,
+    env_name,
+    peer_env_name,
+)
 from router.passwords import HashFormatError, parse_hash
-
-MAX_ID = 48
-DEFAULT_SUBSCRIBE = ("BootNotification", "StatusNotification", "MeterValues", "TransactionEvent")
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigProblem:
-    """One mistake in a config file."""
-
-    file: str
-    key: str
-    line: int | None
-    problem: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.key}: {self.problem}" if self.key else f"{where}: {self.problem}"
-
-
-class ConfigError(Exception):
-    """A config file that cannot be used; ``problems`` lists every mistake found."""
-
-    def __init__(self, problems: list[ConfigProblem]) -> None:
-        super().__init__("\n".join(str(p) for p in problems))
-        self.problems = problems
-
-
-@dataclass(frozen=True, slots=True)
-class NodeSection:
-    """``[node]``: identity, state and the timers every link uses."""
-
-    id: str
-    key: Path | None = None
-    state_dir: Path = Path("state")
-    call_timeout_s: float = 30.0
-    max_queued_calls: int = 16
-    connect_timeout_s: float = 10.0
-    shutdown_timeout_s: float = 5.0
-    failover_grace_s: float = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class ListenSection:
-    """``[listen]``: the WebSocket server stations connect to."""
-
-    host: str = "127.0.0.1"
-    port: int = 9000
-    path: str = "/ocpp"
-    subprotocols: tuple[str, ...] = SUBPROTOCOLS
-    security_profile: int = 1
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
-    max_message_bytes: int = 65536
-    handshake_timeout_s: float = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class StationEntry:
-    """One ``[[stations]]`` entry: which identities may connect, and how they prove it."""
-
-    match: str
-    password_hash: str | None = None
-    primary: str | None = None
-    keep_signatures: bool = False
-
-    def matches(self, identity: str) -> bool:
-        return fnmatch.fnmatchcase(identity, self.match)
-
-
-@dataclass(frozen=True, slots=True)
-class BackendAuth:
-    """How the node authenticates a station's backend link."""
-
-    mode: str = "passthrough"  # passthrough | none | password
-    password: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BackendEntry:
-    """One ``[[backends]]`` entry."""
-
-    name: str
-    role: str
-    url: str  # "" when srv is used
-    stations: tuple[str, ...] = ("*",)
-    auth: BackendAuth = field(default_factory=BackendAuth)
-    keep_signatures: bool = False
-    # secondaries only
-    subscribe: tuple[str, ...] = ()
-    allow_commands: bool = False
-    answer_timeout_s: float = 30.0
-    queue: int = 10_000
-    outbox_max_rows: int = 1_000_000
-    outbox_max_age_s: float = 7 * 86400.0
-    srv: str | None = None  # an SRV name instead of url, with scheme and path
-    scheme: str = "ws"
-    path: str = "/ocpp"
-
-    def subscribes(self, action: str) -> bool:
-        return any(fnmatch.fnmatchcase(action, pattern) for pattern in self.subscribe)
-
-    def serves(self, identity: str) -> bool:
-        return any(fnmatch.fnmatchcase(identity, pattern) for pattern in self.stations)
-
-    def station_url(self, identity_quoted: str) -> str:
-        return f"{self.url.rstrip('/')}/{identity_quoted}"
-
-
-@dataclass(frozen=True, slots=True)
-class AdminSection:
-    """``[admin]``: the operator's HTTP endpoint."""
-
-    host: str = "127.0.0.1"
-    port: int = 9090
-
-
-@dataclass(frozen=True, slots=True)
-class PeerEntry:
-    """One ``[[peers]]`` entry: an overlay uplink this node dials."""
-
-    id: str
-    url: str  # "" when srv is used
-    encoding: str = "json"  # json | msgpack
-    password: str | None = None
-    srv: str | None = None
-    scheme: str = "ws"
-    path: str = "/ocpp"
-
-
-@dataclass(frozen=True, slots=True)
-class DnsSection:
-    """``[dns]``: where SRV names are resolved, and how long answers are kept."""
-
-    nameservers: tuple[tuple[str, int], ...] = ()  # empty: the system's resolver config
-    ttl_floor_s: float = 5.0
-    ttl_ceiling_s: float = 3600.0
-    timeout_s: float = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class TrustSection:
-    """``[trust]``: node ids and the public keys (PEM file or base64 key id) they sign with."""
-
-    nodes: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class PolicySection:
-    """``[policy]``: the firewall's policy file and where its decisions are audited."""
-
-    file: Path
-    audit_log: Path
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """A validated node configuration."""
-
-    node: NodeSection
-    listen: ListenSection
-    stations: tuple[StationEntry, ...]
-    backends: tuple[BackendEntry, ...]
-    admin: AdminSection | None = None
-    source: Path | None = None
-    policy: PolicySection | None = None
-    peers: tuple[PeerEntry, ...] = ()
-    trust: TrustSection | None = None
-    dns: DnsSection = field(default_factory=DnsSection)
-
-    def station_entry(self, identity: str) -> StationEntry | None:
-        """The first ``[[stations]]`` entry whose glob matches, or None."""
-        for entry in self.stations:
-            if entry.matches(identity):
-                return entry
-        return None
-
-    def primary_for(self, identity: str, entry: StationEntry) -> BackendEntry | None:
-        """The station's primary backend: named by its entry, else the first that serves it."""
-        for backend in self.backends:
-            if backend.role != "primary":
-                continue
-            if entry.primary is not None:
-                if backend.name == entry.primary:
-                    return backend
-            elif backend.serves(identity):
-                return backend
-        return None
-
-
-def env_name(backend_name: str) -> str:
-    """The environment variable that overrides a backend's password."""
-    return "OCPP_ROUTER_BACKEND_" + re.sub(r"[^A-Za-z0-9]", "_", backend_name).upper() + "_PASSWORD"
-
-
-# --- locating keys in the source text, so errors can name a line ------------------------
-
-_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]\]?")
-_KEYLINE = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
-
-
-def _find_line(text: str, key: str) -> int | None:
-    """Best-effort line of ``table.key`` or ``array[i].key`` in the TOML source."""
-    m = re.fullmatch(r"([A-Za-z0-9_-]+)(?:\[(\d+)\])?(?:\.([A-Za-z0-9_-]+))?.*", key)
-    if not m:
-        return None
-    table, index, leaf = m.group(1), m.group(2), m.group(3)
-    want = int(index) if index is not None else 0
-    seen: dict[str, int] = {}
-    inside = False
-    header_line = None
-    for number, raw in enumerate(text.splitlines(), start=1):
-        h = _HEADER.match(raw)
-        if h:
-            name = h.group(2)
-            count = seen.get(name, -1) + 1
-            seen[name] = count
-            inside = name == table and (h.group(1) == "[" or count == want)
-            if inside:
-                header_line = number
-            continue
-        if inside and leaf:
-            k = _KEYLINE.match(raw)
-            if k and k.group(1) == leaf:
-                return number
-    if header_line is None and leaf is None:
-        # a top-level key such as ``default``
-        for number, raw in enumerate(text.splitlines(), start=1):
-            if _HEADER.match(raw):
-                break
-            k = _KEYLINE.match(raw)
-            if k and k.group(1) == table:
-                return number
-    return header_line
-
-
-class _Checker:
-    """Collects problems while reading values out of the parsed TOML."""
-
-    def __init__(self, file: str, text: str) -> None:
-        self.file = file
-        self.text = text
-        self.problems: list[ConfigProblem] = []
-
-    def fail(self, key: str, problem: str) -> None:
-        self.problems.append(ConfigProblem(self.file, key, _find_line(self.text, key), problem))
-
-    def table(self, raw: Any, key: str, allowed: set[str]) -> dict[str, Any]:
-        if not isinstance(raw, dict):
-            self.fail(key, "must be a table")
-            return {}
-        for name in raw:
-            if name not in allowed:
-                self.fail(f"{key}.{name}", f"unknown key (known: {', '.join(sorted(allowed))})")
-        return raw
-
-    def string(
-        self, t: dict[str, Any], base: str, name: str, default: str | None = None,
-        required: bool = False,
-    ) -> str | None:
-        value = t.get(name, default)
-        if value is None:
-            if required:
-                self.fail(f"{base}.{name}", "is required")
-            return None
-        if not isinstance(value, str):
-            self.fail(f"{base}.{name}", f"must be a string, not {type(value).__name__}")
-            return default
-        return value
-
-    def integer(
-        self, t: dict[str, Any], base: str, name: str, default: int, lo: int, hi: int
-    ) -> int:
-        value = t.get(name, default)
-        if type(value) is not int:
-            self.fail(f"{base}.{name}", f"must be an integer, not {type(value).__name__}")
-            return default
-        if not lo <= value <= hi:
-            self.fail(f"{base}.{name}", f"must be between {lo} and {hi}, not {value}")
-            return default
-        return value
-
-    def number(
-        self, t: dict[str, Any], base: str, name: str, default: float, lo: float, hi: float
-    ) -> float:
-        value = t.get(name, default)
-        if type(value) not in (int, float):
-            self.fail(f"{base}.{name}", f"must be a number, not {type(value).__name__}")
-            return default
-        if not lo <= value <= hi:
-            self.fail(f"{base}.{name}", f"must be between {lo} and {hi}, not {value}")
-            return default
-        return float(value)
-
-    def boolean(self, t: dict[str, Any], base: str, name: str, default: bool) -> bool:
-        value = t.get(name, default)
-        if type(value) is not bool:
-            self.fail(f"{base}.{name}", f"must be true or false, not {type(value).__name__}")
-            return default
-        return value
-
-    def strings(
-        self, t: dict[str, Any], base: str, name: str, default: tuple[str, ...]
-    ) -> tuple[str, ...]:
-        value = t.get(name, list(default))
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            self.fail(f"{base}.{name}", "must be a list of non-empty strings")
-            return default
-        return tuple(value)
-
-    def path(
-        self, t: dict[str, Any], base: str, name: str, root: Path, must_exist: bool
-    ) -> Path | None:
-        value = self.string(t, base, name)
-        if value is None:
-            return None
-        resolved = (root / value) if not os.path.isabs(value) else Path(value)
-        if must_exist and not resolved.is_file():
-            self.fail(f"{base}.{name}", f"file not found: {resolved}")
-        return resolved
-
-
-_NOT_YET: dict[str, str] = {}
+from router.wire.frames import SUBPROTOCOLS
 
 
 def load(path: str | Path) -> Config:
@@ -372,9 +67,7 @@ def parse(text: str, file: str = "<config>", root: Path | None = None) -> Config
     known = {"node", "listen", "stations", "backends", "admin", "policy", "peers", "trust",
              "dns"}
     for name in raw:
-        if name in _NOT_YET:
-            c.fail(name, _NOT_YET[name])
-        elif name not in known:
+        if name not in known:
             c.fail(name, f"unknown section (known: {', '.join(sorted(known))})")
 
     node = _node(c, raw, root)
@@ -534,11 +227,6 @@ def _listen(c: _Checker, raw: dict[str, Any], root: Path) -> ListenSection:
         max_message_bytes=c.integer(t, "listen", "max_message_bytes", 65536, 1024, 64 * 2**20),
         handshake_timeout_s=c.number(t, "listen", "handshake_timeout_s", 10.0, 0.1, 600.0),
     )
-
-
-def peer_env_name(peer_id: str) -> str:
-    """The environment variable that overrides a peer's password."""
-    return "OCPP_ROUTER_PEER_" + re.sub(r"[^A-Za-z0-9]", "_", peer_id).upper() + "_PASSWORD"
 
 
 def _peers(c: _Checker, raw: dict[str, Any], node_id: str) -> tuple[PeerEntry, ...]:

@@ -37,10 +37,10 @@ from router.config import (
     NodeSection,
     StationEntry,
 )
-from router.frames import CALL, CALLRESULT, encode_call, encode_result
 from router.node import Node
 from router.passwords import hash_password
 from router.stats import Histogram
+from router.wire.frames import CALL, CALLRESULT, encode_call, encode_result
 
 Handler = Callable[[str, dict[str, Any]], dict[str, Any]]
 _PASSWORD = "demo-password"

@@ -3,7 +3,7 @@
 Both ask the node's admin endpoint (``[admin]``; ``GET /routes``, ``GET /links``) and
 print readable tables, or the JSON itself with ``--json``. :func:`add_commands` registers
 them on the main parser's subparsers and :func:`run_command` runs the parsed command;
-:func:`main` runs them alone (``python -m router.admin_cli``).
+:func:`main` runs them alone (``python -m router.cli.admin_views``).
 
 Exit codes: 0 ok, 1 the node could not be asked (unreachable, HTTP error), 2 usage.
 """

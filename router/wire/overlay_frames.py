@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from router.frames import (
+from router.wire.frames import (
     CALL,
     CALLERROR,
     CALLRESULT,

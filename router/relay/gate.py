@@ -21,7 +21,8 @@ from typing import IO, Any
 from policies import Decision, Firewall, Outcome, SigningKey, load_policy, sign_payload
 from policies.signatures import without_signatures
 from router.config import Config
-from router.frames import (
+from router.logs import log_event
+from router.wire.frames import (
     CALL,
     CALLERROR,
     CALLRESULT,
@@ -30,7 +31,6 @@ from router.frames import (
     Frame,
     encode_parts,
 )
-from router.logs import log_event
 
 log = logging.getLogger("router.gate")
 

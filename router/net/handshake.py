@@ -20,7 +20,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from router.wslink import RECEIVE_BYTES, WsLink
+from router.net.wslink import RECEIVE_BYTES, WsLink
 
 
 class HandshakeFailed(Exception):

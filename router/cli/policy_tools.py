@@ -3,7 +3,7 @@
 :func:`add_commands` registers them on the main parser's subparsers and
 :func:`run_command` runs the parsed command; :func:`check_policy_file` is what
 ``ocpp-router check`` calls for a config's ``[policy] file``. :func:`main` runs these
-commands alone (``python -m router.policy_cli``), for tests and scripts.
+commands alone (``python -m router.cli.policy_tools``), for tests and scripts.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or config error. A user's mistake is one
 clear sentence on stderr, never a traceback.

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 
 import trio
 
-from router import admin_cli, logs, policy_cli
 from router import config as config_mod
+from router import logs
+from router.cli import admin_views as admin_cli
+from router.cli import policy_tools as policy_cli
 from router.passwords import hash_password
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -60,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "hash-password":
             return _hash_password()
         if args.command == "demo":
-            from router.demo import run_demo
+            from router.cli.demo import run_demo
 
             return run_demo(args.stations, args.duration, args.log_level)
         if args.command in ("keys", "sign", "policy"):
@@ -80,7 +82,7 @@ def _load_or_explain(path: str) -> config_mod.Config | None:
             print(f"ocpp-router: {problem}", file=sys.stderr)
         return None
     # files that exist can still be unusable: load the TLS material the way run will
-    from router.tls import server_context
+    from router.net.tls import server_context
 
     try:
         server_context(cfg.listen)
@@ -94,7 +96,7 @@ def _load_or_explain(path: str) -> config_mod.Config | None:
             for line in policy_problems:
                 print(f"ocpp-router: {line}", file=sys.stderr)
             return None
-    from router.gate import Gate, GateError
+    from router.relay.gate import Gate, GateError
 
     try:
         Gate.from_config(cfg).close()
@@ -132,7 +134,7 @@ def _run(path: str, log_level: str) -> int:
     logs.setup(log_level)
     tune_gc()
     from router.admin import AdminBindError
-    from router.outbox import OutboxError
+    from router.backends.outbox import OutboxError
 
     try:
         trio.run(serve_until_signalled, cfg)

@@ -1,0 +1,1 @@
+"""Backends: dialling a station's CSMS link, duplication to secondaries, the outbox."""

@@ -1,0 +1,34 @@
+"""The node's TOML config: validated in full and turned into frozen objects.
+
+Validation collects every mistake rather than stopping at the first, and each one names
+the file, the key (``backends[2].url``), the line and the problem, so an operator fixes
+a config in one pass. Relative paths are resolved against the config file's directory.
+"""
+
+from router.config.load import load, parse
+from router.config.model import (
+    DEFAULT_SUBSCRIBE,
+    MAX_ID,
+    AdminSection,
+    BackendAuth,
+    BackendEntry,
+    Config,
+    ConfigError,
+    ConfigProblem,
+    DnsSection,
+    ListenSection,
+    NodeSection,
+    PeerEntry,
+    PolicySection,
+    StationEntry,
+    TrustSection,
+    env_name,
+    peer_env_name,
+)
+
+__all__ = [
+    "DEFAULT_SUBSCRIBE", "MAX_ID", "AdminSection", "BackendAuth", "BackendEntry", "Config",
+    "ConfigError", "ConfigProblem", "DnsSection", "ListenSection", "NodeSection", "PeerEntry",
+    "PolicySection", "StationEntry", "TrustSection", "env_name", "load", "parse",
+    "peer_env_name",
+]

@@ -1,0 +1,214 @@
+"""The validated config objects: frozen sections and entries, and the errors that name mistakes.
+
+Nothing here reads files; :mod:`router.config.load` builds these from TOML.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router.wire.frames import SUBPROTOCOLS
+
+MAX_ID = 48
+DEFAULT_SUBSCRIBE = ("BootNotification", "StatusNotification", "MeterValues", "TransactionEvent")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One mistake in a config file."""
+
+    file: str
+    key: str
+    line: int | None
+    problem: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.problem}" if self.key else f"{where}: {self.problem}"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; ``problems`` lists every mistake found."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSection:
+    """``[node]``: identity, state and the timers every link uses."""
+
+    id: str
+    key: Path | None = None
+    state_dir: Path = Path("state")
+    call_timeout_s: float = 30.0
+    max_queued_calls: int = 16
+    connect_timeout_s: float = 10.0
+    shutdown_timeout_s: float = 5.0
+    failover_grace_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSection:
+    """``[listen]``: the WebSocket server stations connect to."""
+
+    host: str = "127.0.0.1"
+    port: int = 9000
+    path: str = "/ocpp"
+    subprotocols: tuple[str, ...] = SUBPROTOCOLS
+    security_profile: int = 1
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    max_message_bytes: int = 65536
+    handshake_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class StationEntry:
+    """One ``[[stations]]`` entry: which identities may connect, and how they prove it."""
+
+    match: str
+    password_hash: str | None = None
+    primary: str | None = None
+    keep_signatures: bool = False
+
+    def matches(self, identity: str) -> bool:
+        return fnmatch.fnmatchcase(identity, self.match)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendAuth:
+    """How the node authenticates a station's backend link."""
+
+    mode: str = "passthrough"  # passthrough | none | password
+    password: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendEntry:
+    """One ``[[backends]]`` entry."""
+
+    name: str
+    role: str
+    url: str  # "" when srv is used
+    stations: tuple[str, ...] = ("*",)
+    auth: BackendAuth = field(default_factory=BackendAuth)
+    keep_signatures: bool = False
+    # secondaries only
+    subscribe: tuple[str, ...] = ()
+    allow_commands: bool = False
+    answer_timeout_s: float = 30.0
+    queue: int = 10_000
+    outbox_max_rows: int = 1_000_000
+    outbox_max_age_s: float = 7 * 86400.0
+    srv: str | None = None  # an SRV name instead of url, with scheme and path
+    scheme: str = "ws"
+    path: str = "/ocpp"
+
+    def subscribes(self, action: str) -> bool:
+        return any(fnmatch.fnmatchcase(action, pattern) for pattern in self.subscribe)
+
+    def serves(self, identity: str) -> bool:
+        return any(fnmatch.fnmatchcase(identity, pattern) for pattern in self.stations)
+
+    def station_url(self, identity_quoted: str) -> str:
+        return f"{self.url.rstrip('/')}/{identity_quoted}"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSection:
+    """``[admin]``: the operator's HTTP endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = 9090
+
+
+@dataclass(frozen=True, slots=True)
+class PeerEntry:
+    """One ``[[peers]]`` entry: an overlay uplink this node dials."""
+
+    id: str
+    url: str  # "" when srv is used
+    encoding: str = "json"  # json | msgpack
+    password: str | None = None
+    srv: str | None = None
+    scheme: str = "ws"
+    path: str = "/ocpp"
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSection:
+    """``[dns]``: where SRV names are resolved, and how long answers are kept."""
+
+    nameservers: tuple[tuple[str, int], ...] = ()  # empty: the system's resolver config
+    ttl_floor_s: float = 5.0
+    ttl_ceiling_s: float = 3600.0
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class TrustSection:
+    """``[trust]``: node ids and the public keys (PEM file or base64 key id) they sign with."""
+
+    nodes: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySection:
+    """``[policy]``: the firewall's policy file and where its decisions are audited."""
+
+    file: Path
+    audit_log: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A validated node configuration."""
+
+    node: NodeSection
+    listen: ListenSection
+    stations: tuple[StationEntry, ...]
+    backends: tuple[BackendEntry, ...]
+    admin: AdminSection | None = None
+    source: Path | None = None
+    policy: PolicySection | None = None
+    peers: tuple[PeerEntry, ...] = ()
+    trust: TrustSection | None = None
+    dns: DnsSection = field(default_factory=DnsSection)
+
+    def station_entry(self, identity: str) -> StationEntry | None:
+        """The first ``[[stations]]`` entry whose glob matches, or None."""
+        for entry in self.stations:
+            if entry.matches(identity):
+                return entry
+        return None
+
+    def primary_for(self, identity: str, entry: StationEntry) -> BackendEntry | None:
+        """The station's primary backend: named by its entry, else the first that serves it."""
+        for backend in self.backends:
+            if backend.role != "primary":
+                continue
+            if entry.primary is not None:
+                if backend.name == entry.primary:
+                    return backend
+            elif backend.serves(identity):
+                return backend
+        return None
+
+
+def env_name(backend_name: str) -> str:
+    """The environment variable that overrides a backend's password."""
+    return "OCPP_ROUTER_BACKEND_" + re.sub(r"[^A-Za-z0-9]", "_", backend_name).upper() + "_PASSWORD"
+
+
+
+
+def peer_env_name(peer_id: str) -> str:
+    """The environment variable that overrides a peer's password."""
+    return "OCPP_ROUTER_PEER_" + re.sub(r"[^A-Za-z0-9]", "_", peer_id).upper() + "_PASSWORD"
+

@@ -1,0 +1,1 @@
+"""One station's traffic: session, call ledger, firewall gate, call timer, failover link."""
