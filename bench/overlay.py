@@ -1,7 +1,7 @@
 """Overlay benchmark: peer-link throughput per encoding, and a 100,000-route full sync.
 
-Link throughput: two real ``PeerLink`` endpoints (router/overlay/peer_link.py) joined by a loopback
-TCP connection in one trio process. The sender queues overlay frames (a ~300-byte
+Link throughput: two real ``PeerLink`` endpoints (router/overlay/peer_link.py) joined by
+a loopback TCP connection in one trio process. The sender queues overlay frames (a ~300-byte
 MeterValues CALL) through ``PeerLink.send``; its writer frames them (JSON text, one
 msgpack frame per message, or msgpack batches); the receiver's reader decodes each frame
 and extends its path, exactly as in a node, then hands it to a counting stub instead of
@@ -31,11 +31,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from routes import full_sync  # noqa: E402
 
-from router.mesh import PeerLink  # noqa: E402
 from router.net.handshake import dial, read_upgrade  # noqa: E402
+from router.overlay.peer_link import PeerLink  # noqa: E402
 from router.wire.frames import CALL  # noqa: E402
 from router.wire.overlay_frames import OverlayFrame  # noqa: E402
-from topology import RouteTable  # noqa: E402
+from topology import ExchangeSession, RouteTable  # noqa: E402
 
 PAYLOAD = {"evseId": 1, "meterValue": [{"timestamp": "2026-11-22T10:00:00Z", "sampledValue": [
     {"value": 1234.5, "measurand": "Energy.Active.Import.Register", "unit": "Wh"},
@@ -43,15 +43,11 @@ PAYLOAD = {"evseId": 1, "meterValue": [{"timestamp": "2026-11-22T10:00:00Z", "sa
 
 
 class CountingMesh:
-    """Just enough of a Mesh for a PeerLink: counts what the reader dispatches."""
+    """Just enough of an overlay for a PeerLink: counts what the reader dispatches."""
 
     def __init__(self, node_id: str, expected: int) -> None:
         self.node_id = node_id
         self.table = RouteTable(node_id, rng=__import__("random").Random(1))
-        self.sign = None
-        self.verify = None
-        self.hold_time_s = 3600.0
-        self.keepalive_s = 1800.0
         self.changed = trio.Event()
         self.received = 0
         self.expected = expected
@@ -72,6 +68,10 @@ class CountingMesh:
     def count(self, what: str) -> None:
         return None
 
+    def exchange(self, peer_id: str) -> ExchangeSession:
+        return ExchangeSession(self.node_id, peer_id, self.table, hold_time_s=3600.0,
+                               keepalive_s=1800.0)
+
 
 async def link_throughput(encoding: str, frames: int, batch: bool) -> tuple[float, float]:
     """(frames/s wall, frames/s per CPU core) for one encoding."""
@@ -91,8 +91,10 @@ async def link_throughput(encoding: str, frames: int, batch: bool) -> tuple[floa
         port = listeners[0].socket.getsockname()[1]
         sender_ws = await dial(f"ws://127.0.0.1:{port}/ocpp/edge-1", ["ocpp2.1"], {}, 2**24)
         receiver_ws = await incoming.receive()
-        sender = PeerLink(sender_mesh, "core-1", sender_ws, encoding)  # type: ignore[arg-type]
-        receiver = PeerLink(receiver_mesh, "edge-1", receiver_ws, encoding)  # type: ignore[arg-type]
+        sender = PeerLink(sender_mesh, "core-1", sender_ws, encoding,
+                          sender_mesh.exchange("core-1"))
+        receiver = PeerLink(receiver_mesh, "edge-1", receiver_ws, encoding,
+                            receiver_mesh.exchange("edge-1"))
         nursery.start_soon(sender.run)
         nursery.start_soon(receiver.run)
         frame = OverlayFrame(CALL, "CSMS", ("CS-0001",), "0" * 36, "MeterValues", PAYLOAD)

@@ -32,11 +32,11 @@ from router.admin import (
 )
 from router.cli import admin_views as admin_cli
 from router.config import parse
-from router.mesh import PeerLink
 from router.net.dns import SrvTarget
 from router.net.handshake import dial
 from router.net.wslink import WsLink
 from router.node import Node
+from router.overlay.peer_link import PeerLink
 from tests.raw_backend import RawBackend
 
 STEP = 10.0
@@ -279,7 +279,7 @@ async def test_healthz_follows_the_backend(running: Running) -> None:
     # closes the station's backend link, so the node closes the station
     await trio.to_thread.run_sync(running.backend.stop)
     with trio.fail_after(STEP):
-        while running.node.sessions:
+        while running.node.sessions.local:
             await trio.sleep(0.02)
     down = await poll(running.admin + "/healthz", lambda r: r.status == 503)
     assert down.text.startswith("unhealthy: no backend reachable: main: 127.0.0.1:")
@@ -301,12 +301,13 @@ async def test_a_chained_node_is_healthy_while_a_peer_offers_csms(tmp_path: Path
     text = CONFIG.format(state=tmp_path / "s", backend="x", extra="").split("[[backends]]")[0]
     text += '[[peers]]\nid = "core"\nurl = "ws://127.0.0.1:1/ocpp"\n'
     node = Node(parse(text, "chained.toml", tmp_path))
-    node.port = 1  # as if bound
+    node.listener.port = 1  # as if bound
     status, body = await asgi(node, "/healthz")
     assert status == 503
     assert b"no connected peer offers a route to CSMS" in body
-    node.mesh.links["core"] = PeerLink(node.mesh, "core", cast(Any, None), "json")
-    node.mesh.table.learn("core", "CSMS", ("core",), 0, 1, "core", 1, float("inf"))
+    node.overlay.links["core"] = PeerLink(node.overlay, "core", cast(Any, None), "json",
+                                          node.overlay.new_exchange("core"))
+    node.overlay.table.learn("core", "CSMS", ("core",), 0, 1, "core", 1, float("inf"))
     app = AdminApp(node)  # a new app: the verdict above is cached for a second
     assert (await asgi(node, "/healthz", app=app))[0] == 200
 
@@ -317,15 +318,15 @@ async def test_srv_backends_are_probed_at_their_targets(tmp_path: Path) -> None:
         text = CONFIG.format(state=tmp_path / "s", backend="x", extra="").replace(
             'url = "x"\n', 'srv = "_ocpp._tcp.csms.test"\n')
         node = Node(parse(text, "srv.toml", tmp_path))
-        node.port = 1  # as if bound
+        node.listener.port = 1  # as if bound
         targets = [SrvTarget(0, 0, "127.0.0.1", 1), SrvTarget(1, 0, "127.0.0.1", backend.port)]
 
         async def resolve(name: str) -> list[SrvTarget]:
             assert name == "_ocpp._tcp.csms.test"
             return targets
 
-        node.srv.targets = resolve  # type: ignore[method-assign]
-        node.srv.cached_until = lambda name: trio.current_time() + 30  # type: ignore[method-assign]
+        node.dns.targets = resolve  # type: ignore[method-assign]
+        node.dns.cached_until = lambda name: trio.current_time() + 30  # type: ignore[method-assign]
         assert (await asgi(node, "/healthz"))[0] == 200  # the second target answers
         m = metrics(await asgi_text(node, "/metrics"))
         valid = m[("ocpp_router_srv_answer_valid_seconds", (("name", "_ocpp._tcp.csms.test"),))]
@@ -346,10 +347,11 @@ def _overlay_node(tmp_path: Path) -> Node:
     node = make_node(tmp_path, extra='\n[[peers]]\nid = "core"\nurl = "ws://127.0.0.1:1/ocpp"\n'
                                      '\n[[peers]]\nid = "spare"\n'
                                      'url = "ws://127.0.0.1:1/ocpp"\n')
-    mesh = node.mesh
-    mesh.links["core"] = PeerLink(mesh, "core", cast(Any, None), "msgpack")
+    overlay = node.overlay
+    overlay.links["core"] = PeerLink(overlay, "core", cast(Any, None), "msgpack",
+                                     overlay.new_exchange("core"))
     inf = float("inf")
-    table = mesh.table
+    table = overlay.table
     table.learn("core", "core", ("core",), 0, 1, "core", 1, inf)
     table.learn("core", "CSMS", ("core",), 0, 1, "core", 1, inf)
     table.learn("core", "edge-b", ("edge-b", "core"), 0, 1, "edge-b", 1, inf)
@@ -382,7 +384,7 @@ def test_topology_draws_nodes_links_backends_and_stations(tmp_path: Path) -> Non
 
 async def test_topology_page_has_no_script_and_escapes_names(tmp_path: Path) -> None:
     node = _overlay_node(tmp_path)
-    node.mesh.table.learn("core", "<b>x</b>", ("<b>x</b>", "core"), 0, 1, "<b>x</b>", 1,
+    node.overlay.table.learn("core", "<b>x</b>", ("<b>x</b>", "core"), 0, 1, "<b>x</b>", 1,
                           float("inf"))
     status, body = await asgi(node, "/topology")
     page = body.decode()

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from policies import public_key_from_key_id
-from router.trust import route_verifier
+from router.overlay.trust import route_verifier
 from router.wire import overlay_frames as overlay
 from topology.exchange import DEFAULT_MAX_ROUTES_PER_MESSAGE
 from topology.messages import ACTION, check_signatures, claim_bytes, parse_payload

@@ -22,7 +22,7 @@ import trio.testing
 
 from router.net.dns import (
     NOT_OFFERED,
-    SrvResolver,
+    DnsCache,
     SrvTarget,
     SrvUnavailable,
     parse_nameserver,
@@ -167,12 +167,12 @@ NAME = "_ocpp._tcp.csms.example"
 
 
 def make(fake: FakeDns, *, ttl_floor_s: float = 5.0, ttl_ceiling_s: float = 3600.0,
-         timeout_s: float = 2.0) -> SrvResolver:
-    return SrvResolver(ttl_floor_s=ttl_floor_s, ttl_ceiling_s=ttl_ceiling_s,
+         timeout_s: float = 2.0) -> DnsCache:
+    return DnsCache(ttl_floor_s=ttl_floor_s, ttl_ceiling_s=ttl_ceiling_s,
                        timeout_s=timeout_s, rng=random.Random(1), query=fake)
 
 
-async def hosts(resolver: SrvResolver, name: str = NAME) -> list[str]:
+async def hosts(resolver: DnsCache, name: str = NAME) -> list[str]:
     return [x.host for x in await resolver.targets(name)]
 
 
@@ -385,11 +385,11 @@ async def test_names_are_case_and_dot_insensitive(autojump_clock: trio.testing.M
 
 def test_constructor_checks_its_settings() -> None:
     with pytest.raises(ValueError, match="floor"):
-        SrvResolver(ttl_floor_s=10, ttl_ceiling_s=5)
+        DnsCache(ttl_floor_s=10, ttl_ceiling_s=5)
     with pytest.raises(ValueError, match="timeout"):
-        SrvResolver(timeout_s=0)
+        DnsCache(timeout_s=0)
     with pytest.raises(ValueError, match="not an IP address"):
-        SrvResolver([("dns.example", 53)])
+        DnsCache([("dns.example", 53)])
 
 
 def test_parse_nameserver() -> None:
@@ -454,7 +454,7 @@ def silent_port() -> Iterator[int]:
 
 
 async def test_real_query_through_a_nameserver_on_a_custom_port(dns_port: int) -> None:
-    resolver = SrvResolver([("127.0.0.1", dns_port)], rng=random.Random(5))
+    resolver = DnsCache([("127.0.0.1", dns_port)], rng=random.Random(5))
     before = trio.current_time()
     order = await resolver.targets("_ocpp._tcp.csms.test")
     assert sorted(order[:2], key=lambda x: x.port) == [
@@ -466,7 +466,7 @@ async def test_real_query_through_a_nameserver_on_a_custom_port(dns_port: int) -
 
 
 async def test_real_dot_servfail_nxdomain_and_empty(dns_port: int) -> None:
-    resolver = SrvResolver([("127.0.0.1", dns_port)])
+    resolver = DnsCache([("127.0.0.1", dns_port)])
     cases = {
         "_ocpp._tcp.gone.test": "not offered",
         "_ocpp._tcp.servfail.test": f"SERVFAIL from Do53:127.0.0.1@{dns_port}",
@@ -480,10 +480,10 @@ async def test_real_dot_servfail_nxdomain_and_empty(dns_port: int) -> None:
 
 
 async def test_real_timeout_then_second_nameserver(dns_port: int, silent_port: int) -> None:
-    alone = SrvResolver([("127.0.0.1", silent_port)], timeout_s=0.3)
+    alone = DnsCache([("127.0.0.1", silent_port)], timeout_s=0.3)
     with pytest.raises(SrvUnavailable) as caught:
         await alone.targets("_ocpp._tcp.csms.test")
     assert caught.value.reason == "timeout"
     # The budget is split between nameservers, so a dead first one leaves time for the next.
-    both = SrvResolver([("127.0.0.1", silent_port), ("127.0.0.1", dns_port)], timeout_s=1.0)
+    both = DnsCache([("127.0.0.1", silent_port), ("127.0.0.1", dns_port)], timeout_s=1.0)
     assert len(await both.targets("_ocpp._tcp.csms.test")) == 3

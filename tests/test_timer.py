@@ -13,8 +13,8 @@ from router.relay.timer import CallTimer
 
 @dataclass(eq=False)
 class FakeLane:
-    pending_id: str | None = None
-    pending_token: int = 0
+    current: str | None = None  # the CALL in flight
+    token: int = 0
     deadline: float = 0.0
 
 
@@ -39,13 +39,15 @@ async def test_unanswered_call_fires_once_within_a_tick(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(timer.run, nursery)
         start = trio.current_time()
-        waiting.pending_token = timer.arm(owner, waiting)
-        answered.pending_token = timer.arm(owner, answered)
-        answered.pending_id = None  # its answer arrived
+        waiting.token += 1
+        timer.arm(owner, waiting)
+        answered.token += 1
+        timer.arm(owner, answered)
+        answered.current = None  # its answer arrived
         await trio.sleep(120)
         nursery.cancel_scope.cancel()
-    assert [(lane.pending_id, token) for lane, token, _ in owner.fired] == [
-        ("a", waiting.pending_token)]
+    assert [(lane.current, token) for lane, token, _ in owner.fired] == [
+        ("a", waiting.token)]
     fired_at = owner.fired[0][2] - start
     assert 30.0 <= fired_at <= 30.0 + timer.tick_s
 
@@ -56,14 +58,16 @@ async def test_rearming_moves_the_deadline(autojump_clock: trio.testing.MockCloc
     async with trio.open_nursery() as nursery:
         nursery.start_soon(timer.run, nursery)
         start = trio.current_time()
-        lane.pending_token = timer.arm(owner, lane)
+        lane.token += 1
+        timer.arm(owner, lane)
         await trio.sleep(8)
-        lane.pending_id = "second"  # first answered, the next CALL went out
-        lane.pending_token = timer.arm(owner, lane)
+        lane.current = "second"  # first answered, the next CALL went out
+        lane.token += 1
+        timer.arm(owner, lane)
         await trio.sleep(30)
         nursery.cancel_scope.cancel()
     assert [(token, round(at - start)) for _, token, at in owner.fired] == [
-        (lane.pending_token, 18)]
+        (lane.token, 18)]
 
 
 async def test_disarmed_lane_never_fires(autojump_clock: trio.testing.MockClock) -> None:
@@ -71,7 +75,8 @@ async def test_disarmed_lane_never_fires(autojump_clock: trio.testing.MockClock)
     lane = FakeLane("x")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(timer.run, nursery)
-        lane.pending_token = timer.arm(owner, lane)
+        lane.token += 1
+        timer.arm(owner, lane)
         timer.disarm(lane)
         await trio.sleep(60)
         nursery.cancel_scope.cancel()

@@ -1,11 +1,14 @@
-"""DNS SRV discovery (RFC 2782): which backend or upstream node to dial, in which order.
+"""DNS for the node: SRV discovery (RFC 2782) and the addresses of SRV targets, one cache.
 
-``rfc2782_order`` is the pure ordering rule (randomness injected). ``SrvResolver`` adds a
-per-name cache on the trio clock: answers live for their TTL clamped to a floor and a
-ceiling, a failed re-resolution keeps the last good answer and backs off (1 s doubling to
-60 s) so a dead DNS server is not asked on every connection attempt, and concurrent
-callers share one query. The DNS query itself is injectable so all of this is testable
-without a network; the default one is dnspython's async resolver on trio.
+``rfc2782_order`` is the pure ordering rule (randomness injected). :class:`DnsCache` keeps
+every answer the node uses, SRV records and target addresses alike, on the trio clock:
+answers live for their TTL clamped to a floor and a ceiling, a failed re-resolution keeps
+the last good answer and backs off (1 s doubling to 60 s) so a dead DNS server is not
+asked on every connection attempt, and concurrent callers share one query. SRV lookups
+wait for a due refresh; address lookups answer from the cache at once and refresh in the
+background, so a slow DNS server never delays a station. Queries are injectable, so all
+of this is testable without a network; the default ones use dnspython's async resolver on
+trio, one resolver for both kinds.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dns.asyncbackend
 import dns.asyncresolver
@@ -40,6 +44,9 @@ BACKOFF_MAX_S = 60.0
 SrvQuery = Callable[[str], Awaitable[tuple[list["SrvTarget"], float]]]
 """Resolves one SRV name to ``(targets, ttl_s)``; raises ``dns.exception.DNSException`` or
 ``OSError`` when DNS fails. A ``"."`` target is returned with host ``NOT_OFFERED``."""
+
+AddressQuery = Callable[[str], Awaitable[tuple[list[str], float]]]
+"""Resolves one host name to ``(IPv4 addresses, ttl_s)``; raises as :data:`SrvQuery`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +174,15 @@ class DnspythonQuery:
         # The minimum over a CNAME chain, not just the SRV rrset's own TTL.
         return targets, float(answer.chaining_result.minimum_ttl)
 
+    async def address(self, host: str) -> tuple[list[str], float]:
+        """Resolve a target host to its IPv4 addresses and the answer's TTL in seconds."""
+        resolver = self._get_resolver()
+        answer = await resolver.resolve(
+            dns.name.from_text(host), dns.rdatatype.A, search=False,
+            lifetime=self._timeout_s, backend=dns.asyncbackend.get_backend("trio"))
+        return [str(rdata) for rdata in answer.rrset or ()], float(
+            answer.chaining_result.minimum_ttl)
+
 
 def failure_reason(exc: BaseException) -> str:
     """A short, operator-readable reason for a failed SRV query."""
@@ -188,18 +204,22 @@ def failure_reason(exc: BaseException) -> str:
 
 @dataclass(slots=True)
 class _Entry:
-    """What is known about one SRV name."""
+    """What is known about one name (its SRV records, or one host's address)."""
 
-    answer: tuple[SrvTarget, ...] | None = None  # last good answer; () means "." (not offered)
+    answer: tuple[Any, ...] | None = None  # last good answer; () for SRV means "." (not offered)
     expires_at: float = -math.inf
     failures: int = 0  # consecutive failed queries since the last good answer
     retry_at: float = -math.inf
     reason: str = ""
     inflight: trio.Event | None = None  # set when the running query finishes
 
+    def due(self, now: float) -> bool:
+        """Whether a query should be made now: expired and not backing off."""
+        return now >= self.expires_at and now >= self.retry_at
 
-class SrvResolver:
-    """Resolves SRV names to targets in RFC 2782 order, cached on the trio clock."""
+
+class DnsCache:
+    """SRV targets in RFC 2782 order and target addresses, cached on the trio clock."""
 
     def __init__(
         self,
@@ -210,6 +230,7 @@ class SrvResolver:
         timeout_s: float = 2.0,
         rng: random.Random | None = None,
         query: SrvQuery | None = None,
+        address_query: AddressQuery | None = None,
     ) -> None:
         if not 0 <= ttl_floor_s <= ttl_ceiling_s:
             raise ValueError(f"DNS TTL floor {ttl_floor_s} and ceiling {ttl_ceiling_s}: "
@@ -220,8 +241,26 @@ class SrvResolver:
         self.ttl_ceiling_s = ttl_ceiling_s
         self.timeout_s = timeout_s
         self._rng = rng or random.Random()
-        self._query: SrvQuery = query or DnspythonQuery(nameservers, timeout_s)
+        dnspython = DnspythonQuery(nameservers, timeout_s)
+        self._query: SrvQuery = query or dnspython
+        self._address_query: AddressQuery = address_query or dnspython.address
+        # addresses come from the [dns] nameservers only; otherwise the system resolves
+        self._own_addresses = bool(nameservers) or address_query is not None
         self._entries: dict[str, _Entry] = {}
+        self._addresses: dict[str, _Entry] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                  ) -> None:
+        """Refresh stale addresses in the background for as long as this runs; without
+        it, a stale address is refreshed by the lookup that finds it."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
     async def targets(self, name: str) -> list[SrvTarget]:
         """The targets in the order to try them now (a fresh weighted order on each call), from a
@@ -234,10 +273,8 @@ class SrvResolver:
         entry = self._entries.setdefault(_key(name), _Entry())
         while True:
             now = trio.current_time()
-            if entry.answer is not None and now < entry.expires_at:
-                return self._serve(name, entry)
-            if now < entry.retry_at:
-                return self._serve(name, entry)  # backing off: last good answer or the failure
+            if not entry.due(now):
+                return self._serve(name, entry)  # fresh, or backing off after a failure
             if entry.inflight is not None:
                 if entry.answer is not None:
                     # Someone is already refreshing; a stale answer beats waiting up to
@@ -245,7 +282,7 @@ class SrvResolver:
                     return self._serve(name, entry)
                 await entry.inflight.wait()
                 continue  # re-read: that query may have succeeded, failed or been cancelled
-            await self._refresh(name, entry)
+            await self._refresh(name, entry, self._srv_answer)
             # Served directly rather than by looping: with a zero floor and TTL the fresh answer
             # is already expired, and looping would query again forever.
             return self._serve(name, entry)
@@ -261,48 +298,93 @@ class SrvResolver:
             return None
         return max(entry.expires_at, entry.retry_at)
 
-    async def _refresh(self, name: str, entry: _Entry) -> None:
+    async def address(self, host: str) -> str | None:
+        """An SRV target's address from the ``[dns]`` nameservers (None: use the system's).
+
+        Only the first lookup of a host waits for DNS. After that the known address is
+        used at once and, once its TTL has passed, refreshed by one background query, so
+        a DNS outage neither delays stations nor floods the resolver; a failed refresh
+        keeps the last good address and is retried with back-off.
+        """
+        if not self._own_addresses or dns.inet.is_address(host):
+            return None
+        key = _key(host)
+        entry = self._addresses.setdefault(key, _Entry())
+        if entry.answer is None:
+            if entry.inflight is not None:
+                await entry.inflight.wait()
+            elif entry.due(trio.current_time()):
+                await self._refresh(host, entry, self._address_answer)
+            return entry.answer[0] if entry.answer else None
+        if entry.inflight is None and entry.due(trio.current_time()):
+            if self._nursery is not None:
+                self._nursery.start_soon(self._refresh, host, entry, self._address_answer)
+            else:
+                await self._refresh(host, entry, self._address_answer)
+        return str(entry.answer[0])
+
+    def knows_address(self, host: str) -> bool:
+        """Whether an address of ``host`` is cached (fresh or not)."""
+        entry = self._addresses.get(_key(host))
+        return entry is not None and entry.answer is not None
+
+    async def _srv_answer(self, name: str) -> tuple[tuple[Any, ...], float]:
+        targets, ttl = await self._query(name)
+        usable = tuple(t for t in targets if t.host not in (NOT_OFFERED, ""))
+        if not usable and not targets:
+            raise _Empty("no SRV records (NOERROR, empty answer)")
+        return usable, ttl
+
+    async def _address_answer(self, host: str) -> tuple[tuple[Any, ...], float]:
+        addresses, ttl = await self._address_query(host)
+        if not addresses:
+            raise _Empty("no A records (NOERROR, empty answer)")
+        return (addresses[0],), ttl
+
+    async def _refresh(
+        self, name: str, entry: _Entry,
+        ask: Callable[[str], Awaitable[tuple[tuple[Any, ...], float]]],
+    ) -> None:
         done = trio.Event()
         entry.inflight = done
         try:
             reason = ""
-            targets: list[SrvTarget] = []
+            answer: tuple[Any, ...] = ()
             ttl = 0.0
             # A trio scope as well as dnspython's lifetime: it also bounds an injected query.
             with trio.move_on_after(self.timeout_s) as scope:
                 try:
-                    targets, ttl = await self._query(name)
+                    answer, ttl = await ask(name)
                 except (dns.exception.DNSException, OSError) as exc:
                     reason = failure_reason(exc)
+                except _Empty as exc:
+                    reason = str(exc)
             if scope.cancelled_caught:
                 reason = "timeout"
             now = trio.current_time()
             if reason:
                 self._failed(name, entry, reason, now)
             else:
-                self._resolved(name, entry, targets, ttl, now)
+                self._resolved(name, entry, answer, ttl, now, srv=ask == self._srv_answer)
         finally:
             entry.inflight = None
             done.set()
 
-    def _resolved(
-        self, name: str, entry: _Entry, targets: list[SrvTarget], ttl: float, now: float
-    ) -> None:
-        usable = tuple(t for t in targets if t.host not in (NOT_OFFERED, ""))
-        if not usable and not targets:
-            self._failed(name, entry, "no SRV records (NOERROR, empty answer)", now)
-            return
+    def _resolved(self, name: str, entry: _Entry, answer: tuple[Any, ...], ttl: float,
+                  now: float, *, srv: bool) -> None:
         ttl_s = min(max(ttl, self.ttl_floor_s), self.ttl_ceiling_s)
-        changed = entry.answer is None or set(entry.answer) != set(usable)
+        changed = entry.answer is None or set(entry.answer) != set(answer)
         recovered_after = entry.failures
-        entry.answer, entry.expires_at = usable, now + ttl_s
+        entry.answer, entry.expires_at = answer, now + ttl_s
         entry.failures, entry.retry_at, entry.reason = 0, -math.inf, ""
-        if not usable:
+        if not srv:
+            return
+        if not answer:
             log_event(logger, logging.WARNING, "srv_not_offered", name=name, ttl_s=ttl_s)
         elif changed or recovered_after:
             log_event(logger, logging.INFO, "srv_resolved", name=name, ttl_s=ttl_s,
                       targets=[f"{t.host}:{t.port} priority={t.priority} weight={t.weight}"
-                               for t in sorted(usable, key=lambda t: (t.priority, -t.weight))],
+                               for t in sorted(answer, key=lambda t: (t.priority, -t.weight))],
                       after_failures=recovered_after)
 
     def _failed(self, name: str, entry: _Entry, reason: str, now: float) -> None:
@@ -321,6 +403,10 @@ class SrvResolver:
         if not entry.answer:
             raise SrvUnavailable(name, "service not offered (SRV target \".\")")
         return rfc2782_order(entry.answer, self._rng)
+
+
+class _Empty(Exception):
+    """A DNS answer without any record of the type asked for."""
 
 
 def _key(name: str) -> str:

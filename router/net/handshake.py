@@ -32,6 +32,16 @@ class HandshakeFailed(Exception):
         self.status = status
 
 
+class DialFailed(Exception):
+    """A station's backend link could not be opened; ``status`` is the HTTP status the
+    station is told (502 unreachable, 504 too slow, or the backend's own refusal)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
 async def _send(stream: trio.abc.Stream, proto: ServerProtocol | ClientProtocol) -> None:
     for chunk in proto.data_to_send():
         if chunk:

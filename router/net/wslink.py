@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from typing import Protocol, cast
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import trio
 from websockets.client import ClientProtocol
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+
+from router.wire.frames import Frame, encode_frame
 
 Buffer = bytes | bytearray | memoryview
 RECEIVE_BYTES = 65536
@@ -35,19 +39,37 @@ class LinkClosed(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    """What the operator sees of a link; made when asked, never on the forwarding path."""
+
+    state: str  # open | closing | failing_over (a backend link moving to another target)
+    remote: str | None = None  # host:port of the far end of a real WebSocket
+    via_peer: str | None = None  # a link carried over the overlay: the peer link it rides
+    srv_backend: str | None = None  # a backend link that follows an SRV name: its backend
+    priority: int | None = None  # ... and the SRV priority of the target in use
+
+
 class Link(Protocol):
-    """What a station session needs from a link: a real WebSocket or a virtual one."""
+    """What a station session needs from a link: a real WebSocket or one that stands in
+    for it (a virtual link over the overlay, a backend link that fails over)."""
 
     subprotocol: str | None
 
     @property
     def closed(self) -> int | None: ...
 
-    async def get_message(self) -> str | bytes: ...
+    async def get_message(self) -> str | bytes | Frame:
+        """The next message: text or binary as received, or a frame decoded already."""
+        ...
 
-    async def send_message(self, message: str) -> None: ...
+    async def send_frame(self, frame: Frame, text: str | None) -> None:
+        """Send an OCPP-J frame; ``text`` is its encoding when the caller has it."""
+        ...
 
     async def aclose(self, code: int = 1000, reason: str = "", wait_s: float = 2.0) -> None: ...
+
+    def info(self) -> LinkInfo: ...
 
 
 class WsLink:
@@ -146,12 +168,12 @@ class WsLink:
 
     def take_frames(self, events: Sequence[object]) -> None:
         """Frames parsed before this link existed (in the read that completed the handshake)."""
-        self._take_events(cast("list[Frame]", list(events)))
+        self._take_events(cast("list[WsFrame]", list(events)))
 
-    def _take_events(self, events: list[Frame] | None = None) -> None:
+    def _take_events(self, events: list[WsFrame] | None = None) -> None:
         # after the opening handshake, every event is a frame
         if events is None:
-            events = cast("list[Frame]", self.protocol.events_received())
+            events = cast("list[WsFrame]", self.protocol.events_received())
         for frame in events:
             opcode = frame.opcode
             if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
@@ -185,6 +207,27 @@ class WsLink:
             raise LinkClosed(self._close_code(), self._close_reason())
         proto.send_text(message.encode("utf-8"))
         await self._flush()
+
+    async def send_frame(self, frame: Frame, text: str | None) -> None:
+        """Send an OCPP-J frame: the text it arrived as, or else its encoding."""
+        await self.send_message(text if text is not None else encode_frame(frame))
+
+    def info(self) -> LinkInfo:
+        """State and far end, for the admin endpoint."""
+        return LinkInfo("open" if self.closed is None else "closing", self.remote_address())
+
+    def remote_address(self) -> str | None:
+        """``host:port`` of the far end, or None once the socket is gone."""
+        stream: Any = self.stream
+        sock = getattr(stream, "socket", None) or getattr(
+            getattr(stream, "transport_stream", None), "socket", None)
+        try:
+            host, port = sock.getpeername()[:2] if sock is not None else (None, 0)
+        except OSError:
+            return None
+        if host is None:
+            return None
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
     async def send_bytes(self, data: bytes) -> None:
         """Send one binary message (overlay links with msgpack)."""

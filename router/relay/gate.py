@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,7 +29,6 @@ from router.wire.frames import (
     CALLRESULTERROR,
     SEND,
     Frame,
-    encode_parts,
 )
 
 log = logging.getLogger("router.gate")
@@ -43,20 +42,20 @@ class GateError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """What the session does with one frame: forward ``text``, or refuse it."""
+    """What the session does with one frame: forward ``frame``, or refuse it."""
 
     forward: bool
-    text: str  # the frame to forward (maybe re-signed or stripped); unused when refused
+    frame: Frame  # the frame to forward (maybe re-signed or stripped); unused when refused
+    text: str | None  # its text if unchanged and known, else None (the link encodes it)
     refusal: str | None = None  # for a refused CALL: the SecurityError description
     decision: Decision | None = None
 
 
-def encode_frame(frame: Frame, payload: Any) -> str:
-    """A standard frame with a new payload (details, for the two error types)."""
+def with_body(frame: Frame, body: Any) -> Frame:
+    """The frame with a new payload (details, for the two error types)."""
     if frame.type in (CALLERROR, CALLRESULTERROR):
-        return encode_parts(frame.type, frame.id, code=frame.code,
-                            description=frame.description, details=payload)
-    return encode_parts(frame.type, frame.id, action=frame.action, payload=payload)
+        return replace(frame, details=body)
+    return replace(frame, payload=body)
 
 
 def _strip(frame: Frame, payload: Any) -> Any:
@@ -98,7 +97,7 @@ class Gate:
             self._audit.close()
 
     def check(
-        self, frame: Frame, text: str, action: str | None, direction: str, source: str,
+        self, frame: Frame, text: str | None, action: str | None, direction: str, source: str,
         version: str, keep_signatures: bool,
     ) -> Verdict:
         """Decide one frame entering the node and prepare what goes out."""
@@ -115,16 +114,16 @@ class Gate:
             if decision.outcome is not Outcome.FORWARD:
                 self._record(decision, frame, action, direction, source)
                 description = f"refused by policy rule {rule!r}: {decision.reason}"
-                return Verdict(False, text, description, decision)
+                return Verdict(False, frame, text, description, decision)
             if decision.sign and self.node_key is not None and isinstance(payload, dict):
                 payload = sign_payload(payload, action, direction, self.node_key, now,
                                        canonical_payload=decision.canonical_payload)
                 if not keep_signatures:
                     payload = _strip(frame, payload)
-                return Verdict(True, encode_frame(frame, payload), None, decision)
+                return Verdict(True, with_body(frame, payload), None, None, decision)
         if not keep_signatures and isinstance(payload, dict) and "signatures" in payload:
-            return Verdict(True, encode_frame(frame, _strip(frame, payload)), None, decision)
-        return Verdict(True, text, None, decision)
+            return Verdict(True, with_body(frame, _strip(frame, payload)), None, None, decision)
+        return Verdict(True, frame, text, None, decision)
 
     def _record(self, decision: Decision, frame: Frame, action: str, direction: str,
                 source: str) -> None:

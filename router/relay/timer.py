@@ -8,7 +8,6 @@ the node between ``timeout`` and ``timeout + tick`` after it was sent.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Any, Protocol
 
@@ -20,7 +19,12 @@ class _Expires(Protocol):
 
 
 class _Timed(Protocol):
-    pending_token: int
+    """A lane as the call ledger keeps it (router/relay/ledger.py)."""
+
+    @property
+    def current(self) -> object | None: ...  # the CALL in flight, if any
+
+    token: int  # names the CALL in flight
     deadline: float
 
 
@@ -29,16 +33,17 @@ class CallTimer:
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
-        self.tick_s = min(1.0, timeout_s / 10)
         self._armed: dict[Any, _Expires] = {}
-        self._tokens = itertools.count(1)
 
-    def arm(self, owner: _Expires, lane: _Timed) -> int:
-        """Start the clock for the CALL now pending on ``lane``; returns its token."""
-        token = next(self._tokens)
+    @property
+    def tick_s(self) -> float:
+        """How often the sweep runs."""
+        return min(1.0, self.timeout_s / 10)
+
+    def arm(self, owner: _Expires, lane: _Timed) -> None:
+        """Start the clock for the CALL now in flight on ``lane``."""
         lane.deadline = trio.current_time() + self.timeout_s
         self._armed[lane] = owner
-        return token
 
     def disarm(self, lane: _Timed) -> None:
         """Forget a lane (its session ended)."""
@@ -53,8 +58,8 @@ class CallTimer:
                        if lane.deadline <= now]
             for lane, owner in expired:
                 del self._armed[lane]
-                if getattr(lane, "pending_id", None) is not None:
-                    nursery.start_soon(_guarded, owner.on_timeout, lane, lane.pending_token)
+                if lane.current is not None:
+                    nursery.start_soon(_guarded, owner.on_timeout, lane, lane.token)
 
 
 async def _guarded(fn: Any, *args: Any) -> None:

@@ -166,6 +166,18 @@ def decode(text: str | bytes, version: Version) -> Frame:
     return Frame(mtype, mid, code=code, description=description, details=details)
 
 
+def check_version(frame: Frame, version: Version) -> None:
+    """Raise the FrameError :func:`decode` would for a frame this version does not define
+    (a frame decoded elsewhere, from an overlay link, must still fit the station's link)."""
+    if frame.type not in version.message_types:
+        raise FrameError(
+            Problem.MESSAGE_TYPE,
+            f"message type {frame.type} is not supported on {version.value}",
+            frame.id,
+            None,
+        )
+
+
 def encode_parts(
     mtype: int, message_id: str, *, action: str | None = None, payload: Any = None,
     code: str | None = None, description: str | None = None, details: Any = None,
@@ -179,6 +191,12 @@ def encode_parts(
     else:
         body = [mtype, message_id, code, description, details]
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def encode_frame(frame: Frame) -> str:
+    """A decoded frame as compact JSON text again."""
+    return encode_parts(frame.type, frame.id, action=frame.action, payload=frame.payload,
+                        code=frame.code, description=frame.description, details=frame.details)
 
 
 def encode_call(message_id: str, action: str, payload: dict[str, Any]) -> str:
@@ -207,3 +225,11 @@ def error_answer(
     return encode_error(
         message_id if message_id is not None else "-1", error_code(problem, version), description
     )
+
+
+def error_frame(
+    problem: Problem, version: Version, message_id: str | None, description: str
+) -> Frame:
+    """The node's CALLERROR for a problem as a frame (see :func:`error_answer` for its text)."""
+    return Frame(CALLERROR, message_id if message_id is not None else "-1",
+                 code=error_code(problem, version), description=description, details={})

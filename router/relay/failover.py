@@ -1,48 +1,50 @@
 """A station's backend link that survives the loss of one backend target (DNS SRV).
 
 When the WebSocket to the current target drops, the link does not report the loss to
-the session at once: it asks the session to answer the CALLs whose answers were lost,
-holds the station's further frames in a small buffer, and dials the next target in RFC
-2782 order for up to ``failover_grace_s``. If one accepts, the buffer is sent there and
-the session carries on; otherwise the session sees the link closed and closes the
-station's link, as OCPP expects. :meth:`move_to_better` moves an idle link back to a
-preferred target (failback).
+the session at once: it asks the session to answer the CALLs whose answers were lost
+(``on_lost``), holds the station's further frames in a small buffer, and redials the
+next target in RFC 2782 order for up to the failover grace period. If one accepts, the
+buffer is sent there and the session carries on; otherwise the session sees the link
+closed and closes the station's link, as OCPP expects. :meth:`move_to_better` moves an
+idle link back to a preferred target (failback).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import trio
 
+from router.config import BackendEntry
 from router.logs import log_event
-from router.net.wslink import LinkClosed, WsLink
-
-if TYPE_CHECKING:
-    from router.config import BackendEntry
-    from router.node import Node
-    from router.session import StationSession
+from router.net.handshake import DialFailed
+from router.net.wslink import LinkClosed, LinkInfo, WsLink
+from router.wire.frames import Frame
 
 log = logging.getLogger("router.failover")
 BUFFER = 32  # frames held while moving; a station sends one CALL at a time
+RETRY_S = 0.2  # between two rounds of dialling while the grace period lasts
+
+Redial = Callable[[int | None], Awaitable[tuple[WsLink, int]]]
+"""Opens the station's backend link again: ``better_than`` a priority, or any target
+(None); returns the link and its target's priority, or raises DialFailed."""
 
 
 class FailoverLink:
     """Stands in for a backend WebSocket in a StationSession (the ``Link`` protocol)."""
 
-    def __init__(self, node: Node, identity: str, backend: BackendEntry, offered: list[str],
-                 authorization: str | None, ws: WsLink, priority: int) -> None:
-        self.node = node
+    def __init__(self, identity: str, backend: BackendEntry, ws: WsLink, priority: int,
+                 redial: Redial, grace_s: Callable[[], float]) -> None:
         self.identity = identity
         self.backend = backend
-        self.offered = offered
-        self.authorization = authorization
         self.current = ws
         self.priority = priority
         self.subprotocol: str | None = ws.subprotocol
-        self.session: StationSession | None = None
-        self._buffer: list[str] = []
+        self.on_lost: Callable[[str], Awaitable[None]] | None = None  # the session's
+        self._redial = redial
+        self._grace_s = grace_s
+        self._buffer: list[tuple[Frame, str | None]] = []
         self._moving = False
         self._stopping = False
 
@@ -54,7 +56,13 @@ class FailoverLink:
     def moving(self) -> bool:
         return self._moving
 
-    async def get_message(self) -> str | bytes:
+    def info(self) -> LinkInfo:
+        state = "failing_over" if self._moving else (
+            "open" if self.current.closed is None else "closing")
+        return LinkInfo(state, self.current.remote_address(), srv_backend=self.backend.name,
+                        priority=self.priority)
+
+    async def get_message(self) -> str | bytes | Frame:
         while True:
             link = self.current
             try:
@@ -65,51 +73,51 @@ class FailoverLink:
                 if self._stopping or not await self._fail_over():
                     raise
 
-    async def send_message(self, message: str) -> None:
+    async def send_frame(self, frame: Frame, text: str | None) -> None:
         if self._moving:
             if len(self._buffer) >= BUFFER:
                 raise LinkClosed(1001, "too many frames while moving to another backend")
-            self._buffer.append(message)
+            self._buffer.append((frame, text))
             return
         try:
-            await self.current.send_message(message)
+            await self.current.send_frame(frame, text)
         except LinkClosed:
             if self._stopping:
                 raise
             # the reader will notice the loss and move; this frame goes to the next target
-            self._buffer.append(message)
+            self._buffer.append((frame, text))
 
     async def aclose(self, code: int = 1000, reason: str = "", wait_s: float = 2.0) -> None:
         self._stopping = True
         await self.current.aclose(code, reason, wait_s)
 
-    async def _fail_over(self) -> bool:
-        from router.node import Refused
+    async def close_stream(self) -> None:
+        """Drop the connection in use without a close handshake (the session has ended)."""
+        await trio.aclose_forcefully(self.current.stream)
 
+    async def _fail_over(self) -> bool:
         self._moving = True
         try:
             # finish with the old target at once: a CSMS that is stopping waits for us
             await trio.aclose_forcefully(self.current.stream)
-            if self.session is not None:
-                await self.session.backend_lost("backend link lost; moving to another target")
-            deadline = trio.current_time() + self.node.config.node.failover_grace_s
-            with trio.move_on_at(deadline):
+            if self.on_lost is not None:
+                await self.on_lost("backend link lost; moving to another target")
+            grace_s = self._grace_s()
+            with trio.move_on_at(trio.current_time() + grace_s):
                 while True:
                     try:
-                        ws, priority = await self.node.dial_backend(
-                            self.identity, self.backend, self.offered, self.authorization)
-                    except Refused:
-                        await trio.sleep(0.2)
+                        ws, priority = await self._redial(None)
+                    except DialFailed:
+                        await trio.sleep(RETRY_S)
                         continue
                     if ws.subprotocol != self.subprotocol:
                         await ws.aclose(1002, "the station's subprotocol is fixed")
-                        await trio.sleep(0.2)
+                        await trio.sleep(RETRY_S)
                         continue
                     await self._switch(ws, priority, "backend_failover")
                     return True
             log_event(log, logging.WARNING, "backend_failover_failed", station=self.identity,
-                      backend=self.backend.name,
-                      grace_s=self.node.config.node.failover_grace_s)
+                      backend=self.backend.name, grace_s=grace_s)
             return False
         finally:
             self._moving = False
@@ -121,25 +129,22 @@ class FailoverLink:
         log_event(log, logging.INFO, event, station=self.identity, backend=self.backend.name,
                   priority=priority)
         while self._buffer:
-            await ws.send_message(self._buffer.pop(0))
+            frame, text = self._buffer.pop(0)
+            await ws.send_frame(frame, text)
 
     async def move_to_better(self) -> bool:
         """Failback: move to a target of better priority if one answers (call when idle)."""
-        from router.node import Refused
-
         if self._moving or self._stopping:
             return False
         self._moving = True
         try:
-            ws, priority = await self.node.dial_backend(
-                self.identity, self.backend, self.offered, self.authorization,
-                better_than=self.priority)
+            ws, priority = await self._redial(self.priority)
             if ws.subprotocol != self.subprotocol:
                 await ws.aclose(1002, "the station's subprotocol is fixed")
                 return False
             await self._switch(ws, priority, "backend_failback")
             return True
-        except Refused:
+        except DialFailed:
             return False
         finally:
             self._moving = False

@@ -1,12 +1,15 @@
 """Duplication: copies of station frames to subscribed secondary backends.
 
-The primary path only ever calls :meth:`Fanout.offer`, which never waits: a copy goes
-into a subscriber's bounded inbox or, if that is full, is counted as an overflow. Each
-subscriber drains its inbox in a task of its own, over one WebSocket per station to the
+Names: a *secondary* is a ``[[backends]]`` entry with ``role = "secondary"``; log fields
+and metrics call it a ``subscriber`` and its counters ``fanout``, as they always have.
+
+The primary path only ever calls :meth:`Duplicator.offer`, which never waits: a copy goes
+into a secondary's bounded inbox or, if that is full, is counted as an overflow. Each
+secondary drains its inbox in a task of its own, over one WebSocket per station to the
 secondary (the station's identity in the path, as if the station were connected to it;
 the station's latest BootNotification is replayed first so a standard CSMS accepts it).
 When the secondary is down or falling behind, copies spill to a durable outbox (SQLite,
-router/outbox.py) and are replayed from it, oldest first, when it is back: delivery is
+router/backends/outbox.py) and are replayed from it, oldest first, when it is back: delivery is
 at-least-once, with the original payload. See docs/duplication.md.
 """
 
@@ -17,18 +20,20 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import trio
 
 from router.backends.outbox import Outbox, OutboxItem
-from router.config import BackendEntry
+from router.config import BackendEntry, NodeSection
 from router.logs import log_event
 from router.net.handshake import HandshakeFailed, dial
 from router.net.wslink import LinkClosed, WsLink
+from router.relay.registry import SessionRegistry
 from router.wire.frames import (
     CALL,
     CALLERROR,
@@ -40,18 +45,27 @@ from router.wire.frames import (
     error_answer,
 )
 
-if TYPE_CHECKING:
-    from router.node import Node
-
 log = logging.getLogger("router.fanout")
 _REPLAY_BATCH = 200
 IDLE_CLOSE_S = 300.0  # a station's link to a secondary closes after this long unused
 EXPIRE_EVERY_S = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class DuplicationContext:
+    """What duplication needs from the node: where to keep the outbox, the live ``[node]``
+    settings, the message size limit, and the sessions (a secondary's command goes to
+    the station's session, if it is allowed)."""
+
+    state_dir: Path
+    settings: Callable[[], NodeSection]
+    max_message_bytes: int
+    sessions: SessionRegistry
+
+
 @dataclass(slots=True)
-class SubscriberStats:
-    """Per-subscriber counters (exposed as metrics by the admin endpoint)."""
+class SecondaryStats:
+    """Per-secondary counters (exposed as metrics by the admin endpoint)."""
 
     offered: int = 0
     delivered: int = 0
@@ -85,10 +99,10 @@ class BootCache:
         return (found[0], found[1]) if found else None
 
 
-class _SecondaryLink:
+class SecondaryLink:
     """One station's WebSocket to a secondary: our copies out, its answers consumed."""
 
-    def __init__(self, sub: Subscriber, station: str, ws: WsLink) -> None:
+    def __init__(self, sub: Secondary, station: str, ws: WsLink) -> None:
         self.sub = sub
         self.station = station
         self.ws = ws
@@ -166,25 +180,26 @@ class _SecondaryLink:
             await self.ws.send_message(text)
 
 
-class Subscriber:
+class Secondary:
     """One secondary backend: its inbox, its outbox and its links, drained by one task."""
 
-    def __init__(self, node: Node, entry: BackendEntry, boots: BootCache) -> None:
-        self.node = node
+    def __init__(self, entry: BackendEntry, boots: BootCache, context: DuplicationContext,
+                 ) -> None:
+        self.context = context
         self.entry = entry
         self.name = entry.name
         self.boots = boots
-        self.stats = SubscriberStats()
+        self.stats = SecondaryStats()
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", entry.name)
-        self.outbox = Outbox(node.config.node.state_dir / f"outbox-{safe}.sqlite",
+        self.outbox = Outbox(context.state_dir / f"outbox-{safe}.sqlite",
                              max_rows_per_subscriber=entry.outbox_max_rows,
                              max_age_s=entry.outbox_max_age_s)
         self.backlog = self.outbox.count(self.name)  # copies left from an earlier run
         self._send, self._recv = trio.open_memory_channel[OutboxItem](entry.queue)
-        self.links: dict[str, _SecondaryLink] = {}
+        self.links: dict[str, SecondaryLink] = {}
         self._nursery: trio.Nursery | None = None
         self._last_overflow_log = 0.0
-        self.current: _SecondaryLink | None = None  # the link whose answer we wait for
+        self.current: SecondaryLink | None = None  # the link whose answer we wait for
 
     @property
     def queued(self) -> int:
@@ -317,16 +332,16 @@ class Subscriber:
             return True
         return False
 
-    async def _open(self, station: str, subprotocol: str, action: str) -> _SecondaryLink | None:
+    async def _open(self, station: str, subprotocol: str, action: str) -> SecondaryLink | None:
         url = self.entry.station_url(quote(station, safe=""))
         try:
-            with trio.fail_after(self.node.config.node.connect_timeout_s):
-                ws = await dial(url, [subprotocol], {}, self.node.config.listen.max_message_bytes)
+            with trio.fail_after(self.context.settings().connect_timeout_s):
+                ws = await dial(url, [subprotocol], {}, self.context.max_message_bytes)
         except (HandshakeFailed, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             log_event(log, logging.INFO, "secondary_unreachable", subscriber=self.name,
                       station=station, reason=repr(exc))
             return None
-        link = _SecondaryLink(self, station, ws)
+        link = SecondaryLink(self, station, ws)
         self.links[station] = link
         assert self._nursery is not None
         self._nursery.start_soon(link.read)
@@ -340,7 +355,7 @@ class Subscriber:
                   station=station)
         return link
 
-    async def command(self, link: _SecondaryLink, message_id: str, action: str,
+    async def command(self, link: SecondaryLink, message_id: str, action: str,
                       payload: Any) -> None:
         """A CALL from the secondary toward the station: read-only unless allowed."""
         if not self.entry.allow_commands:
@@ -351,7 +366,7 @@ class Subscriber:
                 Problem.SECURITY, link.version, message_id,
                 f"secondary backend {self.name!r} is read-only (allow_commands = false)"))
             return
-        session = self.node.session_for(link.station)
+        session = self.context.sessions.get(link.station)
         if session is None:
             await link.answer(error_answer(Problem.INTERNAL, link.version, message_id,
                                            "the station is not connected"))
@@ -359,29 +374,27 @@ class Subscriber:
         await session.call_from(self.name, message_id, action, payload, link.answer)
 
 
-class Fanout:
-    """All subscribers of a node; the copy is made where the backends are configured."""
+class Duplicator:
+    """Every secondary of a node; the copy is made where the backends are configured."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        secondaries = [b for b in node.config.backends if b.role == "secondary"]
-        self.subscribers: list[Subscriber] = []
+    def __init__(self, secondaries: list[BackendEntry], context: DuplicationContext) -> None:
+        self.secondaries: list[Secondary] = []
         if secondaries:
-            node.config.node.state_dir.mkdir(parents=True, exist_ok=True)
-            boots = BootCache(node.config.node.state_dir / "boots.json")
+            context.state_dir.mkdir(parents=True, exist_ok=True)
+            boots = BootCache(context.state_dir / "boots.json")
             self.boots: BootCache | None = boots
-            self.subscribers = [Subscriber(node, entry, boots) for entry in secondaries]
+            self.secondaries = [Secondary(entry, boots, context) for entry in secondaries]
         else:
             self.boots = None
 
     @property
     def active(self) -> bool:
-        return bool(self.subscribers)
+        return bool(self.secondaries)
 
     def offer(self, station: str, subprotocol: str, action: str, payload: Any) -> None:
         """A station CALL reached the primary path: copy it to whoever subscribed."""
         text: str | None = None
-        for sub in self.subscribers:
+        for sub in self.secondaries:
             if sub.entry.subscribes(action) and sub.entry.serves(station):
                 if text is None:
                     text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
@@ -391,11 +404,19 @@ class Fanout:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            for sub in self.subscribers:
+            for sub in self.secondaries:
                 nursery.start_soon(sub.run)
+
+    def reconfigure(self, backends: tuple[BackendEntry, ...]) -> None:
+        """A reload: secondaries that are still configured take their new settings
+        (subscriptions, timeouts, bounds); adding or removing one needs a restart."""
+        for sub in self.secondaries:
+            entry = next((b for b in backends if b.name == sub.name), None)
+            if entry is not None:
+                sub.entry = entry
 
     def close(self) -> None:
         """Close the outboxes (merges their write-ahead logs); after the tasks have stopped."""
-        for sub in self.subscribers:
+        for sub in self.secondaries:
             sub.outbox.close()
 

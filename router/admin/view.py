@@ -1,0 +1,45 @@
+"""What the admin endpoint reads of a node: a read-only view, satisfied by the Node."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from router.backends.duplication import Duplicator
+from router.config import Config
+from router.net.dns import DnsCache
+from router.overlay.mesh import Overlay
+from router.relay.gate import Gate
+from router.relay.registry import SessionRegistry
+from router.stats import Stats
+
+PEER_STATES = {"up": "open", "down": "syncing", "expired": "expired"}
+"""A peer link's route-exchange state, as the operator is shown it."""
+
+
+class NodeView(Protocol):
+    """The parts of a node the admin endpoint reads (and, for ``POST /reload``, calls)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def stats(self) -> Stats: ...
+
+    @property
+    def gate(self) -> Gate: ...
+
+    @property
+    def sessions(self) -> SessionRegistry: ...
+
+    @property
+    def overlay(self) -> Overlay: ...
+
+    @property
+    def duplicator(self) -> Duplicator: ...
+
+    @property
+    def dns(self) -> DnsCache: ...
+
+    def listener_problem(self) -> str | None:
+        """Why stations cannot connect now, or None."""
+        ...

@@ -1,0 +1,35 @@
+"""Failback: idle station links move back to a better SRV target once one accepts again."""
+
+from __future__ import annotations
+
+import trio
+
+from router.backends.dialer import BackendDialer
+from router.net.handshake import DialFailed
+from router.relay.failover import FailoverLink
+from router.relay.registry import SessionRegistry
+
+
+async def fail_back(sessions: SessionRegistry, dialer: BackendDialer, period_s: float) -> None:
+    """Every ``period_s``, offer each idle SRV-backed link of a local station the best
+    priority its backend's SRV name has now; runs until cancelled."""
+    while True:
+        await trio.sleep(period_s)
+        best: dict[str, int] = {}
+        gave_up: set[str] = set()
+        for session in list(sessions.local.values()):
+            link = session.backend.ws
+            if not isinstance(link, FailoverLink) or link.moving or not session.idle():
+                continue
+            name = link.backend.name
+            if name in gave_up:
+                continue
+            if name not in best:
+                try:
+                    targets = await dialer.targets(link.backend, "-")
+                except DialFailed:
+                    gave_up.add(name)
+                    continue
+                best[name] = min(priority for priority, _ in targets)
+            if link.priority > best[name] and not await link.move_to_better():
+                gave_up.add(name)  # the better target does not answer yet

@@ -1,0 +1,1 @@
+"""The overlay: peer links, route exchange, forwarding by destination, station attach."""
