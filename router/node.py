@@ -10,7 +10,6 @@ from typing import Any
 
 import trio
 
-from router.admin import serve_admin
 from router.backends.dialer import BackendDialer
 from router.backends.duplication import DuplicationContext, Duplicator
 from router.backends.failback import fail_back
@@ -121,7 +120,6 @@ class Node:
                 log_event(log, logging.INFO, "listening", host=listen.host, port=self.port,
                           path=listen.path, tls=ssl_context is not None,
                           security_profile=listen.security_profile, node=self.config.node.id)
-                await nursery.start(serve_admin, self)  # [admin]: returns at once without it
                 task_status.started(self)
         finally:
             self.duplicator.close()

@@ -321,9 +321,6 @@ def test_routes_and_links_of_a_running_node(overlay: Overlay) -> None:
         done = subprocess.run([sys.executable, "-m", "router", command, "--admin",
                                overlay.edge_b.admin], capture_output=True, text=True,
                               timeout=STEP, env={**os.environ, **node_env()}, check=False)
-        if done.returncode == 2 and "invalid choice" in done.stderr:
-            pytest.skip("router/cli.py does not register the routes and links commands yet "
-                        "(admin_cli.add_commands / run_command)")
         assert done.returncode == 0, done.stderr
         if command == "routes":
             line = next(x for x in done.stdout.splitlines() if x.startswith("CSMS "))

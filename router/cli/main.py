@@ -171,12 +171,14 @@ def tune_gc() -> None:
 
 async def serve_until_signalled(cfg: config_mod.Config) -> None:
     """Run a node until SIGINT or SIGTERM, then shut it down cleanly."""
+    from router.admin import serve_admin
     from router.node import Node
 
     node = Node(cfg)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
+            await nursery.start(serve_admin, node)  # [admin]: returns at once without it
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     node.reload()  # logs what happened; an invalid file keeps the old one
