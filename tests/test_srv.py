@@ -169,7 +169,7 @@ NAME = "_ocpp._tcp.csms.example"
 def make(fake: FakeDns, *, ttl_floor_s: float = 5.0, ttl_ceiling_s: float = 3600.0,
          timeout_s: float = 2.0) -> DnsCache:
     return DnsCache(ttl_floor_s=ttl_floor_s, ttl_ceiling_s=ttl_ceiling_s,
-                       timeout_s=timeout_s, rng=random.Random(1), query=fake)
+                    timeout_s=timeout_s, rng=random.Random(1), query=fake)
 
 
 async def hosts(resolver: DnsCache, name: str = NAME) -> list[str]:

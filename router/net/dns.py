@@ -318,6 +318,8 @@ class DnsCache:
             return entry.answer[0] if entry.answer else None
         if entry.inflight is None and entry.due(trio.current_time()):
             if self._nursery is not None:
+                # marked in flight now, not when the task starts: one refresh per host
+                entry.inflight = trio.Event()
                 self._nursery.start_soon(self._refresh, host, entry, self._address_answer)
             else:
                 await self._refresh(host, entry, self._address_answer)
@@ -345,7 +347,7 @@ class DnsCache:
         self, name: str, entry: _Entry,
         ask: Callable[[str], Awaitable[tuple[tuple[Any, ...], float]]],
     ) -> None:
-        done = trio.Event()
+        done = entry.inflight if entry.inflight is not None else trio.Event()
         entry.inflight = done
         try:
             reason = ""
