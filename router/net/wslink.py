@@ -254,7 +254,8 @@ class WsLink:
                 sent = 0
             except OSError:
                 self.protocol.state = State.CLOSED
-                raise LinkClosed(CLOSE_ABNORMAL, "connection lost") from None
+                # the peer's close code if its close frame came first: what ``closed`` says
+                raise LinkClosed(self._close_code(), "connection lost") from None
             data = data[sent:]
             if not data and not eof:
                 return
@@ -267,7 +268,8 @@ class WsLink:
                     await trio.aclose_forcefully(self.stream)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.protocol.state = State.CLOSED
-                raise LinkClosed(CLOSE_ABNORMAL, "connection lost") from None
+                # the peer's close code if its close frame came first: what ``closed`` says
+                raise LinkClosed(self._close_code(), "connection lost") from None
 
     async def close_now(self, code: int = 1000, reason: str = "") -> None:
         """Send a close frame if we can and drop the connection without waiting for the

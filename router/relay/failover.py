@@ -47,6 +47,7 @@ class FailoverLink:
         self._buffer: list[tuple[Frame, str | None]] = []
         self._moving = False
         self._stopping = False
+        self._move_lock = trio.Lock()  # a failover and a failback never run together
 
     @property
     def closed(self) -> int | None:
@@ -70,7 +71,7 @@ class FailoverLink:
             except LinkClosed:
                 if link is not self.current:
                     continue  # we moved to another target on purpose
-                if self._stopping or not await self._fail_over():
+                if self._stopping or not await self._fail_over(link):
                     raise
 
     async def send_frame(self, frame: Frame, text: str | None) -> None:
@@ -95,32 +96,43 @@ class FailoverLink:
         """Drop the connection in use without a close handshake (the session has ended)."""
         await trio.aclose_forcefully(self.current.stream)
 
-    async def _fail_over(self) -> bool:
-        self._moving = True
-        try:
-            # finish with the old target at once: a CSMS that is stopping waits for us
-            await trio.aclose_forcefully(self.current.stream)
-            if self.on_lost is not None:
-                await self.on_lost("backend link lost; moving to another target")
-            grace_s = self._grace_s()
-            with trio.move_on_at(trio.current_time() + grace_s):
-                while True:
-                    try:
-                        ws, priority = await self._redial(None)
-                    except DialFailed:
-                        await trio.sleep(RETRY_S)
-                        continue
-                    if ws.subprotocol != self.subprotocol:
-                        await ws.aclose(1002, "the station's subprotocol is fixed")
-                        await trio.sleep(RETRY_S)
-                        continue
-                    await self._switch(ws, priority, "backend_failover")
-                    return True
-            log_event(log, logging.WARNING, "backend_failover_failed", station=self.identity,
-                      backend=self.backend.name, grace_s=grace_s)
-            return False
-        finally:
-            self._moving = False
+    async def _fail_over(self, lost: WsLink) -> bool:
+        # one move at a time: a failback in progress finishes (or gives up) first
+        async with self._move_lock:
+            if self.current is not lost:
+                return True  # a failback moved the link meanwhile: read from the new one
+            self._moving = True
+            try:
+                found = await self._find_target(lost)
+                if found is None:
+                    return False
+                # outside the grace period's scope: a switch that has begun completes
+                await self._switch(*found, "backend_failover")
+                return True
+            finally:
+                self._moving = False
+
+    async def _find_target(self, lost: WsLink) -> tuple[WsLink, int] | None:
+        """Dial targets until one takes the station, for up to the grace period."""
+        # finish with the old target at once: a CSMS that is stopping waits for us
+        await trio.aclose_forcefully(lost.stream)
+        if self.on_lost is not None:
+            await self.on_lost("backend link lost; moving to another target")
+        grace_s = self._grace_s()
+        with trio.move_on_at(trio.current_time() + grace_s):
+            while True:
+                try:
+                    ws, priority = await self._redial(None)
+                except DialFailed:
+                    await trio.sleep(RETRY_S)
+                    continue
+                if ws.subprotocol == self.subprotocol:
+                    return ws, priority
+                await ws.aclose(1002, "the station's subprotocol is fixed")
+                await trio.sleep(RETRY_S)
+        log_event(log, logging.WARNING, "backend_failover_failed", station=self.identity,
+                  backend=self.backend.name, grace_s=grace_s)
+        return None
 
     async def _switch(self, ws: WsLink, priority: int, event: str) -> None:
         old = self.current
@@ -134,17 +146,18 @@ class FailoverLink:
 
     async def move_to_better(self) -> bool:
         """Failback: move to a target of better priority if one answers (call when idle)."""
-        if self._moving or self._stopping:
+        if self._moving or self._stopping or self._move_lock.locked():
             return False
-        self._moving = True
-        try:
-            ws, priority = await self._redial(self.priority)
-            if ws.subprotocol != self.subprotocol:
-                await ws.aclose(1002, "the station's subprotocol is fixed")
+        async with self._move_lock:
+            self._moving = True
+            try:
+                ws, priority = await self._redial(self.priority)
+                if ws.subprotocol != self.subprotocol:
+                    await ws.aclose(1002, "the station's subprotocol is fixed")
+                    return False
+                await self._switch(ws, priority, "backend_failback")
+                return True
+            except DialFailed:
                 return False
-            await self._switch(ws, priority, "backend_failback")
-            return True
-        except DialFailed:
-            return False
-        finally:
-            self._moving = False
+            finally:
+                self._moving = False

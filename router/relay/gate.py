@@ -88,8 +88,13 @@ class Gate:
         if any(rule.sign for rule in policy.rules) and node_key is None:
             raise GateError(f"{config.policy.file}: a rule has sign = true but [node] key "
                             "names no signing key")
-        config.policy.audit_log.parent.mkdir(parents=True, exist_ok=True)
-        audit = config.policy.audit_log.open("a", encoding="utf-8", buffering=1)
+        audit_log = config.policy.audit_log
+        try:
+            audit_log.parent.mkdir(parents=True, exist_ok=True)
+            audit = audit_log.open("a", encoding="utf-8", buffering=1)
+        except OSError as exc:
+            raise GateError(f"policy.audit_log {audit_log}: cannot open for appending: "
+                            f"{exc.strerror or exc}") from None
         return cls(Firewall(policy), node_key, audit)
 
     def close(self) -> None:

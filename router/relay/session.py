@@ -107,6 +107,7 @@ class StationSession:
         self.done = trio.Event()  # set by whoever ran it (the registry), once it has ended
         self._external = 0  # CALLs from other sources, for their rewritten ids
         self._why = ""  # set when the node ends the session (replaced, shutdown)
+        self._ending = False  # the pumps have stopped: no new CALL can go out
 
     def stop(self, why: str) -> None:
         """Ask the session to wind down: pending CALLs are answered, links closed."""
@@ -120,6 +121,7 @@ class StationSession:
                 # the station side runs in this task: one task fewer per station
                 nursery.start_soon(self._pump, self.backend, nursery.cancel_scope)
                 await self._pump(self.station, nursery.cancel_scope)
+        self._ending = True
         with trio.CancelScope(shield=True), trio.move_on_after(
             self.deps.settings.shutdown_timeout_s
         ):
@@ -201,7 +203,11 @@ class StationSession:
                     stats.frames_by_action[(side.direction, finished[0].action)] += 1
                     await self._complete(asker, finished, answer=(frame, text), t0=t0)
         except LinkClosed:
-            # the other link closed under a send; its own pump records how
+            # a send failed: on the other link, or on this side's own (the node answering
+            # its caller). Record whichever closed, so the wind-down says who went away.
+            for s in (side, asker):
+                if s.closed_code is None and s.ws.closed is not None:
+                    s.closed_code = s.ws.closed
             return
         finally:
             scope.cancel()
@@ -356,6 +362,11 @@ class StationSession:
         Its id is rewritten so it cannot collide with the primary's, and mapped back on
         the answer; it passes the firewall with ``source`` like any other CALL.
         """
+        if self._ending:
+            self._count_error(Problem.INTERNAL)
+            await reply(error_answer(Problem.INTERNAL, self.version, message_id,
+                                     "the station is disconnecting"))
+            return
         self._external += 1
         own_id = f"x{self._external}-{message_id}"[:MAX_MESSAGE_ID]
         frame = Frame(CALL, own_id, action=action, payload=payload)
@@ -369,7 +380,11 @@ class StationSession:
                                          verdict.refusal or "refused by policy"))
                 return
             frame, text = verdict.frame, verdict.text
-        await self._offer(self.backend, Call(frame, text, reply, message_id), perf_counter_ns())
+        # the CALL is in the ledger before the send: if the station link is gone, the
+        # session's wind-down answers it through ``reply``; the source's own link is fine
+        with contextlib.suppress(LinkClosed):
+            await self._offer(self.backend, Call(frame, text, reply, message_id),
+                              perf_counter_ns())
 
     # --- faults -------------------------------------------------------------------------
 

@@ -1,0 +1,42 @@
+"""An open WebSocket pair in memory, for unit tests of links (no sockets)."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+from websockets.client import ClientProtocol
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
+
+from router.net.wslink import WsLink
+
+
+def ws_pair(subprotocol: str = "ocpp2.0.1", *, lockstep: bool = False) -> tuple[WsLink, WsLink]:
+    """An open WebSocket in memory: (the node's client link, the backend's server link).
+
+    With ``lockstep``, a send completes only when the other side reads (a busy backend).
+    """
+    node_stream: trio.abc.Stream
+    backend_stream: trio.abc.Stream
+    if lockstep:
+        node_stream, backend_stream = trio.testing.lockstep_stream_pair()
+    else:
+        node_stream, backend_stream = trio.testing.memory_stream_pair()
+    client = ClientProtocol(parse_uri("ws://csms.test/ocpp/CS-1"),
+                            subprotocols=[Subprotocol(subprotocol)])
+    server = ServerProtocol(subprotocols=[Subprotocol(subprotocol)])
+    client.send_request(client.connect())
+    for chunk in client.data_to_send():
+        server.receive_data(chunk)
+    [request] = server.events_received()
+    assert isinstance(request, Request)
+    server.send_response(server.accept(request))
+    for chunk in server.data_to_send():
+        client.receive_data(chunk)
+    client.events_received()
+    assert client.state is State.OPEN and server.state is State.OPEN
+    assert client.subprotocol == subprotocol
+    return WsLink(node_stream, client), WsLink(backend_stream, server)

@@ -1,0 +1,581 @@
+"""FailoverLink without sockets: real WsLinks over trio memory streams, virtual time.
+
+Each backend target is a pair of WsLinks joined by ``trio.testing.memory_stream_pair``
+after an opening handshake done in memory between websockets' sans-IO ClientProtocol
+(the node's side, wrapped by the FailoverLink) and ServerProtocol (the fake CSMS the
+test drives). ``redial`` is a scripted fake; the grace period and the retry delays run
+on trio's MockClock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from router.config import BackendEntry
+from router.net.handshake import DialFailed
+from router.net.wslink import LinkClosed, WsLink
+from router.relay.failover import BUFFER, RETRY_S, FailoverLink
+from router.wire.frames import CALL, CALLRESULT, Frame, encode_frame
+from tests.memory_ws import ws_pair
+
+BACKEND = BackendEntry(name="csms", role="primary", url="", srv="_ocpp._tcp.csms.test")
+LOST = "backend link lost; moving to another target"
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+class Events(logging.Handler):
+    """Collects the structured events of the ``router.failover`` logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.append((record.getMessage(), dict(getattr(record, "fields", {}))))
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [fields for name, fields in self.events if name == event]
+
+
+@pytest.fixture
+def events() -> Iterator[Events]:
+    logger = logging.getLogger("router.failover")
+    handler, level = Events(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+FAIL = None  # a scripted dial that fails with DialFailed(502)
+Step = tuple[WsLink, int] | None
+
+
+class ScriptedRedial:
+    """The ``redial`` callable: fails or hands out links as scripted, then always fails.
+
+    With ``hold``, a successful dial waits for that event before returning (``holding``
+    is set meanwhile), so a test can look at the link while it is moving.
+    """
+
+    def __init__(self, *steps: Step, hold: trio.Event | None = None,
+                 delay_s: float = 0.0) -> None:
+        self.steps = list(steps)
+        self.delay_s = delay_s  # how long each dial takes
+        self.calls: list[tuple[int | None, float]] = []
+        self.hold = hold
+        self.holding = trio.Event()
+
+    async def __call__(self, better_than: int | None) -> tuple[WsLink, int]:
+        self.calls.append((better_than, trio.current_time()))
+        await trio.sleep(self.delay_s)
+        step = self.steps.pop(0) if self.steps else FAIL
+        if step is None:
+            raise DialFailed(502, "no SRV target answers")
+        if self.hold is not None:
+            self.holding.set()
+            await self.hold.wait()
+        return step
+
+
+class Session:
+    """The session's side: ``on_lost`` records what the link looked like when called."""
+
+    def __init__(self, link: FailoverLink) -> None:
+        self.link = link
+        self.lost: list[tuple[str, int | None, str]] = []
+        link.on_lost = self.on_lost
+
+    async def on_lost(self, reason: str) -> None:
+        self.lost.append((reason, self.link.closed, self.link.info().state))
+
+
+def failover_link(ws: WsLink, priority: int, redial: ScriptedRedial,
+                  grace_s: float = 5.0) -> FailoverLink:
+    return FailoverLink("CS-1", BACKEND, ws, priority, redial, lambda: grace_s)
+
+
+async def drop(backend: WsLink) -> None:
+    """The backend target goes away without a close handshake."""
+    await trio.aclose_forcefully(backend.stream)
+
+
+async def read_all(link: FailoverLink, out: trio.MemorySendChannel[object]) -> None:
+    """The session's reader: every message, then the LinkClosed that ends it."""
+    async with out:
+        while True:
+            try:
+                message = await link.get_message()
+            except LinkClosed as exc:
+                await out.send(exc)
+                return
+            await out.send(message)
+
+
+def heartbeat(number: int) -> Frame:
+    return Frame(CALL, f"hb-{number}", action="Heartbeat", payload={})
+
+
+# --- the link in use ----------------------------------------------------------------------
+
+
+async def test_messages_flow_through_the_current_link(autojump_clock: trio.testing.MockClock,
+                                                      ) -> None:
+    node, backend = ws_pair()
+    redial = ScriptedRedial()
+    link = failover_link(node, 10, redial)
+    assert link.subprotocol == "ocpp2.0.1"
+    assert link.closed is None and not link.moving
+
+    await backend.send_message('[2,"c-1","Reset",{"type":"Immediate"}]')
+    assert await link.get_message() == '[2,"c-1","Reset",{"type":"Immediate"}]'
+
+    answer = Frame(CALLRESULT, "c-1", payload={"status": "Accepted"})
+    await link.send_frame(answer, None)  # no text: the frame is encoded
+    assert await backend.get_message() == encode_frame(answer)
+    await link.send_frame(answer, '[3, "c-1", {"status": "Accepted"}]')  # text as given
+    assert await backend.get_message() == '[3, "c-1", {"status": "Accepted"}]'
+
+    info = link.info()
+    assert (info.state, info.srv_backend, info.priority, info.remote) == (
+        "open", "csms", 10, None)
+    assert redial.calls == []
+
+
+async def test_close_stream_drops_the_connection_in_use(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    node, backend = ws_pair()
+    link = failover_link(node, 1, ScriptedRedial())
+    await link.close_stream()
+    with pytest.raises(LinkClosed) as info:
+        await backend.get_message()
+    assert info.value.code == 1006  # no close handshake: the stream just ended
+
+
+# --- failing over -------------------------------------------------------------------------
+
+
+async def test_a_lost_target_is_replaced_and_buffered_frames_follow_in_order(
+    autojump_clock: trio.testing.MockClock, events: Events,
+) -> None:
+    old_node, old_backend = ws_pair()
+    new_node, new_backend = ws_pair()
+    release = trio.Event()
+    redial = ScriptedRedial(FAIL, FAIL, (new_node, 20), hold=release)
+    link = failover_link(old_node, 10, redial)
+    session = Session(link)
+    out, messages = trio.open_memory_channel[object](64)
+    frames = [heartbeat(1), Frame(CALLRESULT, "c-9", payload={"status": "Accepted"}),
+              heartbeat(2)]
+    texts = [None, '[3,"c-9",{"status":"Accepted"}]', None]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all, link, out)
+        await old_backend.send_message("before")
+        assert await messages.receive() == "before"
+
+        lost_at = trio.current_time()
+        await drop(old_backend)
+        await redial.holding.wait()  # the third dial succeeded; the link is not up yet
+
+        assert session.lost == [(LOST, None, "failing_over")]
+        assert link.moving
+        assert link.closed is None  # the session must not see the loss
+        info = link.info()
+        assert (info.state, info.srv_backend, info.priority) == ("failing_over", "csms", 10)
+        for frame, text in zip(frames, texts, strict=True):
+            await link.send_frame(frame, text)  # held: nothing is lost, nothing raised
+        with trio.move_on_after(1.0) as waiting:
+            await new_backend.get_message()
+        assert waiting.cancelled_caught  # nothing reaches the new target before it is up
+
+        release.set()
+        for frame, text in zip(frames, texts, strict=True):
+            assert await new_backend.get_message() == (text or encode_frame(frame))
+
+        await new_backend.send_message("after")
+        assert await messages.receive() == "after"  # the reader carries on, on the new link
+        info = link.info()
+        assert (info.state, info.srv_backend, info.priority) == ("open", "csms", 20)
+        assert link.closed is None and not link.moving
+        assert link.current is new_node
+        assert old_node.closed is not None
+
+        # frames now go straight to the new target
+        await link.send_frame(heartbeat(3), None)
+        assert await new_backend.get_message() == encode_frame(heartbeat(3))
+        nursery.cancel_scope.cancel()
+
+    assert len(session.lost) == 1
+    assert [better for better, _ in redial.calls] == [None, None, None]
+    offsets = [at - lost_at for _, at in redial.calls]
+    assert offsets[0] < RETRY_S
+    assert all(later - earlier >= RETRY_S for earlier, later in itertools.pairwise(offsets))
+    assert events.named("backend_failover") == [
+        {"station": "CS-1", "backend": "csms", "priority": 20}]
+    assert events.named("backend_failover_failed") == []
+
+
+async def test_a_frame_sent_on_the_dead_link_goes_to_the_next_target(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    old_node, old_backend = ws_pair()
+    new_node, new_backend = ws_pair()
+    link = failover_link(old_node, 1, ScriptedRedial((new_node, 2)))
+    session = Session(link)
+    await drop(old_backend)
+    await link.send_frame(heartbeat(1), None)  # the loss is not noticed yet: no error
+    await new_backend.send_message("hello from the new target")
+    assert await link.get_message() == "hello from the new target"
+    assert await new_backend.get_message() == encode_frame(heartbeat(1))
+    assert [reason for reason, _, _ in session.lost] == [LOST]
+
+
+async def test_redial_is_retried_until_the_grace_period_ends(
+    autojump_clock: trio.testing.MockClock, events: Events,
+) -> None:
+    node, backend = ws_pair()
+    redial = ScriptedRedial()  # every dial fails
+    grace = [30.0]
+    link = FailoverLink("CS-1", BACKEND, node, 10, redial, lambda: grace[0])
+    session = Session(link)
+    grace[0] = 1.1  # read when the loss happens (a reload may have changed it)
+
+    await drop(backend)
+    start = trio.current_time()
+    with pytest.raises(LinkClosed) as info:
+        await link.get_message()
+    elapsed = trio.current_time() - start
+
+    assert info.value.code == 1006  # the old link's own ending
+    assert 1.1 <= elapsed < 1.1 + RETRY_S
+    assert session.lost == [(LOST, None, "failing_over")]
+    # dials at 0, 0.2, ... 1.0 s, then the grace period ends during the pause
+    assert len(redial.calls) == 6
+    assert all(better is None for better, _ in redial.calls)
+    assert not link.moving
+    assert link.closed == 1006  # now the session sees the link closed
+    assert link.info().state == "closing"
+    assert events.named("backend_failover_failed") == [
+        {"station": "CS-1", "backend": "csms", "grace_s": 1.1}]
+    assert events.named("backend_failover") == []
+
+
+async def test_a_zero_grace_period_gives_up_at_once(
+    autojump_clock: trio.testing.MockClock, events: Events,
+) -> None:
+    node, backend = ws_pair()
+    spare, _ = ws_pair()
+    redial = ScriptedRedial((spare, 2))
+    link = failover_link(node, 1, redial, grace_s=0.0)
+    await drop(backend)
+    start = trio.current_time()
+    with pytest.raises(LinkClosed):
+        await link.get_message()
+    assert trio.current_time() == start
+    assert link.current is node
+    assert len(events.named("backend_failover_failed")) == 1
+
+
+async def test_a_target_with_another_subprotocol_is_refused_and_the_next_tried(
+    autojump_clock: trio.testing.MockClock, events: Events,
+) -> None:
+    old_node, old_backend = ws_pair("ocpp2.0.1")
+    wrong_node, wrong_backend = ws_pair("ocpp1.6")
+    right_node, right_backend = ws_pair("ocpp2.0.1")
+    redial = ScriptedRedial((wrong_node, 20), (right_node, 30))
+    link = failover_link(old_node, 10, redial)
+    session = Session(link)
+    async with trio.open_nursery() as nursery:
+
+        async def wrong_target() -> None:
+            with pytest.raises(LinkClosed):
+                await wrong_backend.get_message()  # answers the node's close
+
+        nursery.start_soon(wrong_target)
+        await drop(old_backend)
+        await right_backend.send_message("from the right target")
+        assert await link.get_message() == "from the right target"
+
+    assert wrong_node.closed == 1002
+    assert wrong_backend.closed == 1002
+    assert wrong_backend.protocol.close_rcvd is not None
+    assert wrong_backend.protocol.close_rcvd.reason == "the station's subprotocol is fixed"
+    assert link.current is right_node
+    assert link.subprotocol == "ocpp2.0.1"
+    assert link.info().priority == 30
+    assert len(redial.calls) == 2
+    assert redial.calls[1][1] - redial.calls[0][1] >= RETRY_S
+    assert len(session.lost) == 1
+    assert [e["priority"] for e in events.named("backend_failover")] == [30]
+
+
+async def test_too_many_frames_while_moving_close_the_link(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    old_node, old_backend = ws_pair()
+    new_node, new_backend = ws_pair()
+    release = trio.Event()
+    redial = ScriptedRedial((new_node, 2), hold=release)
+    link = failover_link(old_node, 1, redial)
+    out, _messages = trio.open_memory_channel[object](8)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all, link, out)
+        await drop(old_backend)
+        await redial.holding.wait()
+        for number in range(BUFFER):
+            await link.send_frame(heartbeat(number), None)
+        with pytest.raises(LinkClosed) as info:
+            await link.send_frame(heartbeat(BUFFER), None)
+        assert info.value.code == 1001
+        release.set()
+        # the frames held before the overflow still go, in order
+        for number in range(BUFFER):
+            assert await new_backend.get_message() == encode_frame(heartbeat(number))
+        nursery.cancel_scope.cancel()
+
+
+async def test_running_out_of_grace_while_switching_leaves_a_consistent_link(
+    autojump_clock: trio.testing.MockClock, events: Events,
+) -> None:
+    # The new target accepts 0.5 s into a 1 s grace period but reads nothing until 2 s, so
+    # handing it the buffered frame outlasts the grace period. Either the move completes
+    # (the frame arrives, the reader carries on) or it is given up; when given up, the
+    # link must say it is closed, as the Link protocol's ``closed`` promises.
+    old_node, old_backend = ws_pair()
+    new_node, new_backend = ws_pair(lockstep=True)
+    redial = ScriptedRedial((new_node, 2), delay_s=0.5)
+    link = failover_link(old_node, 1, redial, grace_s=1.0)
+    await drop(old_backend)
+    await link.send_frame(heartbeat(1), None)  # held for the next target
+    received: list[str | bytes] = []
+    outcome: object = None
+    async with trio.open_nursery() as nursery:
+
+        async def busy_backend() -> None:
+            await trio.sleep(2.0)
+            with trio.move_on_after(5.0):
+                received.append(await new_backend.get_message())
+                await new_backend.send_message("hello")
+
+        nursery.start_soon(busy_backend)
+        try:
+            outcome = await link.get_message()
+        except LinkClosed as exc:
+            outcome = exc
+    if isinstance(outcome, LinkClosed):  # given up
+        assert (link.closed, link.info().state) != (None, "open"), (
+            "get_message raised LinkClosed but the link still reports itself open "
+            f"(current is the new target: {link.current is new_node})")
+        assert events.named("backend_failover") == []
+    else:
+        assert outcome == "hello"
+        assert received == [encode_frame(heartbeat(1))]
+        assert events.named("backend_failover_failed") == []
+
+
+# --- closing on purpose -------------------------------------------------------------------
+
+
+async def test_aclose_stops_the_link_from_failing_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    node, backend = ws_pair()
+    spare, _ = ws_pair()
+    redial = ScriptedRedial((spare, 2))
+    link = failover_link(node, 1, redial)
+    session = Session(link)
+    async with trio.open_nursery() as nursery:
+
+        async def backend_reads() -> None:
+            with pytest.raises(LinkClosed):
+                await backend.get_message()  # answers the close
+
+        nursery.start_soon(backend_reads)
+        await link.aclose(1000, "station went away")
+
+    assert backend.closed == 1000
+    with pytest.raises(LinkClosed) as info:
+        await link.get_message()
+    assert info.value.code == 1000
+    with pytest.raises(LinkClosed):
+        await link.send_frame(heartbeat(1), None)  # not buffered for a next target
+    assert not await link.move_to_better()
+    assert redial.calls == []
+    assert session.lost == []
+    assert link.closed == 1000
+    assert link.current is node
+
+
+# --- failback -----------------------------------------------------------------------------
+
+
+async def test_move_to_better_switches_to_a_better_target(
+    autojump_clock: trio.testing.MockClock, events: Events,
+) -> None:
+    old_node, old_backend = ws_pair()
+    better_node, better_backend = ws_pair()
+    redial = ScriptedRedial((better_node, 1))
+    link = failover_link(old_node, 5, redial)
+    session = Session(link)
+    out, messages = trio.open_memory_channel[object](8)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all, link, out)
+        await trio.testing.wait_all_tasks_blocked()  # the reader waits on the old link
+        assert await link.move_to_better()
+        assert redial.calls[0][0] == 5  # better than the priority in use
+        assert link.current is better_node
+        info = link.info()
+        assert (info.state, info.priority, info.srv_backend) == ("open", 1, "csms")
+
+        # the reader moved along with the link: no failover, no loss reported
+        await better_backend.send_message("from the better target")
+        assert await messages.receive() == "from the better target"
+        await link.send_frame(heartbeat(1), None)
+        assert await better_backend.get_message() == encode_frame(heartbeat(1))
+        nursery.cancel_scope.cancel()
+
+    assert len(redial.calls) == 1
+    assert session.lost == []
+    assert old_node.closed == 1000
+    with pytest.raises(LinkClosed):
+        await old_backend.get_message()
+    assert old_backend.closed == 1000
+    assert old_backend.protocol.close_rcvd is not None
+    assert old_backend.protocol.close_rcvd.reason == "moving to another backend target"
+    assert events.named("backend_failback") == [
+        {"station": "CS-1", "backend": "csms", "priority": 1}]
+
+
+async def test_frames_sent_during_a_failback_reach_the_better_target(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    old_node, _old_backend = ws_pair()
+    better_node, better_backend = ws_pair()
+    release = trio.Event()
+    redial = ScriptedRedial((better_node, 1), hold=release)
+    link = failover_link(old_node, 5, redial)
+    moved: list[bool] = []
+    async with trio.open_nursery() as nursery:
+
+        async def fail_back() -> None:
+            moved.append(await link.move_to_better())
+
+        nursery.start_soon(fail_back)
+        await redial.holding.wait()
+        assert link.moving and link.closed is None
+        assert link.info().state == "failing_over"
+        await link.send_frame(heartbeat(1), None)
+        await link.send_frame(heartbeat(2), "[2,\"hb-2\",\"Heartbeat\",{}]")
+        release.set()
+    assert moved == [True]
+    assert await better_backend.get_message() == encode_frame(heartbeat(1))
+    assert await better_backend.get_message() == '[2,"hb-2","Heartbeat",{}]'
+
+
+async def test_move_to_better_keeps_the_link_when_no_better_target_answers(
+    autojump_clock: trio.testing.MockClock, events: Events,
+) -> None:
+    node, backend = ws_pair()
+    redial = ScriptedRedial(FAIL)
+    link = failover_link(node, 5, redial)
+    assert not await link.move_to_better()
+    assert [better for better, _ in redial.calls] == [5]
+    assert link.current is node and link.priority == 5
+    assert not link.moving and link.closed is None
+    await link.send_frame(heartbeat(1), None)
+    assert await backend.get_message() == encode_frame(heartbeat(1))
+    assert events.named("backend_failback") == []
+
+
+async def test_move_to_better_refuses_a_target_with_another_subprotocol(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    node, backend = ws_pair("ocpp2.0.1")
+    other_node, other_backend = ws_pair("ocpp2.1")
+    link = failover_link(node, 5, ScriptedRedial((other_node, 1)))
+    async with trio.open_nursery() as nursery:
+
+        async def other_target() -> None:
+            with pytest.raises(LinkClosed):
+                await other_backend.get_message()
+
+        nursery.start_soon(other_target)
+        assert not await link.move_to_better()
+    assert other_node.closed == 1002
+    assert link.current is node and link.priority == 5
+    assert link.closed is None and not link.moving
+    await backend.send_message("still here")
+    assert await link.get_message() == "still here"
+
+
+async def test_move_to_better_does_nothing_while_failing_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    old_node, old_backend = ws_pair()
+    new_node, new_backend = ws_pair()
+    release = trio.Event()
+    redial = ScriptedRedial((new_node, 7), hold=release)
+    link = failover_link(old_node, 3, redial)
+    out, messages = trio.open_memory_channel[object](8)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all, link, out)
+        await drop(old_backend)
+        await redial.holding.wait()
+        assert not await link.move_to_better()
+        assert len(redial.calls) == 1  # only the failover dialled
+        release.set()
+        await new_backend.send_message("up")
+        assert await messages.receive() == "up"
+        nursery.cancel_scope.cancel()
+    assert link.current is new_node and link.priority == 7
+
+
+async def test_a_target_lost_during_a_failback_waits_for_it_and_keeps_the_better_link(
+    autojump_clock: trio.testing.MockClock, events: Events,
+) -> None:
+    """The link in use dies while a failback is dialling: the failover waits for the
+    failback, and when the failback has moved the link, the reader simply goes on with
+    the better target; nothing is dialled twice and no loss is reported."""
+    old_node, old_backend = ws_pair()
+    better_node, better_backend = ws_pair()
+    release = trio.Event()
+    redial = ScriptedRedial((better_node, 1), hold=release)
+    link = failover_link(old_node, 5, redial)
+    session = Session(link)
+    out, messages = trio.open_memory_channel[object](8)
+    moved: list[bool] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all, link, out)
+
+        async def fail_back() -> None:
+            moved.append(await link.move_to_better())
+
+        nursery.start_soon(fail_back)
+        await redial.holding.wait()
+        await drop(old_backend)  # the target in use goes away meanwhile
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+        await better_backend.send_message("from the better target")
+        assert await messages.receive() == "from the better target"
+        nursery.cancel_scope.cancel()
+    assert moved == [True]
+    assert link.current is better_node and link.priority == 1
+    assert len(redial.calls) == 1
+    assert session.lost == []
+    assert events.named("backend_failover") == []
+    assert len(events.named("backend_failback")) == 1
