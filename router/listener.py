@@ -336,9 +336,11 @@ class StationListener:
         self.stats.stations_connected += 1
         log_event(log, logging.INFO, "station_connected", station=identity,
                   subprotocol=session.version.value, backend=session.backend_name, remote=remote)
+        self.sessions.add(session)
         try:
-            await self.sessions.run(session)
+            await session.run()
         finally:
+            self.sessions.ended(session)
             self.stats.stations_connected -= 1
 
 

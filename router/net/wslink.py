@@ -210,7 +210,12 @@ class WsLink:
 
     async def send_frame(self, frame: Frame, text: str | None) -> None:
         """Send an OCPP-J frame: the text it arrived as, or else its encoding."""
-        await self.send_message(text if text is not None else encode_frame(frame))
+        # send_message's body, not a call to it: this is every forwarded frame's path
+        proto = self.protocol
+        if proto.state is not State.OPEN:
+            raise LinkClosed(self._close_code(), self._close_reason())
+        proto.send_text((text if text is not None else encode_frame(frame)).encode("utf-8"))
+        await self._flush()
 
     def info(self) -> LinkInfo:
         """State and far end, for the admin endpoint."""

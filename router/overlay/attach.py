@@ -183,9 +183,11 @@ class Attacher:
             state.held[station] = virtual
             log_event(log, logging.INFO, "overlay_station", station=station,
                       via=link.peer_id, backend=backend.name, subprotocol=chosen)
+            context.sessions.add(session, held=True)
             try:
-                await context.sessions.run(session, held=True)
+                await session.run()
             finally:
+                context.sessions.ended(session, held=True)
                 link.bound.discard(virtual)
                 if state.held.get(station) is virtual:
                     del state.held[station]

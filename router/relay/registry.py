@@ -29,17 +29,19 @@ class SessionRegistry:
         """Every session, local ones first (a copy: safe to iterate across awaits)."""
         return [*self.local.values(), *self.held.values()]
 
-    async def run(self, session: StationSession, *, held: bool = False) -> None:
-        """Register the session, run it to its end, then forget it and set ``done``."""
+    def add(self, session: StationSession, *, held: bool = False) -> None:
+        """Register a session that is about to run (it replaces any older one's entry)."""
+        (self.held if held else self.local)[session.identity] = session
+
+    def ended(self, session: StationSession, *, held: bool = False) -> None:
+        """A session has finished running: forget it (if still its entry), set ``done``.
+
+        ``add`` and ``ended`` around ``session.run()`` rather than a ``run`` here: a
+        coroutine frame fewer held for every connected station."""
         table = self.held if held else self.local
-        identity = session.identity
-        table[identity] = session
-        try:
-            await session.run()
-        finally:
-            if table.get(identity) is session:
-                del table[identity]
-            session.done.set()
+        if table.get(session.identity) is session:
+            del table[session.identity]
+        session.done.set()
 
     async def stop(self, station: str, why: str, timeout_s: float, *,
                    held: bool = False) -> bool:

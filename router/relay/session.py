@@ -143,15 +143,22 @@ class StationSession:
         ledger = self.ledger
         # the side whose CALLs this side answers
         asker = self.backend if side is self.station else self.station
+        message: str | bytes | Frame | None = None
+        frame: Frame | None = None
+        text: str | None = None
+        finished: Finished | None = None
+        passed: tuple[Frame, str | None] | None = None
         try:
             while True:
+                # let go of the last frame while waiting for the next one: a decoded
+                # payload is kilobytes, and a station may be quiet for minutes
+                message = frame = text = finished = passed = None
                 try:
                     message = await ws.get_message()
                 except LinkClosed as exc:
                     side.closed_code = exc.code
                     return
                 t0 = perf_counter_ns()
-                text: str | None
                 if type(message) is str:
                     text = message
                     if debug:
