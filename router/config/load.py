@@ -1,9 +1,5 @@
-"""The node's TOML config: parsed, validated in full, and turned into frozen objects.
-
-Validation collects every mistake rather than stopping at the first, and each one names
-the file, the key (``backends[2].url``), the line and the problem, so an operator fixes
-a config in one pass. Relative paths are resolved against the config file's directory.
-"""
+"""Reading a config file: TOML in, a validated :class:`~router.config.model.Config` out,
+or a ConfigError listing every mistake with its file, key and line (see the package)."""
 
 from __future__ import annotations
 
