@@ -14,7 +14,10 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import contextvars
 import logging
+import math
+import secrets
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -22,13 +25,14 @@ from urllib.parse import unquote
 
 import trio
 
+from policies import RateLimiter
 from router.backends.dialer import BackendDialer
-from router.config import MAX_ID, BackendEntry, Config, StationEntry
+from router.config import MAX_ID, RESERVED_IDS, BackendEntry, Config, StationEntry
 from router.logs import log_event
 from router.net.handshake import DialFailed, HandshakeFailed, Upgrade, read_upgrade
 from router.net.tls import common_name
 from router.overlay.mesh import MODE_HEADER, MODE_OVERLAY, Overlay
-from router.passwords import VerifiedCache, verify_password
+from router.passwords import VerifiedCache, hash_password, verify_password
 from router.relay.failover import FailoverLink
 from router.relay.registry import SessionRegistry
 from router.relay.session import SessionDeps, StationSession
@@ -39,13 +43,25 @@ log = logging.getLogger("router.node")
 
 
 class Refused(Exception):
-    """A station's upgrade is refused with this HTTP status."""
+    """A station's upgrade is refused with this HTTP status; ``reason`` is the reply's
+    text, ``detail`` (for the log only) what the station must not learn."""
 
-    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None,
+                 detail: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.headers = headers or {}
+        self.detail = detail
+
+
+# set in each connection's task while it is still a handshake (see StationListener)
+_HANDSHAKE: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("handshake")
+SHED_RETRY_AFTER_S = 2
+_SHED_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %d\r\n"
+                  b"Content-Type: text/plain\r\nContent-Length: 31\r\nConnection: close\r\n"
+                  b"\r\ntoo many handshakes; try again\n")
+AUTH_WINDOW_S = 60.0  # max_auth_failures counts per remote address over this window
 
 
 _BASIC_CHALLENGE = {"WWW-Authenticate": 'Basic realm="ocpp", charset="UTF-8"'}
@@ -66,6 +82,9 @@ def identity_from_path(target: str, base: str) -> str:
         raise Refused(400, f"identity must be 1-{MAX_ID} characters")
     if "/" in identity or not identity.isprintable() or identity.strip() != identity:
         raise Refused(400, "identity has a slash, a control character or surrounding space")
+    if identity in (".", ".."):
+        # it would be dialled as <url>/. or <url>/.. toward the backend
+        raise Refused(400, "identity cannot be . or ..")
     return identity
 
 
@@ -99,6 +118,16 @@ class StationListener:
         self._verified = VerifiedCache()
         self.scope = trio.CancelScope()  # cancelled when the node stops accepting
         self.port = 0
+        self.handshakes = 0  # connections not yet running a session (or a peer link)
+        self._last_shed_log = -math.inf
+        # failed authentications per remote address: past the limit, no more scrypt runs
+        self._failures: RateLimiter | None = None
+        self._failures_limit = 0
+        # one password check at a time: a flood of wrong passwords costs one core at most
+        self._scrypt = trio.CapacityLimiter(1)
+        # checked when the identity has no hash (unknown, or the wrong user name), so a
+        # refusal takes as long as one for a known identity: no enumeration by timing
+        self._decoy_hash = hash_password(secrets.token_urlsafe(16))
 
     async def serve(self, listeners: list[Any], nursery: trio.Nursery) -> None:
         """Accept connections until :attr:`scope` is cancelled; handlers run in ``nursery``."""
@@ -119,11 +148,42 @@ class StationListener:
         """Serve one connection; nothing it does can end the listener."""
         # serve_listeners lets a handler's exception end the whole server: never let one out
         try:
-            await self._handle_stream(stream)
+            if self.handshakes >= self._config().listen.max_handshakes:
+                await self._shed(stream)
+                return
+            self.handshakes += 1
+            _HANDSHAKE.set([True])
+            try:
+                await self._handle_stream(stream)
+            finally:
+                self._handshake_over()
         except Exception as exc:
             log.exception("connection handler failed", extra={"fields": {"error": repr(exc)}})
         finally:
             await trio.aclose_forcefully(stream)
+
+    def _handshake_over(self) -> None:
+        """This connection's handshake is over (a session or a peer link runs now, or it
+        was refused): it no longer counts toward ``max_handshakes``."""
+        flag = _HANDSHAKE.get(None)
+        if flag is not None and flag[0]:
+            flag[0] = False
+            self.handshakes -= 1
+
+    async def _shed(self, stream: trio.abc.Stream) -> None:
+        """Too many handshakes at once: 503 with Retry-After, before reading anything
+        (a TLS connection is closed instead: answering it would cost a TLS handshake)."""
+        self.stats.handshakes_shed += 1
+        now = trio.current_time()
+        if now - self._last_shed_log >= 1.0:
+            self._last_shed_log = now
+            log_event(log, logging.WARNING, "handshakes_shed", in_progress=self.handshakes,
+                      shed=self.stats.handshakes_shed, remote=_remote(stream))
+        if isinstance(stream, trio.SSLStream):
+            return
+        with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError,
+                                                        trio.ClosedResourceError):
+            await stream.send_all(_SHED_RESPONSE % SHED_RETRY_AFTER_S)
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         listen = self._config().listen
@@ -155,11 +215,12 @@ class StationListener:
         try:
             identity = identity_from_path(upgrade.path, config.listen.path)
             upgrade.check()
-            entry = await self._authenticate(config, identity, upgrade, peer_cert)
-            if upgrade.header(MODE_HEADER) == MODE_OVERLAY:
-                peer = True
+            peer = upgrade.header(MODE_HEADER) == MODE_OVERLAY
+            if peer:
+                # only a listed [[peers]] id, on its own entry's credentials
+                await self._authenticate_peer(config, identity, upgrade, peer_cert, remote)
             else:
-                peer = False
+                entry = await self._authenticate(config, identity, upgrade, peer_cert, remote)
                 offered = [p for p in upgrade.offered_subprotocols()
                            if p in config.listen.subprotocols]
                 if not offered:
@@ -175,6 +236,7 @@ class StationListener:
             await self._refuse(upgrade, identity, remote, refused)
             return
         if peer:
+            self._handshake_over()
             await self.overlay.accept_peer(upgrade, identity)
             return
         # authenticated: this connection now replaces any older one for the identity
@@ -206,33 +268,93 @@ class StationListener:
                                  self._config().node.shutdown_timeout_s + 1)
 
     async def _authenticate(self, config: Config, identity: str, upgrade: Upgrade,
-                            peer_cert: Any) -> StationEntry:
+                            peer_cert: Any, remote: str) -> StationEntry:
         profile = config.listen.security_profile
+        if self._reserved(config, identity):
+            # "CSMS", "*", this node's id, a peer's or another node's: a station by that
+            # name would take frames addressed to the overlay itself
+            raise Refused(403, "identity is reserved in the overlay (a node id, CSMS or *)")
         entry = config.station_entry(identity)
         if entry is None:
             if profile in (1, 2):
-                raise Refused(401, "unknown station", _BASIC_CHALLENGE)
+                # refused like a wrong password, as slowly: no telling who exists
+                await self._check_password(upgrade, identity, None, remote)
             raise Refused(403, "no [[stations]] entry matches this identity")
         if profile == 3:
             cn = common_name(peer_cert)
             if cn != identity:
                 raise Refused(403, f"client certificate CN {cn!r} is not the station identity")
         if profile in (1, 2) or entry.password_hash is not None:
-            creds = basic_credentials(upgrade.header("Authorization"))
-            if creds is None:
-                raise Refused(401, "Basic credentials required", _BASIC_CHALLENGE)
-            user, password = creds
-            if user != identity or entry.password_hash is None:
-                raise Refused(401, "wrong credentials", _BASIC_CHALLENGE)
-            if not await self._password_ok(password, entry.password_hash):
-                raise Refused(401, "wrong credentials", _BASIC_CHALLENGE)
+            await self._check_password(upgrade, identity, entry.password_hash, remote)
         return entry
+
+    async def _authenticate_peer(self, config: Config, node_id: str, upgrade: Upgrade,
+                                 peer_cert: Any, remote: str) -> None:
+        """An overlay link is for listed peers only, on their own ``[[peers]]`` entry;
+        a ``[[stations]]`` entry never authenticates a peer."""
+        entry = config.peer_entry(node_id)
+        if entry is None:
+            raise Refused(403, "overlay links are only for nodes listed in [[peers]]")
+        profile = config.listen.security_profile
+        if profile == 3:
+            cn = common_name(peer_cert)
+            if cn != node_id:
+                raise Refused(403, f"client certificate CN {cn!r} is not the peer's node id")
+        if profile in (1, 2) or entry.password_hash is not None:
+            await self._check_password(upgrade, node_id, entry.password_hash, remote)
+
+    def _reserved(self, config: Config, identity: str) -> bool:
+        return (identity in RESERVED_IDS or identity == config.node.id
+                or config.peer_entry(identity) is not None
+                or self.overlay.is_node(identity))
+
+    async def _check_password(self, upgrade: Upgrade, identity: str,
+                              password_hash: str | None, remote: str) -> None:
+        """Basic credentials of ``identity`` against its entry's hash; Refused otherwise.
+
+        Every refusal of a password costs one hash check, also for an identity without a
+        hash or a wrong user name, so its timing tells nothing. Failures are counted per
+        remote address; past ``max_auth_failures`` a minute the address gets 429 without
+        any check, except for a password verified before (a station reconnecting).
+        """
+        creds = basic_credentials(upgrade.header("Authorization"))
+        if creds is None:
+            raise Refused(401, "Basic credentials required", _BASIC_CHALLENGE)
+        user, password = creds
+        own = password_hash if user == identity else None
+        if own is not None and self._verified.hit(password, own):
+            return
+        address = remote.rsplit(":", 1)[0]
+        failures = self._failure_limiter()
+        now = trio.current_time()
+        if not failures.allow(address, now, record=False):
+            self.stats.auth_limited += 1
+            raise Refused(429, "too many failed authentications; try again later",
+                          {"Retry-After": str(int(AUTH_WINDOW_S))},
+                          detail=f"more than {self._failures_limit} failed authentications "
+                                 f"a minute from {address}")
+        if own is not None and await self._password_ok(password, own):
+            return
+        if own is None:
+            await self._password_ok(password, self._decoy_hash)  # the same time, no answer
+        failures.allow(address, now, record=True)
+        raise Refused(401, "wrong credentials", _BASIC_CHALLENGE,
+                      detail="unknown identity" if password_hash is None else
+                      "wrong user name" if user != identity else "wrong password")
+
+    def _failure_limiter(self) -> RateLimiter:
+        limit = self._config().listen.max_auth_failures  # a reload may change it
+        if self._failures is None or self._failures_limit != limit:
+            self._failures = RateLimiter(limit, AUTH_WINDOW_S, max_sources=50_000)
+            self._failures_limit = limit
+        return self._failures
 
     async def _password_ok(self, password: str, encoded: str) -> bool:
         if self._verified.hit(password, encoded):
             return True
-        # scrypt takes tens of milliseconds: keep it off the event loop
-        ok = await trio.to_thread.run_sync(verify_password, password, encoded)
+        # scrypt takes tens of milliseconds: off the event loop, one at a time
+        ok = await trio.to_thread.run_sync(verify_password, password, encoded,
+                                           limiter=self._scrypt)
         if ok:
             self._verified.add(password, encoded)
         return ok
@@ -242,7 +364,7 @@ class StationListener:
     ) -> None:
         self.stats.stations_rejected += 1
         log_event(log, logging.INFO, "station_rejected", station=identity, status=refused.status,
-                  reason=refused.reason, remote=remote)
+                  reason=refused.detail or refused.reason, remote=remote)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await upgrade.reject(refused.status, refused.reason, refused.headers)
 
@@ -333,6 +455,7 @@ class StationListener:
         if self._claims.get(identity) is claim:
             # connected: from now on a newer connection stops this one gracefully
             del self._claims[identity]
+        self._handshake_over()
         self.stats.stations_connected += 1
         log_event(log, logging.INFO, "station_connected", station=identity,
                   subprotocol=session.version.value, backend=session.backend_name, remote=remote)

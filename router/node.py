@@ -22,6 +22,7 @@ from router.net.tls import server_context
 from router.net.wslink import WsLink
 from router.overlay.attach import AttachContext
 from router.overlay.mesh import Overlay, OverlayConfig
+from router.overlay.trust import TrustError
 from router.relay.gate import Gate, GateError
 from router.relay.registry import SessionRegistry
 from router.relay.session import SessionDeps
@@ -139,7 +140,11 @@ class Node:
         try:
             config = load_config(self.config.source)
             gate = Gate.from_config(config)
-        except (ConfigError, PolicyError, GateError) as exc:
+            rekey = (config.trust, config.node.key) != (self.config.trust, self.config.node.key)
+            if rekey:
+                # checked now, applied below: a bad key file keeps the old config
+                self.overlay.check_trust(config.trust)
+        except (ConfigError, PolicyError, GateError, TrustError) as exc:
             reason = str(exc).replace("\n", "; ")
             log_event(log, logging.ERROR, "reload_refused", reason=reason,
                       file=str(self.config.source))
@@ -155,14 +160,18 @@ class Node:
         if old_names != new_names:
             needs_restart.append("secondary backends added or removed")
         self.duplicator.reconfigure(config.backends)
+        old_config = self.config
         old_gate, self.gate, self.config = self.gate, gate, config
         deps = self.session_deps
         deps.gate, deps.settings = gate, config.node
         self.timer.timeout_s = config.node.call_timeout_s
         old_gate.close()
+        if rekey:
+            self.overlay.rekey(gate.node_key, config.trust)
+        del old_config
         log_event(log, logging.INFO, "reloaded", file=str(config.source),
                   policy=str(config.policy.file) if config.policy else None,
-                  needs_restart=needs_restart)
+                  needs_restart=needs_restart, route_keys_changed=rekey)
         return True, "reloaded" + (f"; restart needed for: {', '.join(needs_restart)}"
                                     if needs_restart else "")
 

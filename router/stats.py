@@ -69,6 +69,8 @@ class Stats:
     stations_connected: int = 0
     stations_rejected: int = 0
     stations_replaced: int = 0
+    handshakes_shed: int = 0  # connections answered 503: too many handshakes at once
+    auth_limited: int = 0  # upgrades answered 429: too many failed authentications
     residence: Histogram = field(default_factory=Histogram)  # node time per forwarded frame
     # (direction, action) -> frames: CALLs and SENDs by their action, answers by the
     # action of the CALL they answer

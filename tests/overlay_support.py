@@ -1,8 +1,9 @@
 """Helpers for the overlay end-to-end tests: configs, keys, log waits and stations that reconnect.
 
 * :func:`overlay_config` writes the TOML of one overlay node (an edge with ``[[peers]]``
-  and no backends, or a core with the CSMS as primary backend, or both), security
-  profile 0, ``[[stations]] match = "*"`` so stations and peers are both accepted.
+  and no backends, or a core with the CSMS as primary backend and accept-only
+  ``[[peers]]`` for the nodes that dial it), security profile 0, ``[[stations]]
+  match = "*"``.
 * :func:`write_node_key` makes a signing key and writes its private and public PEMs.
 * :func:`wait_log` / :func:`count_events` read a node's JSON log lines (conditions, no sleeps).
 * :class:`ReconnectingStation` is an ``ocpp`` station that, like a real one, dials again
@@ -78,8 +79,10 @@ def overlay_config(
     call_timeout_s: float = 30,
     subprotocols: Sequence[str] = DEFAULT_SUBPROTOCOLS,
     stations: Sequence[Mapping[str, object]] = ({"match": "*"},),
+    accept: Sequence[str] = (),
 ) -> str:
-    """Config text of one overlay node, security profile 0, kernel-chosen port."""
+    """Config text of one overlay node, security profile 0, kernel-chosen port; ``accept``
+    lists the node ids that may dial it (accept-only ``[[peers]]`` entries)."""
     lines = ["[node]", f"id = {_toml(node_id)}", f"call_timeout_s = {_toml(call_timeout_s)}"]
     if key is not None:
         lines.append(f"key = {_toml(str(key))}")
@@ -103,6 +106,8 @@ def overlay_config(
                   f"encoding = {_toml(peer.encoding)}"]
         if peer.password is not None:
             lines.append(f"password = {_toml(peer.password)}")
+    for node_id_ in accept:
+        lines += ["", "[[peers]]", f"id = {_toml(node_id_)}"]
     if trust is not None:
         lines += ["", "[trust]", f"nodes = {_toml({k: str(v) for k, v in trust.items()})}"]
     return "\n".join(lines) + "\n"

@@ -227,7 +227,8 @@ class Overlay:
 def overlay(csms: Csms, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Overlay]:
     started: list[AdminNode] = []
     try:
-        core = start_admin_node(overlay_config(CORE, backend_url=csms.url) + ADMIN,
+        core = start_admin_node(overlay_config(CORE, backend_url=csms.url,
+                                               accept=[EDGE_A, EDGE_B]) + ADMIN,
                                 tmp_path_factory.mktemp("core"))
         started.append(core)
         for node_id, encoding in ((EDGE_A, "json"), (EDGE_B, "msgpack")):

@@ -520,3 +520,120 @@ async def test_a_busy_admin_port_is_reported(tmp_path: Path, nursery: trio.Nurse
         await nursery.start(serve_admin, other)
     assert str(refused.value).startswith(f"admin endpoint 127.0.0.1:{port}: ")
 
+
+
+# --- Host and Origin: a DNS-rebinding page must not read or reload the node ---------------
+
+REBOUND = [(b"host", b"attacker.example:9090")]
+
+
+def allowed_node(tmp_path: Path) -> Node:
+    """A node whose ``[admin]`` (the config's last section) lists ops.example.net."""
+    text = CONFIG.format(state=tmp_path / "state", backend="ws://127.0.0.1:1/ocpp", extra="")
+    text += 'allowed_hosts = ["ops.example.net"]\n'
+    return Node(parse(text, str(tmp_path / "node.toml"), tmp_path))
+
+
+@pytest.mark.parametrize("path", ["/links", "/routes", "/topology", "/metrics", "/healthz",
+                                  "/nope"])
+async def test_a_rebound_host_is_misdirected(tmp_path: Path, path: str) -> None:
+    node = make_node(tmp_path)
+    status, body = await asgi(node, path, headers=REBOUND)
+    assert status == 421 and body == b"misdirected request: this Host is not served here\n"
+
+
+@pytest.mark.parametrize("host", [
+    "127.0.0.1", "127.0.0.1:9090", "10.1.2.3:80", "[::1]", "[::1]:9090", "[2001:db8::7]:9090",
+    "localhost", "LocalHost:9090", "ops.example.net", "OPS.example.NET:8443"])
+async def test_ip_literals_localhost_and_allowed_names_are_served(tmp_path: Path,
+                                                                  host: str) -> None:
+    node = allowed_node(tmp_path)
+    status, body = await asgi(node, "/routes", headers=[(b"host", host.encode())])
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("host", [
+    "attacker.example", "127.0.0.1.nip.io", "localhost.attacker.example",
+    "ops.example.net.attacker.example", "example.net", "evil@127.0.0.1", "127.0.0.1:9090@evil",
+    "127.0.0.1/x", "[::1", "::1", "[attacker.example]", "127.1", "0x7f000001", "", " "])
+async def test_other_hosts_are_misdirected(tmp_path: Path, host: str) -> None:
+    node = allowed_node(tmp_path)
+    status, _ = await asgi(node, "/routes", headers=[(b"host", host.encode())])
+    assert status == 421
+
+
+async def test_a_missing_or_repeated_host_is_misdirected(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    assert (await asgi(node, "/links", headers=[(b"accept", b"*/*")]))[0] == 421
+    twice = [(b"host", b"127.0.0.1:9090"), (b"host", b"attacker.example:9090")]
+    assert (await asgi(node, "/links", headers=twice))[0] == 421
+
+
+async def test_a_refused_host_is_counted_and_logged_with_the_client(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    app = AdminApp(node)
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logger = logging.getLogger("router.admin")
+    logger.addHandler(handler)
+    try:
+        await asgi(node, "/links", headers=REBOUND, app=app)
+        await asgi(node, "/routes", headers=REBOUND, app=app)
+        await asgi(node, "/routes", app=app)  # served: neither counted nor logged
+    finally:
+        logger.removeHandler(handler)
+    records = [r for r in seen if r.getMessage() == "admin_host_refused"]
+    assert [r.levelno for r in records] == [logging.WARNING, logging.WARNING]
+    fields = records[-1].fields  # type: ignore[attr-defined]
+    assert fields["client"] == "127.0.0.1:5555" and fields["host"] == "attacker.example:9090"
+    assert fields["path"] == "/routes" and fields["refused"] == 2
+    assert app.refused["host"] == 2
+
+
+async def test_reload_needs_our_host_and_a_same_origin(tmp_path: Path) -> None:
+    node = allowed_node(tmp_path)
+    calls: list[str] = []
+
+    async def reload_ok() -> dict[str, Any]:
+        calls.append("ok")
+        return {"ok": True}
+
+    node.reload = reload_ok  # type: ignore[attr-defined]
+
+    async def reload(host: bytes, *origins: bytes) -> int:
+        headers = [(b"host", host), *((b"origin", origin) for origin in origins)]
+        return (await asgi(node, "/reload", "POST", headers))[0]
+
+    # the rebinding page: its Origin equals the (rebound) Host, which is not ours
+    assert await reload(b"attacker.example:9090", b"http://attacker.example:9090") == 421
+    assert await reload(b"127.0.0.1:9090", b"null") == 403
+    assert await reload(b"127.0.0.1:9090", b"http://attacker.example:9090") == 403
+    assert await reload(b"127.0.0.1:9090", b"http://ops.example.net") == 403  # not this Host
+    assert await reload(b"127.0.0.1:9090", b"http://127.0.0.1:9091") == 403
+    assert await reload(b"127.0.0.1:9090", b"http://evil@127.0.0.1:9090") == 403
+    assert await reload(b"127.0.0.1:9090", b"http://127.0.0.1:9090/") == 403
+    assert await reload(b"127.0.0.1:9090", b"ftp://127.0.0.1:9090") == 403
+    assert await reload(b"127.0.0.1:9090", b"") == 403
+    assert await reload(b"127.0.0.1:9090", b"http://127.0.0.1:9090",
+                        b"http://attacker.example") == 403
+    assert calls == []
+    # an operator's own browser, and scripts that send no Origin
+    assert await reload(b"127.0.0.1:9090", b"http://127.0.0.1:9090") == 200
+    assert await reload(b"[::1]:9090", b"http://[::1]:9090") == 200
+    assert await reload(b"ops.example.net", b"https://OPS.example.net") == 200
+    assert await reload(b"localhost:9090") == 200
+    assert calls == ["ok"] * 4
+
+
+async def test_the_served_endpoint_refuses_a_rebound_host(tmp_path: Path,
+                                                         nursery: trio.Nursery) -> None:
+    node = make_node(tmp_path)
+    port = await nursery.start(serve_admin, node)
+    base = f"http://127.0.0.1:{port}"
+    reply = await fetch(base + "/links", headers={"Host": f"attacker.example:{port}"})
+    assert reply.status == 421 and "misdirected" in reply.text
+    reply = await fetch(base + "/reload", "POST", headers={
+        "Host": f"attacker.example:{port}", "Origin": f"http://attacker.example:{port}"})
+    assert reply.status == 421
+    assert (await fetch(base + "/links", headers={"Host": f"localhost:{port}"})).status == 200

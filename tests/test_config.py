@@ -165,3 +165,40 @@ def test_shipped_example_passes_check() -> None:
     example = Path(__file__).resolve().parent.parent / "examples" / "edge-gateway.toml"
     cfg = load(example)
     assert cfg.listen.security_profile >= 1
+
+
+def test_admin_allowed_hosts_are_exact_host_names() -> None:
+    cfg = parse(GOOD + '\n[admin]\nallowed_hosts = ["Ops.Example.net", "node-7"]\n')
+    assert cfg.admin is not None and cfg.admin.allowed_hosts == ("ops.example.net", "node-7")
+    plain = parse(GOOD + "\n[admin]\n").admin
+    assert plain is not None and plain.allowed_hosts == ()
+    for bad in ['"ops.example.net"', "[7]", '[""]', '["http://ops.example.net"]',
+                '["ops.example.net:9090"]', '["ops.example.net/admin"]', '["*.example.net"]',
+                '["[::1]"]', '["ops..example.net"]']:
+        found = problems(GOOD + f"\n[admin]\nport = 9090\nallowed_hosts = {bad}\n")
+        assert [(key, line) for key, line, _ in found] == [("admin.allowed_hosts", 17)], bad
+    [(_key, _line, problem)] = problems(GOOD + '\n[admin]\nallowed_hosts = ["x.net:1"]\n')
+    assert "'x.net:1' is not a host name" in problem and "without scheme, port or path" in problem
+
+
+def test_accept_only_peers_and_their_credentials() -> None:
+    """A [[peers]] entry without url or srv only accepts; under profiles 1-2 it needs the
+    peer's password_hash. Ids are unique and never CSMS or *; nodes goes with srv."""
+    base = GOOD.split("[[backends]]")[0].replace("security_profile = 0", "security_profile = 1")
+    base = base.replace('match = "CS-*"', f'match = "CS-*"\npassword_hash = "{hash_password("x")}"')
+    backend = '[[backends]]\nname = "main"\nurl = "ws://127.0.0.1:9100/ocpp"\n'
+    ok = base + backend + f'\n[[peers]]\nid = "edge-7"\npassword_hash = "{hash_password("p")}"\n'
+    cfg = parse(ok)
+    [peer] = cfg.peers
+    assert (peer.id, peer.dialled, peer.url, peer.srv) == ("edge-7", False, "", None)
+    assert cfg.peer_entry("edge-7") is peer and cfg.peer_entry("edge-8") is None
+    found = problems(base + backend + '\n[[peers]]\nid = "edge-7"\n')
+    assert [k for k, _, _ in found] == ["peers[0].password_hash"]
+    found = problems(base + backend + '\n[[peers]]\nid = "CSMS"\npassword_hash = "nope"\n'
+                     '\n[[peers]]\nid = "a"\nurl = "ws://127.0.0.1:1/ocpp"\nnodes = ["b"]\n'
+                     '\n[[peers]]\nid = "a"\nurl = "ws://127.0.0.1:1/ocpp"\n')
+    assert {k for k, _, _ in found} == {"peers[0].id", "peers[0].password_hash",
+                                        "peers[1].nodes", "peers[2].id"}
+    srv = parse(GOOD + '\n[[peers]]\nid = "core"\nsrv = "_ocpp._tcp.cores.test"\n'
+                       'nodes = ["core-1", "core-2"]\n')
+    assert srv.peers[0].answers_as("core-2") and not srv.peers[0].answers_as("core-3")

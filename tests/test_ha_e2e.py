@@ -738,14 +738,16 @@ def test_edge_fails_over_between_core_nodes_given_by_srv(
         try:
             cores = []
             for core_id, csms in ((CORE_1, csms1), (CORE_2, csms2)):
-                cores.append(start_node(overlay_config(core_id, backend_url=csms.url),
+                cores.append(start_node(overlay_config(core_id, backend_url=csms.url,
+                                                       accept=[EDGE_ID]),
                                         tmp_path_factory.mktemp(core_id), env=node_env()))
                 started.append(cores[-1])
             dns_server.set_srv(SRV_CORES, [Srv(1, 10, cores[0].port, "core1.test."),
                                            Srv(2, 10, cores[1].port, "core2.test.")], ttl=1)
             edge = start_node(ha_config(EDGE_ID, dns_server.nameserver, peers=[{
                 "id": UPLINK, "srv": SRV_CORES, "scheme": "ws", "path": "/ocpp",
-                "encoding": "json"}]), tmp_path_factory.mktemp("edge"), env=node_env())
+                "encoding": "json", "nodes": [CORE_1, CORE_2]}]),
+                tmp_path_factory.mktemp("edge"), env=node_env())
             started.append(edge)
             asyncio.run(_peer_failover(edge, cores[0], cores[1], csms1, csms2))
         finally:

@@ -73,7 +73,8 @@ def _stop_all(nodes: list[NodeProcess]) -> None:
 def chain(csms: Csms, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     started: list[NodeProcess] = []
     try:
-        core = start_node(overlay_config(CORE, backend_url=csms.url),
+        core = start_node(overlay_config(CORE, backend_url=csms.url,
+                                         accept=[EDGE_A, EDGE_B, "ov-big-edge"]),
                           tmp_path_factory.mktemp("core"), env=node_env())
         started.append(core)
         edge_a = start_node(overlay_config(EDGE_A, peers=[PeerLink.to(core, CORE, "json")]),
@@ -302,7 +303,8 @@ def failover(csms: Csms, tmp_path_factory: pytest.TempPathFactory) -> Iterator[F
     try:
         cores = {}
         for core_id in (CORE_1, CORE_2):
-            cores[core_id] = start_node(overlay_config(core_id, backend_url=csms.url),
+            cores[core_id] = start_node(overlay_config(core_id, backend_url=csms.url,
+                                                       accept=[EDGE_F]),
                                         tmp_path_factory.mktemp(core_id), env=node_env())
             started.append(cores[core_id])
         edge = start_node(

@@ -84,7 +84,8 @@ def trusted(csms: Csms, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tr
     try:
         core = start_node(
             overlay_config(CORE, backend_url=csms.url, key=core_private,
-                           trust={EDGE: edge_public, FAKE: fake_public}),
+                           trust={EDGE: edge_public, FAKE: fake_public},
+                           accept=[EDGE, FAKE, STRANGER]),
             tmp_path_factory.mktemp("tr-core"), env=node_env())
         started.append(core)
         edge = start_node(overlay_config(EDGE, key=edge_private,

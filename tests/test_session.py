@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+from policies import Firewall, load_policy
 from router.config import NodeSection
 from router.net.wslink import LinkClosed, LinkInfo
 from router.relay.gate import Gate
@@ -647,3 +649,48 @@ async def test_a_call_from_another_source_after_the_end_is_answered_at_once(
         assert trio.current_time() == before
         assert codes(replies.frames()) == [(CALLERROR, "m9", "InternalError")]
         assert all(frame.id != "x1-m9" for frame, _ in r.station.sent)
+
+
+# --- CALLRESULTERROR (OCPP 2.1, type 5) ----------------------------------------------------
+
+
+async def test_a_callresulterror_must_refer_to_the_last_callresult(
+    autojump_clock: Clock,
+) -> None:
+    """A type-5 frame is the caller's complaint about the CALLRESULT it just got: it is
+    forwarded once for that CALLRESULT, and one about anything else is dropped."""
+    async with rig(Version.V21) as r:
+        r.station.push('[5,"nobody","GenericError","",{}]')  # no CALLRESULT yet
+        r.station.push('[2,"c1","Heartbeat",{}]')
+        await settle()
+        assert [f[1] for f in r.backend.take()] == ["c1"]
+        assert r.stats.dropped == 1
+        r.backend.push('[3,"c1",{"currentTime":"2026-01-01T00:00:00Z"}]')
+        await settle()
+        r.station.push('[5,"c1","FormatViolation","bad time",{}]',
+                       '[5,"c1","FormatViolation","again",{}]')
+        await settle()
+        assert r.backend.take() == [[5, "c1", "FormatViolation", "bad time", {}]]
+        assert r.stats.dropped == 2
+
+
+async def test_a_callresulterror_passes_the_firewall(autojump_clock: Clock,
+                                                     tmp_path: Path) -> None:
+    """Under a policy, a type-5 frame is decided like an error answer to its CALL's
+    action: a rule on error messages refuses it (before, it skipped the firewall)."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text('default = "reject"\n\n[[rules]]\nname = "station calls"\n'
+                      'direction = "from-station"\nactions = ["*"]\nthen = "forward"\n\n'
+                      '[[rules]]\nname = "no complaints"\nmessages = ["error"]\n'
+                      'direction = "from-station"\nactions = ["Heartbeat"]\nthen = "drop"\n')
+    async with rig(Version.V21) as r:
+        r.session.deps.gate = Gate(Firewall(load_policy(policy)), None, None)
+        r.station.push('[2,"c1","Heartbeat",{}]')
+        await settle()
+        r.backend.take()
+        r.backend.push('[3,"c1",{"currentTime":"2026-01-01T00:00:00Z"}]')
+        await settle()
+        r.station.push('[5,"c1","FormatViolation","bad time",{}]', '[2,"c2","Heartbeat",{}]')
+        await settle()
+        assert [f[1] for f in r.backend.take()] == ["c2"]
+        assert r.session.deps.gate.decisions[("no complaints", "drop")] == 1

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import json
 import logging
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -31,6 +36,45 @@ _TEXT = b"text/plain; charset=utf-8"
 _HTML = b"text/html; charset=utf-8"
 _SVG = b"image/svg+xml"
 _GET_PATHS = ("/healthz", "/metrics", "/routes", "/links", "/topology", "/topology.svg")
+# a Host header value (RFC 9110 7.2): a bracketed IPv6 literal or a name / IPv4, then a port
+_AUTHORITY = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::\d{0,5})?")
+# an Origin header value (RFC 6454 6.1): scheme "://" authority, nothing after it
+_ORIGIN = re.compile(r"(?:http|https)://(?P<authority>[^/?#@\s]+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class HostRule:
+    """Which ``Host`` values the endpoint answers: IP literals, ``localhost`` and the
+    names of ``[admin] allowed_hosts``. A DNS-rebinding page reaches the endpoint under
+    its own name, so a request naming anything else is refused (421)."""
+
+    names: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, allowed_hosts: Iterable[str], bind_host: str | None = None) -> HostRule:
+        """The rule for a config: its allowed names and the name it binds to, if a name."""
+        names = {name.lower() for name in allowed_hosts}
+        if bind_host and re.fullmatch(r"[A-Za-z0-9._-]+", bind_host):
+            names.add(bind_host.lower())  # bound to a name (or IPv4): requests may use it
+        return cls(frozenset(names))
+
+    def accepts(self, authority: str) -> bool:
+        """Whether a ``Host`` value (``name``, ``name:port``, ``[v6]:port`` ...) is ours."""
+        m = _AUTHORITY.fullmatch(authority)
+        if m is None:
+            return False
+        if m["v6"] is not None:
+            return _is_ip(m["v6"], ipaddress.IPv6Address)
+        name = m["name"].lower()
+        return name == "localhost" or name in self.names or _is_ip(name, ipaddress.IPv4Address)
+
+
+def _is_ip(text: str, kind: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address]) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
 
 
 class AdminApp:
@@ -38,6 +82,12 @@ class AdminApp:
 
     def __init__(self, node: NodeView) -> None:
         self.node = node
+        admin = node.config.admin
+        self.hosts = (HostRule.of(admin.allowed_hosts, admin.host) if admin is not None
+                      else HostRule())
+        # requests refused by reason ("host", "origin"): metrics.py exports no such family,
+        # so each refusal is also logged at WARNING with this running count
+        self.refused: Counter[str] = Counter()
         self.health = HealthCheck(node)
         self.collector = NodeCollector(node)
         self.registry = CollectorRegistry()  # for prometheus_client's own tools
@@ -72,6 +122,10 @@ class AdminApp:
     async def _route(self, scope: HTTPScope) -> tuple[int, bytes, bytes, list[tuple[bytes,
                                                                                      bytes]]]:
         path, method = scope["path"], scope["method"]
+        hosts = _headers(scope, b"host")
+        if len(hosts) != 1 or not self.hosts.accepts(hosts[0]):
+            self._refuse(scope, "host", host=hosts[0][:200] if hosts else None)
+            return 421, _TEXT, b"misdirected request: this Host is not served here\n", []
         if path == "/reload":
             if method != "POST":
                 return 405, _TEXT, b"use POST\n", [(b"allow", b"POST")]
@@ -103,9 +157,10 @@ class AdminApp:
 
     async def _reload(self, scope: HTTPScope) -> tuple[int, bytes, bytes,
                                                        list[tuple[bytes, bytes]]]:
-        origin = _header(scope, b"origin")
-        if origin and urlsplit(origin).netloc != _header(scope, b"host"):
+        origins = _headers(scope, b"origin")
+        if origins and not self._same_origin(origins, _header(scope, b"host")):
             # a web page elsewhere must not make an operator's browser reload the node
+            self._refuse(scope, "origin", origin=origins[0][:200])
             return 403, _TEXT, b"cross-origin reload refused\n", []
         reload = getattr(self.node, "reload", None)
         if reload is None or not callable(reload):
@@ -124,6 +179,23 @@ class AdminApp:
         status = 422 if isinstance(result, dict) and result.get("ok") is False else 200
         return status, _JSON, _json(result), []
 
+    def _same_origin(self, origins: list[str], host: str) -> bool:
+        """One Origin naming a host we serve, and the same authority as ``Host`` ("null",
+        sent by sandboxed frames and some redirects, names none)."""
+        if len(origins) != 1:
+            return False
+        m = _ORIGIN.fullmatch(origins[0])
+        if m is None:
+            return False
+        authority = m["authority"]
+        return self.hosts.accepts(authority) and authority.lower() == host.lower()
+
+    def _refuse(self, scope: HTTPScope, reason: str, **fields: Any) -> None:
+        self.refused[reason] += 1
+        log_event(log, logging.WARNING, f"admin_{reason}_refused", client=_client(scope),
+                  method=scope["method"], path=scope["path"][:200], **fields,
+                  refused=self.refused[reason])
+
 
 async def _drain(receive: ASGIReceiveCallable) -> None:
     """Read the request body (the endpoint takes none) so the connection stays usable."""
@@ -138,6 +210,11 @@ def _header(scope: HTTPScope, name: bytes) -> str:
         if key.lower() == name:
             return value.decode("latin-1")
     return ""
+
+
+def _headers(scope: HTTPScope, name: bytes) -> list[str]:
+    """Every value of a header, in order (a repeated Host or Origin is refused)."""
+    return [value.decode("latin-1") for key, value in scope["headers"] if key.lower() == name]
 
 
 def _client(scope: HTTPScope) -> str | None:

@@ -156,6 +156,12 @@ class NodeCollector:
         yield _counter("ocpp_router_stations_replaced",
                        "Station connections that replaced an older one of the same identity.",
                        node.stats.stations_replaced)
+        yield _counter("ocpp_router_handshakes_shed",
+                       "Connections answered 503 because max_handshakes were in progress.",
+                       node.stats.handshakes_shed)
+        yield _counter("ocpp_router_auth_limited",
+                       "Upgrades answered 429: too many failed authentications from the "
+                       "address (max_auth_failures a minute).", node.stats.auth_limited)
 
     def _links(self) -> Iterator[Metric | Pause]:
         node = self.node

@@ -96,11 +96,14 @@ def _load_or_explain(path: str) -> config_mod.Config | None:
             for line in policy_problems:
                 print(f"ocpp-router: {line}", file=sys.stderr)
             return None
+    from router.overlay.trust import TrustError, load_trusted
     from router.relay.gate import Gate, GateError
 
     try:
         Gate.from_config(cfg).close()
-    except GateError as exc:
+        if cfg.trust is not None:
+            load_trusted(cfg.trust)
+    except (GateError, TrustError) as exc:
         print(f"ocpp-router: {path}: {exc}", file=sys.stderr)
         return None
     return cfg

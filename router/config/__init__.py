@@ -9,6 +9,7 @@ from router.config.load import load, parse
 from router.config.model import (
     DEFAULT_SUBSCRIBE,
     MAX_ID,
+    RESERVED_IDS,
     AdminSection,
     BackendAuth,
     BackendEntry,
@@ -27,7 +28,8 @@ from router.config.model import (
 )
 
 __all__ = [
-    "DEFAULT_SUBSCRIBE", "MAX_ID", "AdminSection", "BackendAuth", "BackendEntry", "Config",
+    "DEFAULT_SUBSCRIBE", "MAX_ID", "RESERVED_IDS", "AdminSection", "BackendAuth",
+    "BackendEntry", "Config",
     "ConfigError", "ConfigProblem", "DnsSection", "ListenSection", "NodeSection", "PeerEntry",
     "PolicySection", "StationEntry", "TrustSection", "env_name", "load", "parse",
     "peer_env_name",

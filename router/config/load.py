@@ -15,6 +15,7 @@ from router.config.checker import Checker as _Checker
 from router.config.model import (
     DEFAULT_SUBSCRIBE,
     MAX_ID,
+    RESERVED_IDS,
     AdminSection,
     BackendAuth,
     BackendEntry,
@@ -68,15 +69,22 @@ def parse(text: str, file: str = "<config>", root: Path | None = None) -> Config
 
     node = _node(c, raw, root)
     listen = _listen(c, raw, root)
-    peers = _peers(c, raw, node.id)
+    peers = _peers(c, raw, node.id, listen)
     backends = _backends(c, raw, required=not peers)
     stations = _stations(c, raw, listen, backends)
     admin = None
     if "admin" in raw:
-        t = c.table(raw["admin"], "admin", {"host", "port"})
+        t = c.table(raw["admin"], "admin", {"host", "port", "allowed_hosts"})
+        allowed_hosts = c.strings(t, "admin", "allowed_hosts", ())
+        for name in allowed_hosts:
+            # exact DNS names: a scheme, port, path, "*" or brackets would never match a Host
+            if len(name) > 253 or not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", name):
+                c.fail("admin.allowed_hosts", f"{name!r} is not a host name: list exact names "
+                       "without scheme, port or path, like \"ops.example.net\"")
         admin = AdminSection(
             host=c.string(t, "admin", "host", "127.0.0.1") or "127.0.0.1",
             port=c.integer(t, "admin", "port", 9090, 0, 65535),
+            allowed_hosts=tuple(name.lower() for name in allowed_hosts),
         )
     policy = None
     if "policy" in raw:
@@ -139,8 +147,10 @@ def _dns(c: _Checker, raw: dict[str, Any]) -> DnsSection:
                       c.number(t, "dns", "timeout_s", 2.0, 0.1, 60.0))
 
 
-def _target(c: _Checker, t: dict[str, Any], base: str) -> tuple[str, str | None, str, str]:
-    """(url, srv, scheme, path) of a backend or peer: a url, or an SRV name with scheme/path."""
+def _target(c: _Checker, t: dict[str, Any], base: str,
+            required: bool = True) -> tuple[str, str | None, str, str]:
+    """(url, srv, scheme, path) of a backend or peer: a url, or an SRV name with scheme/path
+    (or, when not ``required``, neither: url "")."""
     if "srv" in t and "url" in t:
         c.fail(f"{base}.srv", "give url or srv, not both")
     srv = c.string(t, base, "srv")
@@ -155,7 +165,7 @@ def _target(c: _Checker, t: dict[str, Any], base: str) -> tuple[str, str | None,
         if not path.startswith("/"):
             c.fail(f"{base}.path", "must start with /")
         return "", srv.rstrip("."), scheme, path.rstrip("/") or "/"
-    url = c.string(t, base, "url", required=True) or ""
+    url = c.string(t, base, "url", required=required) or ""
     if url:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -189,7 +199,8 @@ def _node(c: _Checker, raw: dict[str, Any], root: Path) -> NodeSection:
 
 def _listen(c: _Checker, raw: dict[str, Any], root: Path) -> ListenSection:
     allowed = {"host", "port", "path", "subprotocols", "security_profile", "tls_cert",
-               "tls_key", "tls_ca", "max_message_bytes", "handshake_timeout_s"}
+               "tls_key", "tls_ca", "max_message_bytes", "handshake_timeout_s",
+               "max_handshakes", "max_auth_failures"}
     t = c.table(raw.get("listen", {}), "listen", allowed)
     path = c.string(t, "listen", "path", "/ocpp") or "/ocpp"
     if not path.startswith("/"):
@@ -222,27 +233,55 @@ def _listen(c: _Checker, raw: dict[str, Any], root: Path) -> ListenSection:
         tls_ca=tls_ca,
         max_message_bytes=c.integer(t, "listen", "max_message_bytes", 65536, 1024, 64 * 2**20),
         handshake_timeout_s=c.number(t, "listen", "handshake_timeout_s", 10.0, 0.1, 600.0),
+        max_handshakes=c.integer(t, "listen", "max_handshakes", 1024, 1, 1_000_000),
+        max_auth_failures=c.integer(t, "listen", "max_auth_failures", 30, 1, 1_000_000),
     )
 
 
-def _peers(c: _Checker, raw: dict[str, Any], node_id: str) -> tuple[PeerEntry, ...]:
+def _peers(c: _Checker, raw: dict[str, Any], node_id: str,
+           listen: ListenSection) -> tuple[PeerEntry, ...]:
     items = raw.get("peers", [])
     if not isinstance(items, list):
         c.fail("peers", "must be an array of tables ([[peers]])")
         return ()
     out: list[PeerEntry] = []
+    seen: set[str] = set()
     for i, item in enumerate(items):
         base = f"peers[{i}]"
-        t = c.table(item, base, {"id", "url", "srv", "scheme", "path", "encoding", "password"})
+        t = c.table(item, base, {"id", "url", "srv", "scheme", "path", "encoding", "password",
+                                 "password_hash", "nodes"})
         peer_id = c.string(t, base, "id", required=True) or f"peer-{i}"
-        if not 1 <= len(peer_id) <= MAX_ID or peer_id == node_id:
-            c.fail(f"{base}.id", f"must be 1-{MAX_ID} characters and not this node's own id")
-        url, srv, scheme, path = _target(c, t, base)
+        if (not 1 <= len(peer_id) <= MAX_ID or peer_id == node_id
+                or peer_id in RESERVED_IDS):
+            c.fail(f"{base}.id", f"must be 1-{MAX_ID} characters, not this node's own id "
+                   f"and not {' or '.join(RESERVED_IDS)}")
+        if peer_id in seen:
+            c.fail(f"{base}.id", f"duplicate peer id {peer_id!r}")
+        seen.add(peer_id)
+        url, srv, scheme, path = _target(c, t, base, required=False)
         encoding = c.string(t, base, "encoding", "json") or "json"
         if encoding not in ("json", "msgpack"):
             c.fail(f"{base}.encoding", f"must be \"json\" or \"msgpack\", not {encoding!r}")
         password = os.environ.get(peer_env_name(peer_id)) or c.string(t, base, "password")
-        out.append(PeerEntry(peer_id, url, encoding, password, srv, scheme, path))
+        password_hash = c.string(t, base, "password_hash")
+        if password_hash is not None:
+            try:
+                parse_hash(password_hash)
+            except HashFormatError as exc:
+                c.fail(f"{base}.password_hash",
+                       f"{exc} (make one with ocpp-router hash-password)")
+        elif not (url or srv) and listen.security_profile in (1, 2):
+            c.fail(f"{base}.password_hash",
+                   f"is required for an accept-only peer with security_profile "
+                   f"{listen.security_profile} (the peer authenticates with Basic auth)")
+        nodes = c.strings(t, base, "nodes", ())
+        if nodes and srv is None:
+            c.fail(f"{base}.nodes", "is for an srv entry: the nodes that may answer there")
+        for other in nodes:
+            if not 1 <= len(other) <= MAX_ID or other == node_id or other in RESERVED_IDS:
+                c.fail(f"{base}.nodes", f"{other!r} cannot be a peer's node id")
+        out.append(PeerEntry(peer_id, url, encoding, password, srv, scheme, path,
+                             password_hash, nodes))
     return tuple(out)
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from router.wire.frames import SUBPROTOCOLS
 
 MAX_ID = 48
+RESERVED_IDS = ("CSMS", "*")
+"""Overlay destinations that are not node or station ids: the anycast backend, broadcast."""
 DEFAULT_SUBSCRIBE = ("BootNotification", "StatusNotification", "MeterValues", "TransactionEvent")
 
 
@@ -66,6 +68,12 @@ class ListenSection:
     tls_ca: Path | None = None
     max_message_bytes: int = 65536
     handshake_timeout_s: float = 10.0
+    # connections between accept and a running session (TLS, upgrade, auth, backend dial);
+    # past it a new connection gets 503 with Retry-After
+    max_handshakes: int = 1024
+    # failed authentications per remote address per minute before it gets 429 (no more
+    # password checks); a station whose password was verified before still connects
+    max_auth_failures: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,19 +134,40 @@ class AdminSection:
 
     host: str = "127.0.0.1"
     port: int = 9090
+    # host names (lowercase, no port) a request's Host may carry besides IP literals and
+    # localhost: anything else is a DNS-rebinding page or a misdirected request
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class PeerEntry:
-    """One ``[[peers]]`` entry: an overlay uplink this node dials."""
+    """One ``[[peers]]`` entry: a node that may hold an overlay link with this one.
+
+    With ``url`` or ``srv`` this node dials it; with neither the entry is *accept-only*
+    (the peer dials us). Either way a peer that dials us authenticates on its entry
+    (``password_hash`` under security profiles 1-2, its certificate's CN under 3).
+    """
 
     id: str
-    url: str  # "" when srv is used
+    url: str  # "" when srv is used, or for an accept-only entry
     encoding: str = "json"  # json | msgpack
-    password: str | None = None
+    password: str | None = None  # ours, sent when we dial this peer
     srv: str | None = None
     scheme: str = "ws"
     path: str = "/ocpp"
+    password_hash: str | None = None  # the peer's, checked when it dials us
+    # node ids that may answer at this entry's targets (several nodes behind one SRV
+    # name name themselves with X-OCPP-NodeId); by default only ``id``
+    nodes: tuple[str, ...] = ()
+
+    @property
+    def dialled(self) -> bool:
+        """Whether this node dials the peer (an entry without url or srv only accepts)."""
+        return bool(self.url or self.srv)
+
+    def answers_as(self, node_id: str) -> bool:
+        """Whether a node reached through this entry may call itself ``node_id``."""
+        return node_id == self.id or node_id in self.nodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +214,13 @@ class Config:
         """The first ``[[stations]]`` entry whose glob matches, or None."""
         for entry in self.stations:
             if entry.matches(identity):
+                return entry
+        return None
+
+    def peer_entry(self, node_id: str) -> PeerEntry | None:
+        """The ``[[peers]]`` entry of a node id (its ``id``), or None: not a peer."""
+        for entry in self.peers:
+            if entry.id == node_id:
                 return entry
         return None
 

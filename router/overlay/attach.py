@@ -57,7 +57,8 @@ class Attacher:
     def __init__(self, state: OverlayState, context: AttachContext) -> None:
         self.state = state
         self.context = context
-        self._pending: dict[str, trio.MemorySendChannel[OverlayFrame]] = {}
+        # attach requests waiting for their answer: message id -> (channel, link asked)
+        self._pending: dict[str, tuple[trio.MemorySendChannel[OverlayFrame], PeerLink]] = {}
         self._nursery: trio.Nursery | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -85,7 +86,7 @@ class Attacher:
         if authorization is not None:
             payload["authorization"] = authorization
         answer_send, answer_recv = trio.open_memory_channel[OverlayFrame](1)
-        self._pending[message_id] = answer_send
+        self._pending[message_id] = (answer_send, link)
         try:
             with trio.fail_after(self.context.settings().connect_timeout_s + 2):
                 await link.send(OverlayFrame(CALL, ANYCAST_CSMS, (identity,), message_id,
@@ -97,9 +98,8 @@ class Attacher:
             self._pending.pop(message_id, None)
         chosen = answer.payload.get("subprotocol") if answer.type == CALLRESULT else None
         if chosen not in offered:
-            status = (answer.details or {}).get("status", 502) if answer.details else 502
-            raise DialFailed(int(status) if isinstance(status, int) else 502,
-                             answer.description or "backend refused the station")
+            raise DialFailed(_http_status(answer.details),
+                             (answer.description or "backend refused the station")[:200])
         station_ws = await upgrade.accept(chosen)
         origin = answer.path[0] if answer.path else link.peer_id
         virtual = VirtualLink(link, identity, ANYCAST_CSMS, (identity,), chosen, origin,
@@ -126,13 +126,14 @@ class Attacher:
         pending = self._pending.pop(frame.id, None)
         if pending is None:
             return False
-        pending.send_nowait(frame)
+        pending[0].send_nowait(frame)
         return True
 
-    def link_gone(self) -> None:
-        """A peer link closed: attach requests waiting on an answer fail now."""
-        for channel in list(self._pending.values()):
-            channel.close()
+    def link_gone(self, link: PeerLink) -> None:
+        """A peer link closed: the attach requests sent over it fail now (others wait on)."""
+        for channel, asked in list(self._pending.values()):
+            if asked is link:
+                channel.close()
 
     # --- the node with the backend ------------------------------------------------------
 
@@ -147,20 +148,42 @@ class Attacher:
         except Exception:
             log.exception("overlay attach failed", extra={"fields": {"station": station}})
 
+    def _refusal(self, station: str, requester: str, link: PeerLink) -> str | None:
+        """Why ``requester`` (asking over ``link``) may not attach ``station``, or None.
+
+        A peer can claim any station id, so a claim is believed only where it cannot
+        take a station from someone else: the station is not connected here, no other
+        link or node holds its session, and no route says it is at another node."""
+        state = self.state
+        if station in self.context.sessions.local:
+            return "the station is connected to this node"
+        held = state.held.get(station)
+        if held is not None and (held.link is not link or held.origin != requester):
+            return "the station is attached through another node"
+        route = state.table.best(station)
+        if route is not None and route.origin != requester:
+            return "the station is connected at another node"
+        return None
+
     async def _serve_inner(self, link: PeerLink, frame: OverlayFrame, station: str) -> None:
         context, state = self.context, self.state
         requester = frame.path[1]
         backend = context.backend_for(station)
         assert backend is not None
-        offered = [p for p in frame.payload.get("subprotocols", []) if isinstance(p, str)
-                   and p in context.subprotocols()]
+        subprotocols = frame.payload.get("subprotocols")
+        offered = [p for p in (subprotocols if isinstance(subprotocols, list) else [])
+                   if isinstance(p, str) and p in context.subprotocols()]
         authorization = frame.payload.get("authorization")
-        settings = context.settings()
-        await context.sessions.stop(station, "replaced by a new attach",
-                                    settings.shutdown_timeout_s + 1, held=True)
+        refusal = self._refusal(station, requester, link)
         try:
+            if refusal is not None:
+                state.count("refused")
+                log_event(log, logging.WARNING, "overlay_refused", peer=link.peer_id,
+                          station=station, origin=requester, reason=refusal)
+                raise DialFailed(409, refusal)
             if not offered:
                 raise DialFailed(400, "no supported OCPP subprotocol offered")
+            # an existing session is stopped only once its replacement is dialled
             backend_ws, _ = await context.dial_backend(
                 station, backend, offered,
                 authorization if isinstance(authorization, str) else None)
@@ -169,11 +192,16 @@ class Attacher:
                 CALLERROR, requester, (), frame.id, code="GenericError",
                 description=refused.reason, details={"status": refused.status}))
             return
+        await context.sessions.stop(station, "replaced by a new attach",
+                                    context.settings().shutdown_timeout_s + 1, held=True)
         chosen = backend_ws.subprotocol or ""
         try:
             await state.reply(link, OverlayFrame(CALLRESULT, requester, (), frame.id,
                                                  payload={"subprotocol": chosen}))
-            virtual = VirtualLink(link, station, station, (), chosen, on_flood=self.flooded)
+            # origin: the node the station is connected to, the only one that may speak
+            # for it (router/overlay/forwarding.py checks frames against it)
+            virtual = VirtualLink(link, station, station, (), chosen, origin=requester,
+                                  on_flood=self.flooded)
             link.bound.add(virtual)
             session = StationSession(context.session_deps, station,
                                      Version.from_subprotocol(chosen), virtual, backend_ws,
@@ -194,3 +222,11 @@ class Attacher:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(backend_ws.stream)
+
+
+def _http_status(details: Any) -> int:
+    """The HTTP status a backend node gave for a refused attach, if it is one (else 502)."""
+    status = details.get("status") if isinstance(details, dict) else None
+    if type(status) is int and 400 <= status <= 599:
+        return status
+    return 502

@@ -124,10 +124,19 @@ class Forwarder:
                 await self._answer_error(frame, "InternalError", f"no route to {frame.dest}")
             return
         try:
-            if not link.send_nowait(frame):
-                await link.send(frame)
+            queued = link.send_nowait(frame)
         except LinkClosed:
             state.count("no_route")
+            return
+        if not queued:
+            # the next hop is not keeping up: never wait for it here, where the reader of
+            # another link would stall behind it
+            state.count("congested")
+            log_event(log, logging.WARNING, "overlay_congested", peer=link.peer_id,
+                      dest=frame.dest, id=frame.id)
+            if frame.type == CALL and frame.path:
+                await self._answer_error(frame, "InternalError",
+                                         f"the link toward {frame.dest} is congested")
 
     async def _answer_error(self, frame: OverlayFrame, code: str, description: str,
                             link: PeerLink | None = None) -> None:
@@ -159,7 +168,7 @@ class Forwarder:
             self._attach.serve(link, frame, station)
             return
         held = state.held.get(station)
-        if held is not None and held.link is not link:
+        if held is not None and (held.link is not link or frame.path[1:2] != (held.origin,)):
             # a peer may only speak for the stations attached through it
             state.count("refused")
             log_event(log, logging.WARNING, "overlay_refused", peer=link.peer_id,

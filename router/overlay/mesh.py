@@ -52,6 +52,7 @@ OVERLAY_SUBPROTOCOL = "ocpp2.1"
 PEER_MAX_MESSAGE_BYTES = 16 * 2**20  # a full route sync travels in messages of 5,000 routes
 HOLD_TIME_S = 90.0
 KEEPALIVE_S = 30.0
+REPLACE_WAIT_S = 3.0  # for an older link to the same peer to finish closing
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,27 @@ class Overlay:
         if config.originates_csms:
             self.state.table.originate(ANYCAST_CSMS)
 
+    @staticmethod
+    def check_trust(trust: TrustSection | None) -> None:
+        """Raise TrustError if a ``[trust]`` key cannot be loaded."""
+        if trust is not None:
+            load_trusted(trust)
+
+    def rekey(self, node_key: SigningKey | None, trust: TrustSection | None) -> None:
+        """New route-signing key or trusted keys (a reload): every peer link starts over,
+        so the routes held are checked, and ours signed, with the new ones. Dialled peers
+        are dialled again at once; accepted ones dial us again. Raises what loading the
+        trusted keys raises (the caller keeps the old keys then)."""
+        verify = (CachedVerifier(route_verifier(load_trusted(trust)))
+                  if trust is not None else None)
+        self._sign = route_signer(node_key) if node_key else None
+        self._verify = verify
+        for link in list(self.state.links.values()):
+            link.stop("route keys changed; link again")
+        log_event(log, logging.WARNING, "peer_links_rekeyed", links=len(self.state.links),
+                  trusted=len(trust.nodes) if trust is not None else 0,
+                  signing=node_key is not None)
+
     @property
     def table(self) -> RouteTable:
         return self.state.table
@@ -116,7 +138,8 @@ class Overlay:
         """Dial every configured peer, for as long as the node runs."""
         self.attacher.start(nursery)
         for entry in self.config.peers:
-            nursery.start_soon(self._keep_dialling, entry)
+            if entry.dialled:  # an accept-only entry waits for the peer to dial us
+                nursery.start_soon(self._keep_dialling, entry)
 
     async def _keep_dialling(self, entry: PeerEntry) -> None:
         backoff = 0.5
@@ -144,11 +167,14 @@ class Overlay:
             if ws is not None:
                 backoff = 0.5
                 encoding = "msgpack" if ws.headers.get(ENCODING_HEADER) == "msgpack" else "json"
-                # the node we reached says who it is (several nodes may stand behind one
-                # SRV name); without the header, the configured id
+                # the node we reached may say who it is (several nodes may stand behind
+                # one SRV name), but only as one of the ids its entry allows
                 peer_id = ws.headers.get(NODE_ID_HEADER) or entry.id
-                if peer_id == self.node_id or not 0 < len(peer_id) <= 48:
-                    await ws.aclose(1008, "a peer cannot have this node's id")
+                if not entry.answers_as(peer_id):
+                    log_event(log, logging.WARNING, "peer_dial_failed", peer=entry.id,
+                              url=url, reason=f"the node there calls itself {peer_id[:60]!r}, "
+                              "which this [[peers]] entry does not allow")
+                    await ws.aclose(1008, "unexpected node id")
                     peer_id = ""
                 try:
                     if peer_id:
@@ -184,7 +210,11 @@ class Overlay:
     async def _serve_link(self, peer_id: str, ws: WsLink, encoding: str, direction: str) -> None:
         older = self.state.links.get(peer_id)
         if older is not None:
-            await older.ws.aclose(1001, "replaced by a new link")
+            # the older link's own task closes it (its reader may be waiting on the
+            # socket); a half-dead connection is given up after a short wait
+            older.stop("replaced by a new link")
+            with trio.move_on_after(REPLACE_WAIT_S):
+                await older.finished.wait()
         link = PeerLink(self, peer_id, ws, encoding, self.new_exchange(peer_id))
         self.state.links[peer_id] = link
         log_event(log, logging.INFO, "peer_connected", peer=peer_id, encoding=encoding,
@@ -195,6 +225,11 @@ class Overlay:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(ws.stream)
 
+    def is_node(self, identity: str) -> bool:
+        """Whether ``identity`` names a node of the overlay (a node's own route says so)."""
+        return identity == self.node_id or any(
+            route.origin == identity for route in self.state.table.candidates(identity))
+
     def new_exchange(self, peer_id: str) -> ExchangeSession:
         """The route-exchange session for a new link to ``peer_id``."""
         return ExchangeSession(self.node_id, peer_id, self.state.table, sign=self._sign,
@@ -204,13 +239,15 @@ class Overlay:
     async def link_gone(self, link: PeerLink) -> None:
         """A peer link closed: withdraw its routes at once, end the sessions riding on it."""
         state = self.state
-        if state.links.get(link.peer_id) is link:
+        current = state.links.get(link.peer_id)
+        if current is link:
             del state.links[link.peer_id]
-        self.handle_events(link, link.exchange.link_down(trio.current_time()))
+            self.handle_events(link, link.exchange.link_down(trio.current_time()))
+        # else a newer link to the same peer holds its routes now: leave them
         link.exchange.close()
         for virtual in list(link.bound):
             virtual.end(1001, f"peer link to {link.peer_id} closed")
-        self.attacher.link_gone()
+        self.attacher.link_gone(link)
         state.wake()
         log_event(log, logging.INFO, "peer_disconnected", peer=link.peer_id,
                   reason="link closed")

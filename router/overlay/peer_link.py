@@ -65,6 +65,9 @@ class PeerLink:
         self._out_send, self._out_recv = trio.open_memory_channel[OverlayFrame](_QUEUE)
         self.bound: set[Any] = set()  # virtual links of station sessions riding on this link
         self.closed = False
+        self.finished = trio.Event()  # set once run() has cleaned up
+        self._scope = trio.CancelScope()
+        self._why = "peer link closed"
 
     @property
     def encoding(self) -> str:
@@ -91,21 +94,31 @@ class PeerLink:
             raise LinkClosed(1001, "peer link closed") from None
         return True
 
+    def stop(self, why: str) -> None:
+        """End the link from another task (a new link replaces it): its own task stops
+        reading and closes the WebSocket, so no two tasks ever use the socket at once."""
+        self._why = why
+        self._scope.cancel()
+
     async def run(self) -> None:
         """Read, write and exchange routes until the link closes; then clean up."""
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, nursery.cancel_scope)
-                nursery.start_soon(self._exchange, nursery.cancel_scope)
-                await self._reader()
-                nursery.cancel_scope.cancel()
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, nursery.cancel_scope)
+                    nursery.start_soon(self._exchange, nursery.cancel_scope)
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
         finally:
             self.closed = True
             self._out_send.close()
             with trio.CancelScope(shield=True):
-                await self.owner.link_gone(self)
-                with trio.move_on_after(2):
-                    await self.ws.aclose(1001, "peer link closed")
+                try:
+                    await self.owner.link_gone(self)
+                    with trio.move_on_after(2):
+                        await self.ws.aclose(1001, self._why)
+                finally:
+                    self.finished.set()
 
     async def _reader(self) -> None:
         owner, codec = self.owner, self.codec

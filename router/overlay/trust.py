@@ -41,14 +41,21 @@ def route_signer(key: SigningKey) -> SignFn:
     return sign
 
 
+class TrustError(Exception):
+    """A ``[trust]`` key cannot be used; the message names the node and the file."""
+
+
 def load_trusted(trust: TrustSection) -> dict[str, PublicKey]:
-    """node id -> public key, from PEM files or base64 key ids."""
+    """node id -> public key, from PEM files or base64 key ids; raises TrustError."""
     keys: dict[str, PublicKey] = {}
     for node_id, source in trust.nodes:
-        if source.endswith(".pem"):
-            keys[node_id] = load_public_key(Path(source).read_bytes())
-        else:
-            keys[node_id] = public_key_from_key_id(source)
+        try:
+            if source.endswith(".pem"):
+                keys[node_id] = load_public_key(Path(source).read_bytes())
+            else:
+                keys[node_id] = public_key_from_key_id(source)
+        except (OSError, ValueError, TypeError) as exc:
+            raise TrustError(f"trust.nodes: {node_id}: cannot use {source}: {exc}") from None
     return keys
 
 

@@ -60,6 +60,10 @@ class Lane:
     queue: deque[Call] | None = None
     token: int = 0  # names the CALL in flight, so a stale timeout is recognised
     deadline: float = 0.0  # written by the call timer (router/relay/timer.py)
+    # the lane's last CALL that its caller got a CALLRESULT for: the one CALL a
+    # CALLRESULTERROR (OCPP 2.1) from that caller may refer to (set by the session)
+    result_id: str | None = None
+    result_action: str = ""
 
 
 class Offer(enum.Enum):

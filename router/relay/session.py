@@ -196,10 +196,19 @@ class StationSession:
                         duplicate(self.identity, version.value, frame.action or "",
                                   frame.payload)
                     await self._offer(side, Call(frame, text), t0)
-                elif mtype in (SEND, CALLRESULTERROR):
-                    # neither is answered; a CALLRESULTERROR refers to a CALL already done
-                    if frame.action is not None:
-                        stats.frames_by_action[(side.direction, frame.action)] += 1
+                elif mtype == SEND:
+                    # not answered
+                    stats.frames_by_action[(side.direction, frame.action or "")] += 1
+                    await other.send_frame(frame, text)
+                    self._count(side, t0)
+                elif mtype == CALLRESULTERROR:
+                    # not answered; it refers to the CALLRESULT this side got last, and
+                    # to nothing else (the gate, if it ran, checked already)
+                    lane = side.calls
+                    if lane.result_id != frame.id:
+                        self._drop_unmatched(side, frame.id)
+                        continue
+                    lane.result_id = None
                     await other.send_frame(frame, text)
                     self._count(side, t0)
                 else:
@@ -233,6 +242,11 @@ class StationSession:
                 self._drop_unmatched(side, frame.id)
                 return None
             action = current.action
+        elif mtype == CALLRESULTERROR:
+            if side.calls.result_id != frame.id:
+                self._drop_unmatched(side, frame.id)
+                return None
+            action = side.calls.result_action
         verdict = gate.check(frame, text, action, side.direction, side.source,
                              self.version.value, side.peer_keeps_signatures)
         if verdict.forward:
@@ -294,6 +308,9 @@ class StationSession:
         else:
             frame, text = answer
             if done.reply is None:
+                if frame.type == CALLRESULT:
+                    lane = caller.calls
+                    lane.result_id, lane.result_action = frame.id, done.action
                 await caller.ws.send_frame(frame, text)
             else:
                 await done.reply(_with_id(frame, done.origin_id))
