@@ -27,6 +27,14 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def tokens(self, source: str, now: float) -> float:
+        """How many messages ``source`` may send at ``now`` (fractions count toward the next)."""
+        state = self._buckets.get(source)
+        if state is None:
+            return self._capacity
+        tokens, since = state
+        return min(self._capacity, tokens + max(0.0, now - since) * self._rate)
+
     def allow(self, source: str, now: float, *, record: bool = True) -> bool:
         """Whether one more message from ``source`` fits at ``now``; counts it if ``record``."""
         state = self._buckets.get(source)

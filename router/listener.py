@@ -123,6 +123,7 @@ class StationListener:
         # failed authentications per remote address: past the limit, no more scrypt runs
         self._failures: RateLimiter | None = None
         self._failures_limit = 0
+        self._checking: dict[str, int] = {}  # password checks running, per remote address
         # one password check at a time: a flood of wrong passwords costs one core at most
         self._scrypt = trio.CapacityLimiter(1)
         # checked when the identity has no hash (unknown, or the wrong user name), so a
@@ -326,18 +327,28 @@ class StationListener:
             return
         address = remote.rsplit(":", 1)[0]
         failures = self._failure_limiter()
-        now = trio.current_time()
-        if not failures.allow(address, now, record=False):
+        # checks still running count as failures to come: a burst cannot queue up more
+        # checks than the address may fail
+        checking = self._checking.get(address, 0)
+        if failures.tokens(address, trio.current_time()) < checking + 1:
             self.stats.auth_limited += 1
             raise Refused(429, "too many failed authentications; try again later",
                           {"Retry-After": str(int(AUTH_WINDOW_S))},
                           detail=f"more than {self._failures_limit} failed authentications "
                                  f"a minute from {address}")
-        if own is not None and await self._password_ok(password, own):
-            return
-        if own is None:
-            await self._password_ok(password, self._decoy_hash)  # the same time, no answer
-        failures.allow(address, now, record=True)
+        self._checking[address] = checking + 1
+        try:
+            if own is not None and await self._password_ok(password, own):
+                return
+            if own is None:
+                await self._password_ok(password, self._decoy_hash)  # the same time, no answer
+        finally:
+            left = self._checking[address] - 1
+            if left:
+                self._checking[address] = left
+            else:
+                del self._checking[address]
+        failures.allow(address, trio.current_time(), record=True)
         raise Refused(401, "wrong credentials", _BASIC_CHALLENGE,
                       detail="unknown identity" if password_hash is None else
                       "wrong user name" if user != identity else "wrong password")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,30 @@ async def test_an_unknown_identity_costs_a_check_like_a_known_one(
     assert await _upgrade(node, "HS-4", _auth("HS-5", PASSWORD)) == 401  # wrong user name
     assert await _upgrade(node, "HS-4", _auth("HS-4", "wrong")) == 401  # wrong password
     assert checks == ["x", PASSWORD, "wrong"]
+
+
+async def test_a_burst_of_wrong_passwords_cannot_queue_more_checks_than_allowed(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten at once, with max_auth_failures = 3: checks still running count, so at most
+    three password checks are made and the others get 429 at once."""
+    checks: list[str] = []
+    real = router.listener.verify_password
+
+    def counting(password: str, encoded: str) -> bool:
+        checks.append(password)
+        return real(password, encoded)
+
+    monkeypatch.setattr(router.listener, "verify_password", counting)
+    # room for all ten handshakes at once (the fixture's max_handshakes is 3)
+    node.config = replace(node.config, listen=replace(node.config.listen, max_handshakes=100))
+    statuses: list[int] = []
+
+    async def attempt(i: int) -> None:
+        statuses.append(await _upgrade(node, "HS-6", _auth("HS-6", f"burst-{i}")))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(attempt, i)
+    assert sorted(statuses) == [401] * 3 + [429] * 7
+    assert len(checks) == 3
