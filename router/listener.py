@@ -127,8 +127,9 @@ class StationListener:
         # one password check at a time: a flood of wrong passwords costs one core at most
         self._scrypt = trio.CapacityLimiter(1)
         # checked when the identity has no hash (unknown, or the wrong user name), so a
-        # refusal takes as long as one for a known identity: no enumeration by timing
-        self._decoy_hash = hash_password(secrets.token_urlsafe(16))
+        # refusal takes as long as one for a known identity: no enumeration by timing;
+        # made on first use (a node that never sees a wrong password never pays for it)
+        self._decoy_hash: str | None = None
 
     async def serve(self, listeners: list[Any], nursery: trio.Nursery) -> None:
         """Accept connections until :attr:`scope` is cancelled; handlers run in ``nursery``."""
@@ -341,6 +342,9 @@ class StationListener:
             if own is not None and await self._password_ok(password, own):
                 return
             if own is None:
+                if self._decoy_hash is None:
+                    self._decoy_hash = await trio.to_thread.run_sync(
+                        hash_password, secrets.token_urlsafe(16), limiter=self._scrypt)
                 await self._password_ok(password, self._decoy_hash)  # the same time, no answer
         finally:
             left = self._checking[address] - 1

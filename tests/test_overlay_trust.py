@@ -52,7 +52,7 @@ from tests.peers.overlay_peer import FakePeer, claim_signature, open_fake_peer, 
 
 STEP = 10.0
 CORE, EDGE, FAKE, STRANGER = "tr-core", "tr-edge", "tr-fake", "tr-stranger"
-BETTER = -100  # a lower priority value wins over the edge's honest route (priority 0)
+BETTER = 0  # the best priority there is (0-65535): as good as the edge's honest route
 
 _sequence = itertools.count(1)
 

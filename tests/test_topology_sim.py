@@ -206,3 +206,30 @@ def test_silent_links_expire_by_hold_timer() -> None:
     stats = sim.advance(20.0)
     assert sorted(e.peer for e in stats.expired) == ["a", "b"]
     assert sim.nodes["b"].table.best("a") is None
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_changed_claims_reach_every_candidate_route(signed: bool) -> None:
+    # Unsigned, a node no longer lets one peer's newer claim remove another peer's older
+    # one (docs/protocol.md 5.3): each peer must bring its own update, and does.
+    graph = random_connected_graph(40, 30, random.Random(4))
+    sim = Simulation(graph, seed=4, signed=signed)
+    for node in graph:
+        sim.originate(node, node)
+    for node, priority in ((node_name(3), 0), (node_name(30), 1)):
+        sim.originate(node, "CSMS", priority=priority)
+    sim.start()
+    sim.run()
+    sim.originate(node_name(3), "CSMS", priority=2)
+    sim.originate(node_name(30), "CSMS", priority=1, weight=5)
+    sim.originate(node_name(7), node_name(7), priority=4)
+    stats = sim.run()
+    assert stats.rejected == []
+    assert_converged_correctly(sim)
+    claims = {(route.origin, route.destination): (route.priority, route.weight, route.sequence)
+              for node in sim.nodes.values() for route in node.table.routes_via("")}
+    for node in sim.nodes.values():
+        for destination in node.table.destinations():
+            for route in node.table.candidates(destination):
+                claim = (route.priority, route.weight, route.sequence)
+                assert claim == claims[(route.origin, destination)], (node.node_id, route)

@@ -28,8 +28,9 @@ def table(node: str = "me", seed: int = 7, **kwargs: int) -> RouteTable:
 
 def learn(t: RouteTable, peer: str, destination: str, path: tuple[str, ...], *,
           priority: int = 0, weight: int = 1, sequence: int = 1,
-          expires_at: float = INF) -> bool:
-    return t.learn(peer, destination, path, priority, weight, path[0], sequence, expires_at)
+          expires_at: float = INF, verified: bool = False) -> bool:
+    return bool(t.learn(peer, destination, path, priority, weight, path[0], sequence,
+                        expires_at, verified=verified))
 
 
 # -- local routes ---------------------------------------------------------------------------
@@ -111,21 +112,35 @@ def test_a_new_announcement_replaces_the_peers_previous_route() -> None:
     assert t.route_count == 1
 
 
-def test_older_sequence_of_the_same_origin_is_ignored() -> None:
+def test_older_verified_sequence_of_the_same_origin_is_ignored() -> None:
     t = table()
-    assert learn(t, "a", "st1", ("x", "a"), sequence=5)
-    assert not learn(t, "b", "st1", ("x", "b"), sequence=4)
+    assert learn(t, "a", "st1", ("x", "a"), sequence=5, verified=True)
+    assert not learn(t, "b", "st1", ("x", "b"), sequence=4, verified=True)
     assert [r.peer for r in t.candidates("st1")] == ["a"]
     assert t.stats.ignored_stale == 1
     # Another origin's claim is not compared with x's sequence numbers.
-    assert learn(t, "b", "st1", ("z", "b"), sequence=1)
+    assert learn(t, "b", "st1", ("z", "b"), sequence=1, verified=True)
 
 
-def test_newer_claim_supersedes_older_claims_of_the_same_origin() -> None:
+def test_newer_verified_claim_supersedes_older_verified_claims_of_the_same_origin() -> None:
     t = table()
-    learn(t, "a", "st1", ("x", "a"), sequence=5, priority=3)
-    learn(t, "b", "st1", ("x", "y", "b"), sequence=6, priority=0)
+    learn(t, "a", "st1", ("x", "a"), sequence=5, priority=3, verified=True)
+    learn(t, "b", "st1", ("x", "y", "b"), sequence=6, priority=0, verified=True)
     assert [(r.peer, r.sequence) for r in t.candidates("st1")] == [("b", 6)]
+
+
+def test_unverified_claims_are_not_compared_across_peers() -> None:
+    # Unsigned, a sequence number proves nothing: each peer's claim stands on its own.
+    t = table()
+    assert learn(t, "a", "st1", ("x", "a"), sequence=5, verified=True)
+    assert learn(t, "b", "st1", ("x", "b"), sequence=4)
+    assert learn(t, "c", "st1", ("x", "c"), sequence=6)
+    assert [(r.peer, r.sequence) for r in t.candidates("st1")] == [
+        ("a", 5), ("b", 4), ("c", 6)]
+    # ...and neither does a verified claim remove or outdate an unverified one.
+    assert learn(t, "a", "st1", ("x", "a"), sequence=9, verified=True)
+    assert len(t.candidates("st1")) == 3
+    assert t.stats.ignored_stale == 0
 
 
 def test_equal_routes_learned_twice_are_no_change() -> None:
@@ -378,14 +393,15 @@ class RouteTableMachine(RuleBasedStateMachine):
     @rule(peer=st.sampled_from(PEERS), destination=st.sampled_from(DESTINATIONS),
           middle=st.lists(st.sampled_from(OTHERS), max_size=5, unique=True),
           priority=st.integers(0, 2), weight=st.integers(0, 3), sequence=st.integers(0, 4),
-          ttl=st.none() | st.floats(0.5, 20.0), forge=st.booleans())
+          ttl=st.none() | st.floats(0.5, 20.0), forge=st.booleans(), verified=st.booleans())
     def learn(self, peer: str, destination: str, middle: list[str], priority: int,
-              weight: int, sequence: int, ttl: float | None, forge: bool) -> None:
+              weight: int, sequence: int, ttl: float | None, forge: bool,
+              verified: bool) -> None:
         hops = [hop for hop in middle if hop != peer]
         path = (*hops, "z" if forge and peer != "z" else peer)
         expires_at = INF if ttl is None else self.now + ttl
         accepted = self.each("learn", peer, destination, path, priority, weight, path[0],
-                             sequence, expires_at)[0]
+                             sequence, expires_at, verified=verified)[0]
         event("learn accepted" if accepted else "learn refused")
         if accepted:
             self.allowed.add((destination, peer))
@@ -460,15 +476,17 @@ class RouteTableMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: hasattr(self, "tables"))
     @invariant()
-    def caps_hold_and_one_claim_per_origin_sequence(self) -> None:
+    def caps_hold_and_one_verified_claim_per_origin_sequence(self) -> None:
         for t in self.tables:
             for peer in PEERS:
                 assert len(t.routes_via(peer)) <= CAP
             for destination in DESTINATIONS:
+                # Only verified claims are ordered across peers; unverified ones stand alone.
+                verified = [r for r in t.candidates(destination) if r.verified]
                 newest: dict[str, int] = {}
-                for route in t.candidates(destination):
+                for route in verified:
                     newest[route.origin] = max(newest.get(route.origin, -1), route.sequence)
-                for route in t.candidates(destination):
+                for route in verified:
                     assert route.sequence == newest[route.origin]
             assert t.route_count == sum(len(t.candidates(d)) for d in DESTINATIONS)
             assert len(t) == sum(1 for d in DESTINATIONS if t.best(d) is not None)

@@ -13,6 +13,7 @@ from topology.exchange import (
     RoutesChanged,
     SessionStats,
 )
+from topology.feed import ChangeFeed
 from topology.messages import (
     ACTION,
     JSONDict,
@@ -30,10 +31,10 @@ from topology.messages import (
 )
 from topology.table import (
     LOCAL,
-    ChangeFeed,
     Route,
     RouteTable,
     TableStats,
+    Verdict,
     announced_alike,
     weighted_choice,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "TableStats",
     "TopologyMessage",
     "TopologyMessageError",
+    "Verdict",
     "VerifyFn",
     "announced_alike",
     "build_payload",

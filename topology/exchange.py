@@ -16,9 +16,14 @@ replacement sent when it closes (see ``_flush_worse``).
 
 Trust: the runtime passes the peer id it authenticated on the link; a message naming
 another ``routingNode`` or holding a path whose last hop is not that peer is rejected
-whole. With ``verify``, each route must carry a signature by its origin (``path[0]``)
-over :func:`topology.messages.claim_bytes`; routes without one are dropped one by one, so
-an honest relay that passes on one bad claim keeps its other routes.
+whole, as is one that breaks a bound of :mod:`topology.bounds`. With ``verify``, each
+route must carry a signature by its origin (``path[0]``) over
+:func:`topology.messages.claim_bytes`; routes without one are dropped one by one, so an
+honest relay that passes on one bad claim keeps its other routes. Without ``verify``
+(unsigned mode) the table keeps each peer's claims apart, so a lying peer changes only
+its own routes (see :meth:`topology.table.RouteTable.learn`); routes the table refuses
+for a reason no honest peer gives (a cap, a sequence jump, this node's own claim) are
+reported as :class:`AnnouncementRejected`.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from topology.bounds import MAX_ENTRIES_PER_MESSAGE
 from topology.messages import (
     JSONDict,
+    RouteAnnouncement,
     SignFn,
     TopologyMessageError,
     VerifyFn,
@@ -38,7 +45,7 @@ from topology.messages import (
     parse_payload,
     sign_claim,
 )
-from topology.table import Route, RouteTable, announced_alike
+from topology.table import Route, RouteTable, Verdict, announced_alike
 
 DEFAULT_MAX_ROUTES_PER_MESSAGE = 5_000
 
@@ -78,7 +85,12 @@ Event = RoutesChanged | AnnouncementRejected | PeerExpired
 
 @dataclass(slots=True)
 class SessionStats:
-    """Counters of one session, for metrics and the benchmark."""
+    """Counters of one session, for metrics and the benchmark.
+
+    ``rejected_routes`` counts every route not taken for a reported reason (malformed or
+    forged message, bad signature, refused by the table); ``refused_cap``,
+    ``refused_sequence_jump`` and ``refused_own`` break down the table's refusals.
+    """
 
     messages_sent: int = 0
     routes_sent: int = 0
@@ -89,6 +101,9 @@ class SessionStats:
     withdrawals_received: int = 0
     rejected_messages: int = 0
     rejected_routes: int = 0
+    refused_cap: int = 0
+    refused_sequence_jump: int = 0
+    refused_own: int = 0
 
 
 class CachedVerifier:
@@ -121,6 +136,11 @@ class CachedVerifier:
 
 
 _DOWN, _UP, _EXPIRED = "down", "up", "expired"
+
+_LEARNED = Verdict.LEARNED  # a global: faster than the enum lookup, once per route
+# Refusals no honest peer causes (LOOP and STALE are ordinary path-vector outcomes).
+_REPORTED = frozenset({Verdict.INVALID, Verdict.OWN_ORIGIN, Verdict.OWN_DESTINATION,
+                       Verdict.SEQUENCE_JUMP, Verdict.PEER_CAP, Verdict.TABLE_CAP})
 
 
 class ExchangeSession:
@@ -173,8 +193,9 @@ class ExchangeSession:
             raise ValueError(f"peer id {peer_id!r} must be non-empty and not the local id")
         if keepalive_s <= 0 or hold_time_s <= keepalive_s or batch_window_s < 0:
             raise ValueError("need 0 < keepalive_s < hold_time_s and batch_window_s >= 0")
-        if max_routes_per_message < 1:
-            raise ValueError("max_routes_per_message must be >= 1")
+        if not 1 <= max_routes_per_message <= MAX_ENTRIES_PER_MESSAGE:
+            # A peer rejects a message with more entries than that, whole.
+            raise ValueError(f"max_routes_per_message must be 1..{MAX_ENTRIES_PER_MESSAGE}")
         self.local_id = local_id
         self.peer_id = peer_id
         self.hold_time_s = hold_time_s
@@ -263,7 +284,11 @@ class ExchangeSession:
     # -- receiving ---------------------------------------------------------------------
 
     def receive(self, payload: object, now: float) -> list[Event]:
-        """Apply a NotifyNetworkTopology payload that arrived from the peer on this link."""
+        """Apply a NotifyNetworkTopology payload that arrived from the peer on this link.
+
+        Raises nothing for what the peer sent: whatever it is, what was not taken comes
+        back as :class:`AnnouncementRejected` (only ``verify`` raising can escape).
+        """
         self._now = max(self._now, now)
         self.stats.messages_received += 1
         if self._state == _EXPIRED:
@@ -316,16 +341,23 @@ class ExchangeSession:
             table.withdraw(peer, destination)
             if sweep is not None:
                 sweep.discard(destination)
+        verified = self._verify is not None
+        refused: list[tuple[RouteAnnouncement, Verdict]] = []
         for route in routes:
             destination = route.destination
             if destination not in before:
                 before[destination] = table.best(destination)
             expires_at = now + route.timeout if route.timeout is not None else math.inf
-            table.learn(peer, destination, route.path, route.priority, route.weight,
-                        route.path[0], route.sequence, expires_at, timeout=route.timeout,
-                        signatures=route.signatures)
+            verdict = table.learn(peer, destination, route.path, route.priority, route.weight,
+                                  route.path[0], route.sequence, expires_at,
+                                  timeout=route.timeout, signatures=route.signatures,
+                                  verified=verified)
+            if verdict is not _LEARNED and verdict in _REPORTED:
+                refused.append((route, verdict))
             if sweep is not None:
                 sweep.discard(destination)
+        if refused:
+            events.append(self._refusal(refused))
         if sweep is not None and message.part == message.parts:
             # The full sync is complete: what it did not repeat, the peer no longer has.
             for destination in sorted(sweep):
@@ -340,6 +372,30 @@ class ExchangeSession:
         if changed:
             events.append(RoutesChanged(changed))
         return events
+
+    def _refusal(self, refused: list[tuple[RouteAnnouncement, Verdict]]) -> AnnouncementRejected:
+        """One event for the routes of a message the table refused for a reported reason."""
+        stats, table = self.stats, self._table
+        for _, verdict in refused:
+            if verdict in (Verdict.PEER_CAP, Verdict.TABLE_CAP):
+                stats.refused_cap += 1
+            elif verdict is Verdict.SEQUENCE_JUMP:
+                stats.refused_sequence_jump += 1
+            elif verdict in (Verdict.OWN_ORIGIN, Verdict.OWN_DESTINATION):
+                stats.refused_own += 1
+        route, verdict = refused[0]
+        reason = f"route to {route.destination!r} refused: {verdict.value}"
+        if verdict is Verdict.PEER_CAP:
+            reason += (f" ({table.max_routes_per_peer} from {self.peer_id!r}); "
+                       f"routes already learned are kept")
+        elif verdict is Verdict.TABLE_CAP:
+            reason += f" ({table.max_routes} learned routes); routes already learned are kept"
+        elif verdict is Verdict.SEQUENCE_JUMP:
+            reason += (f" (sequence {route.sequence} of origin {route.origin!r}, more than "
+                       f"{table.max_sequence_jump} ahead); unsigned claims may not jump so far")
+        if len(refused) > 1:
+            reason += f" (and {len(refused) - 1} more)"
+        return self._reject(reason, len(refused))
 
     def _reject(self, reason: str, routes: int = 1) -> AnnouncementRejected:
         self.stats.rejected_messages += 1

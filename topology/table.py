@@ -8,6 +8,7 @@ and the only randomness is the injected ``random.Random``.
 
 from __future__ import annotations
 
+import enum
 import heapq
 import math
 import random
@@ -15,10 +16,22 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from topology.bounds import (
+    DEFAULT_MAX_ROUTES,
+    DEFAULT_MAX_ROUTES_PER_PEER,
+    MAX_ID_LENGTH,
+    MAX_PATH_LENGTH,
+    MAX_PRIORITY,
+    MAX_SEQUENCE,
+    MAX_SEQUENCE_JUMP,
+    MAX_WEIGHT,
+)
+from topology.feed import ChangeFeed
+
 LOCAL = ""
 """The ``peer`` of a route this node originates itself."""
 
-DEFAULT_MAX_PATH_LENGTH = 32
+DEFAULT_MAX_PATH_LENGTH = MAX_PATH_LENGTH
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +41,9 @@ class Route:
     ``path`` runs from the origin to the neighbour the route was learned from, so its last
     element is ``peer``; local routes have ``peer == ""`` and an empty path.
     ``signatures`` are the origin's signatures over its claim, carried so the route can be
-    re-announced verifiably; they take no part in equality.
+    re-announced verifiably; they take no part in equality. ``verified``: the session
+    checked one of them against a trusted key of the origin; only verified claims are
+    compared by sequence number across peers (see :meth:`RouteTable.learn`).
     """
 
     destination: str
@@ -42,6 +57,7 @@ class Route:
     expires_at: float
     timeout: float | None = None
     signatures: tuple[Mapping[str, Any], ...] = field(default=(), compare=False)
+    verified: bool = False
 
     @property
     def is_local(self) -> bool:
@@ -49,9 +65,41 @@ class Route:
         return self.peer == LOCAL
 
 
+class Verdict(enum.Enum):
+    """What :meth:`RouteTable.learn` did with an announcement; true only for ``LEARNED``.
+
+    The value says why, for a log line. ``LOOP`` and ``STALE`` are ordinary in a
+    path-vector protocol; the others mean the peer sent something no honest node sends
+    (or that this node will not hold), and the session reports them.
+    """
+
+    LEARNED = "learned"
+    INVALID = ("invalid: its path does not run from the origin to the peer or repeats a "
+               "node, or a field is out of bounds")
+    LOOP = "its path passes this node or is too long"
+    STALE = "an older verified claim than one held for the same origin"
+    OWN_ORIGIN = "it claims this node as its origin"
+    OWN_DESTINATION = "it is a route to this node's own id"
+    SEQUENCE_JUMP = "its unsigned sequence number jumps too far past the peer's last claim"
+    PEER_CAP = "the per-peer route cap is reached"
+    TABLE_CAP = "the table's route cap is reached"
+
+    def __bool__(self) -> bool:
+        return self is _LEARNED
+
+
+# Looking up an enum member costs as much as a dict insert on Python 3.11; learn() runs
+# once per route of a full sync.
+_LEARNED = Verdict.LEARNED
+
+
 @dataclass(slots=True)
 class TableStats:
-    """Counters an operator reads to see what the table refused and why."""
+    """Counters an operator reads to see what the table refused and why.
+
+    ``refused_cap`` counts refusals by either cap, ``refused_table_cap`` those by the
+    table-wide one; ``refused_by_peer`` counts cap refusals per peer.
+    """
 
     learned: int = 0
     rejected_invalid: int = 0
@@ -60,42 +108,9 @@ class TableStats:
     refused_cap: int = 0
     expired: int = 0
     refused_by_peer: dict[str, int] = field(default_factory=dict)
-
-
-class ChangeFeed:
-    """Destinations whose best route changed since the consumer last took them.
-
-    Each exchange session owns one (see :meth:`RouteTable.watch`), so a change made while
-    handling one peer's message is seen by every other peer's session.
-    """
-
-    __slots__ = ("_pending",)
-
-    def __init__(self) -> None:
-        self._pending: set[str] = set()
-
-    def take(self) -> set[str]:
-        """Return the changed destinations and forget them."""
-        taken, self._pending = self._pending, set()
-        return taken
-
-    def clear(self) -> None:
-        """Forget pending changes (a full sync is about to cover them)."""
-        self._pending.clear()
-
-    def add(self, destination: str) -> None:
-        """Record that the best route to ``destination`` changed."""
-        self._pending.add(destination)
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def __bool__(self) -> bool:
-        return bool(self._pending)
-
-    def __iter__(self) -> Iterator[str]:
-        """The pending destinations, left pending."""
-        return iter(self._pending)
+    refused_table_cap: int = 0
+    refused_sequence_jump: int = 0
+    rejected_own: int = 0
 
 
 def weighted_choice(routes: Sequence[Route], rng: random.Random) -> Route:
@@ -143,6 +158,10 @@ class RouteTable:
     routes still tied. The draw is made when the candidates change, not on every lookup,
     so all frames for one destination keep one path (OCPP-J needs them in order) and
     announcements do not flap; a tied best route is kept while it stays in the top tier.
+
+    Bounded: at most ``max_routes_per_peer`` routes from one peer and ``max_routes``
+    learned routes in all (local routes do not count); a new destination beyond a cap is
+    refused, and nothing already held is dropped for it.
     """
 
     __slots__ = (
@@ -156,7 +175,9 @@ class RouteTable:
         "_routes",
         "_via",
         "max_path_length",
+        "max_routes",
         "max_routes_per_peer",
+        "max_sequence_jump",
         "node_id",
         "stats",
     )
@@ -166,19 +187,28 @@ class RouteTable:
         node_id: str,
         *,
         rng: random.Random,
-        max_routes_per_peer: int = 200_000,
+        max_routes_per_peer: int = DEFAULT_MAX_ROUTES_PER_PEER,
+        max_routes: int = DEFAULT_MAX_ROUTES,
         max_path_length: int = DEFAULT_MAX_PATH_LENGTH,
+        max_sequence_jump: int = MAX_SEQUENCE_JUMP,
         first_sequence: int = 1,
     ) -> None:
         """``first_sequence`` should grow across restarts (e.g. wall-clock milliseconds),
         so that a restarted node's claims are never older than ones still in circulation."""
         if not node_id:
             raise ValueError("node_id must not be empty")
-        if max_routes_per_peer < 0 or max_path_length < 1:
-            raise ValueError("max_routes_per_peer must be >= 0 and max_path_length >= 1")
+        if max_routes_per_peer < 0 or max_routes < 0:
+            raise ValueError("max_routes_per_peer and max_routes must be >= 0")
+        if not 1 <= max_path_length <= MAX_PATH_LENGTH:
+            # Longer paths would be sent on, and every peer would reject those messages.
+            raise ValueError(f"max_path_length must be 1..{MAX_PATH_LENGTH}")
+        if max_sequence_jump < 0 or not 0 <= first_sequence <= MAX_SEQUENCE:
+            raise ValueError(f"need max_sequence_jump >= 0 and first_sequence 0..{MAX_SEQUENCE}")
         self.node_id = node_id
         self.max_routes_per_peer = max_routes_per_peer
+        self.max_routes = max_routes
         self.max_path_length = max_path_length
+        self.max_sequence_jump = max_sequence_jump
         self.stats = TableStats()
         self._rng = rng
         self._next_sequence = first_sequence
@@ -204,10 +234,12 @@ class RouteTable:
         Re-originating with the same attributes is a no-op; different attributes make a
         new claim with a new sequence number.
         """
-        if not destination:
-            raise ValueError("destination must not be empty")
-        if weight < 0:
-            raise ValueError(f"weight of {destination!r} must be >= 0, not {weight}")
+        if not 0 < len(destination) <= MAX_ID_LENGTH:
+            raise ValueError(f"destination must be 1-{MAX_ID_LENGTH} characters, "
+                             f"not {destination!r}")
+        if not 0 <= weight <= MAX_WEIGHT or not 0 <= priority <= MAX_PRIORITY:
+            raise ValueError(f"priority and weight of {destination!r} must be "
+                             f"0..{MAX_PRIORITY}, not {priority} and {weight}")
         current = self._routes.get(destination, {}).get(LOCAL)
         if current is not None and current.priority == priority and current.weight == weight:
             return current
@@ -226,6 +258,8 @@ class RouteTable:
 
     def _take_sequence(self) -> int:
         sequence = self._next_sequence
+        if sequence > MAX_SEQUENCE:
+            raise OverflowError("this node has used up its sequence numbers")
         self._next_sequence += 1
         return sequence
 
@@ -244,59 +278,96 @@ class RouteTable:
         *,
         timeout: float | None = None,
         signatures: tuple[Mapping[str, Any], ...] = (),
-    ) -> bool:
-        """Take ``peer``'s route to ``destination``; returns whether it was accepted.
+        verified: bool = False,
+    ) -> Verdict:
+        """Take ``peer``'s route to ``destination``; the verdict is true if it was learned.
 
-        Refused: an empty path, one that does not end at ``peer`` or start at ``origin``,
-        or that repeats a node (all counted as invalid, table unchanged); a path through
-        this node or longer than ``max_path_length`` (a loop); a claim older than one
-        already held for the same origin and destination (stale); a new destination
-        beyond the per-peer cap. A looped or stale announcement still replaces the peer's
-        previous route for the destination, which the peer no longer uses.
+        Refused, table unchanged: a path that is empty, repeats a node or does not run from
+        ``origin`` to ``peer``, a field out of bounds; a route to this node's own id; a new
+        destination beyond a cap. Refused, and withdrawing the peer's previous route to
+        the destination (the peer no longer uses it): this node's own claim; a path through
+        this node or longer than ``max_path_length`` (a loop); a stale claim; an unverified
+        claim more than ``max_sequence_jump`` ahead of the peer's last for the same origin.
+
+        Sequence numbers order claims across peers only when both are ``verified`` (their
+        origin's signature checked): an older one is then stale, and a newer one removes
+        the older ones of other peers. Unverified claims never touch another peer's routes.
         """
         path = tuple(path)
         if (
             not path
             or not peer
             or not destination
+            or len(destination) > MAX_ID_LENGTH
             or path[-1] != peer
             or path[0] != origin
-            or weight < 0
+            or not 0 <= weight <= MAX_WEIGHT
+            or not 0 <= priority <= MAX_PRIORITY
+            or not 0 <= sequence <= MAX_SEQUENCE
             or len(set(path)) != len(path)
         ):
             self.stats.rejected_invalid += 1
-            return False
+            return Verdict.INVALID
+        node_id = self.node_id
+        if destination == node_id:
+            self.stats.rejected_own += 1
+            return Verdict.OWN_DESTINATION
+        if origin == node_id:
+            self.stats.rejected_own += 1
+            self._implicit_withdraw(destination, peer)
+            return Verdict.OWN_ORIGIN
         candidates = self._routes.get(destination)
-        if self.node_id in path or len(path) > self.max_path_length:
+        if node_id in path or len(path) > self.max_path_length:
             self.stats.rejected_loop += 1
             self._implicit_withdraw(destination, peer)
-            return False
-        if candidates is not None:
-            for held in candidates.values():
-                if held.origin == origin and held.sequence > sequence:
-                    self.stats.ignored_stale += 1
-                    self._implicit_withdraw(destination, peer)
-                    return False
+            return Verdict.LOOP
         existing = candidates.get(peer) if candidates is not None else None
-        if existing is None and len(self._via.get(peer, ())) >= self.max_routes_per_peer:
-            self.stats.refused_cap += 1
-            self.stats.refused_by_peer[peer] = self.stats.refused_by_peer.get(peer, 0) + 1
-            return False
+        if verified:
+            if candidates is not None:
+                for held in candidates.values():
+                    if held.verified and held.origin == origin and held.sequence > sequence:
+                        self.stats.ignored_stale += 1
+                        self._implicit_withdraw(destination, peer)
+                        return Verdict.STALE
+        elif (
+            existing is not None
+            and existing.origin == origin
+            and sequence - existing.sequence > self.max_sequence_jump
+        ):
+            self.stats.refused_sequence_jump += 1
+            self._implicit_withdraw(destination, peer)
+            return Verdict.SEQUENCE_JUMP
+        if existing is None and (
+            len(self._via.get(peer, ())) >= self.max_routes_per_peer
+            or self._route_count - len(self._via.get(LOCAL, ())) >= self.max_routes
+        ):
+            return self._refuse_for_cap(peer)
         route = Route(destination, peer, path, len(path), priority, weight, origin, sequence,
-                      expires_at, timeout, signatures)
+                      expires_at, timeout, signatures, verified)
         self.stats.learned += 1
         if existing is not None and existing == route and existing.signatures == signatures:
-            return True
-        if candidates is not None:
+            return _LEARNED
+        if verified and candidates is not None:
             # A newer claim by the same origin supersedes the older ones other peers still
-            # carry; they will re-announce once the newer claim reaches them.
+            # carry; they will re-announce once the newer claim reaches them. Only proven
+            # claims may do so: an unverified number could be any peer's invention.
             stale = [held.peer for held in candidates.values()
-                     if held.peer != peer and held.origin == origin and held.sequence < sequence]
+                     if held.peer != peer and held.verified and held.origin == origin
+                     and held.sequence < sequence]
             for stale_peer in stale:
                 self._remove(destination, stale_peer)
         self._store(route, existing)
         self._reselect(destination)
-        return True
+        return _LEARNED
+
+    def _refuse_for_cap(self, peer: str) -> Verdict:
+        stats = self.stats
+        stats.refused_cap += 1
+        stats.refused_by_peer[peer] = stats.refused_by_peer.get(peer, 0) + 1
+        if len(self._via.get(peer, ())) >= self.max_routes_per_peer:
+            return Verdict.PEER_CAP
+        stats.refused_table_cap += 1
+        return Verdict.TABLE_CAP
 
     def _implicit_withdraw(self, destination: str, peer: str) -> None:
         if self._remove(destination, peer):
@@ -373,7 +444,7 @@ class RouteTable:
             return route
         signed = Route(held.destination, held.peer, held.path, held.distance, held.priority,
                        held.weight, held.origin, held.sequence, held.expires_at, held.timeout,
-                       signatures)
+                       signatures, held.verified)
         assert candidates is not None
         candidates[route.peer] = signed
         if self._best.get(route.destination) is held:

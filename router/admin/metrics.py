@@ -241,7 +241,10 @@ class NodeCollector:
         for event, count in (("learned", ts.learned), ("rejected_invalid", ts.rejected_invalid),
                              ("rejected_loop", ts.rejected_loop),
                              ("ignored_stale", ts.ignored_stale),
-                             ("refused_cap", ts.refused_cap), ("expired", ts.expired)):
+                             ("refused_cap", ts.refused_cap), ("expired", ts.expired),
+                             ("refused_table_cap", ts.refused_table_cap),
+                             ("refused_sequence_jump", ts.refused_sequence_jump),
+                             ("rejected_own", ts.rejected_own)):
             events.add_metric([event], count)
         yield events
         forwarding = CounterMetricFamily(

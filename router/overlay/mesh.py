@@ -137,6 +137,11 @@ class Overlay:
     async def run(self, nursery: trio.Nursery) -> None:
         """Dial every configured peer, for as long as the node runs."""
         self.attacher.start(nursery)
+        if self.config.peers and self.config.trust is None:
+            # the documented default, said once: what unsigned mode does not protect
+            log_event(log, logging.WARNING, "routes_unsigned",
+                      reason="no [trust]: route claims cannot be checked against their "
+                             "origin; only implausible ones are refused (docs/protocol.md)")
         for entry in self.config.peers:
             if entry.dialled:  # an accept-only entry waits for the peer to dial us
                 nursery.start_soon(self._keep_dialling, entry)
