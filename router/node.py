@@ -159,6 +159,11 @@ class Node:
         new_names = {b.name for b in config.backends if b.role == "secondary"}
         if old_names != new_names:
             needs_restart.append("secondary backends added or removed")
+        for old_entry in self.config.backends:
+            new_entry = config.backend_entry(old_entry.name)
+            if (old_entry.role == "secondary" and new_entry is not None
+                    and _bounds(old_entry) != _bounds(new_entry)):
+                needs_restart.append(f"queue or outbox bounds of {old_entry.name}")
         self.duplicator.reconfigure(config.backends)
         old_config = self.config
         old_gate, self.gate, self.config = self.gate, gate, config
@@ -184,3 +189,8 @@ class Node:
         await self.sessions.stop_all("node shutting down", wait_s, held=True)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+
+def _bounds(entry: BackendEntry) -> tuple[int, int, int, float]:
+    """What a secondary's queue and outbox were made with (a reload does not remake them)."""
+    return entry.queue, entry.outbox_max_rows, entry.outbox_max_bytes, entry.outbox_max_age_s

@@ -36,6 +36,23 @@ def item(seq: int, *, station: str = "CP1", created: float = 1_000.0) -> OutboxI
                       payload=json.dumps({"connectorId": 1, "seq": seq}), created=created)
 
 
+def size(i: OutboxItem) -> int:
+    """What a row counts against the byte bound: the UTF-8 bytes of its text."""
+    return sum(len(t.encode()) for t in (i.station, i.subprotocol, i.action, i.payload))
+
+
+def sized(seq: int, n: int, *, created: float = 1_000.0, fill: str = "x") -> OutboxItem:
+    """An item that counts exactly ``n`` bytes (``fill`` may be a 2-byte character)."""
+    base = item(seq, created=created)
+    pad = n - size(base) - len(b',"pad":""')
+    unit = len(fill.encode())
+    assert pad >= 0, (n, pad)
+    payload = base.payload[:-1] + ',"pad":"' + fill * (pad // unit) + "x" * (pad % unit) + '"}'
+    out = OutboxItem(base.station, base.subprotocol, base.action, payload, created)
+    assert size(out) == n
+    return out
+
+
 def seqs(rows: list[tuple[int, OutboxItem]]) -> list[int]:
     return [json.loads(i.payload)["seq"] for _, i in rows]
 
@@ -132,6 +149,74 @@ def test_a_wrong_row_count_drops_nothing_new(db: Path) -> None:
         assert outbox.count("a") == 3  # recounted
 
 
+def test_byte_bound_drops_oldest_and_reports(db: Path) -> None:
+    with Outbox(db, max_bytes_per_subscriber=3_000) as outbox:
+        assert outbox.max_bytes_per_subscriber == 3_000
+        assert outbox.append("a", [sized(0, 1_000), sized(1, 1_000)]) == 0
+        outbox.append("b", [sized(100, 2_500)])
+        assert outbox.append("a", [sized(2, 1_000)]) == 0  # exactly at the bound
+        assert outbox.append("a", [sized(3, 1_000)]) == 1
+        assert seqs(drain_all(outbox, "a")) == [1, 2, 3]
+        # one large row pushes out as many old ones as it takes
+        assert outbox.append("a", [sized(4, 2_500)]) == 3
+        assert seqs(drain_all(outbox, "a")) == [4]
+        # a batch larger than the bound keeps its own newest rows that fit
+        assert outbox.append("a", [sized(i, 1_000) for i in range(5, 10)]) == 3
+        assert seqs(drain_all(outbox, "a")) == [7, 8, 9]
+        # UTF-8 bytes, not characters: "é" counts 2
+        assert outbox.append("a", [sized(10, 1_000, fill="é")]) == 1
+        assert seqs(drain_all(outbox, "a")) == [8, 9, 10]
+        # a row larger than the bound on its own cannot be kept either
+        assert outbox.append("a", [sized(11, 3_002)]) == 4
+        assert outbox.count("a") == 0
+        assert seqs(drain_all(outbox, "b")) == [100]  # bounds are per subscriber
+
+
+def test_byte_bound_follows_acks_expiry_and_restarts(db: Path) -> None:
+    with Outbox(db, max_bytes_per_subscriber=3_000, max_age_s=100.0) as outbox:
+        outbox.append("a", [sized(0, 1_000, created=0.0), sized(1, 1_000, created=500.0),
+                            sized(2, 1_000, created=500.0)])
+        outbox.ack("a", outbox.peek("a", 1)[0][0])  # 1,000 bytes delivered
+        assert outbox.append("a", [sized(3, 1_000, created=500.0)]) == 0
+        assert outbox.expire(now=550.0) == {}
+        outbox.append("a", [sized(4, 1_000, created=0.0)])  # drops 1
+        assert seqs(drain_all(outbox, "a")) == [2, 3, 4]
+    # the byte total is read back from the file
+    with Outbox(db, max_bytes_per_subscriber=3_000, max_age_s=100.0) as outbox:
+        assert outbox.append("a", [sized(5, 1_000, created=700.0)]) == 1
+        assert seqs(drain_all(outbox, "a")) == [3, 4, 5]
+        # expiry takes 3 and 4 (created 500 and 0): their 2,000 bytes are free again
+        assert outbox.expire(now=650.0) == {"a": 2}
+        assert outbox.append("a", [sized(6, 1_000, created=700.0),
+                                   sized(7, 1_000, created=700.0)]) == 0
+        assert seqs(drain_all(outbox, "a")) == [5, 6, 7]
+
+
+def test_byte_bound_once_the_file_outgrows_it(db: Path) -> None:
+    # bytes are counted only once the file is larger than the bound (before that no queue
+    # can be over it); the count then starts from what the queue already holds
+    bound = 64_000
+    with Outbox(db, max_bytes_per_subscriber=bound) as outbox:
+        dropped = 0
+        for i in range(150):
+            dropped += outbox.append("a", [sized(i, 1_000)])
+            if i == 20:
+                assert outbox._bytes == {}  # the file is still smaller than the bound
+                outbox.ack("a", outbox.peek("a", 5)[-1][0])  # 0-4 delivered
+        assert "a" in outbox._bytes
+        assert dropped == 150 - 5 - 64
+        assert seqs(drain_all(outbox, "a")) == list(range(86, 150))
+        assert sum(size(i) for _, i in drain_all(outbox, "a")) == bound
+
+
+def test_bounds_together_drop_what_either_needs(db: Path) -> None:
+    with Outbox(db, max_rows_per_subscriber=4, max_bytes_per_subscriber=3_000) as outbox:
+        outbox.append("a", [sized(i, 500) for i in range(4)])
+        assert outbox.append("a", [sized(4, 500)]) == 1  # the row bound
+        assert outbox.append("a", [sized(5, 2_000)]) == 2  # the byte bound, beyond it
+        assert seqs(drain_all(outbox, "a")) == [3, 4, 5]
+
+
 def test_dropped_rows_do_not_reuse_ids(db: Path) -> None:
     # The runtime may hold ids from a peek while a drop removes those rows; an ack of such
     # an id must never delete rows appended later.
@@ -202,6 +287,35 @@ def test_age_bound_never_leaves_a_hole(db: Path) -> None:
         assert seqs(drain_all(outbox, "a")) == [1, 2, 3]
         assert outbox.expire(now=170.0) == {"a": 2}
         assert seqs(drain_all(outbox, "a")) == [3]
+
+
+def test_unencodable_item_is_refused_and_leaves_the_outbox_usable(db: Path) -> None:
+    # json.loads turns a station's "\ud800" escape into a lone surrogate, which UTF-8
+    # cannot hold: the append fails as a whole, before any write, and the next one works
+    bad = OutboxItem("CP1", "ocpp1.6", "MeterValues", '{"a":"\ud800"}', 1.0)
+    with Outbox(db) as outbox:
+        outbox.append("a", [item(0)])
+        with pytest.raises(ValueError, match="UTF-8"):
+            outbox.append("a", [item(1), bad])
+        assert outbox.append("a", [item(2)]) == 0
+        assert seqs(drain_all(outbox, "a")) == [0, 2]
+        assert outbox.count("a") == 2
+
+
+def test_full_disk_fails_the_append_as_a_whole(db: Path) -> None:
+    with Outbox(db) as outbox:
+        outbox.append("a", [item(0)])
+        conn = outbox._conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full
+        with pytest.raises(OutboxError, match="the disk is full") as caught:
+            outbox.append("a", [sized(i, 5_000) for i in range(1, 4)])
+        assert not caught.value.corrupt
+        assert outbox.count("a") == 1
+        conn.execute("PRAGMA max_page_count = 1000000")
+        assert outbox.append("a", [sized(4, 5_000)]) == 0
+        assert seqs(drain_all(outbox, "a")) == [0, 4]
 
 
 # -- restarts ----------------------------------------------------------------------------
@@ -326,6 +440,7 @@ def test_concurrent_appends_from_threads(db: Path) -> None:
 # -- any interleaving --------------------------------------------------------------------
 
 MAX_ROWS = 6
+MAX_BYTES = 400  # binds before MAX_ROWS once the rows carry some padding
 MAX_AGE = 50.0
 SUBSCRIBERS = st.sampled_from(["a", "b", "c"])
 
@@ -344,17 +459,21 @@ class OutboxMachine(RuleBasedStateMachine):
         self.last_id = 0
 
     def _open(self) -> Outbox:
-        return Outbox(self.path, max_rows_per_subscriber=MAX_ROWS, max_age_s=MAX_AGE)
+        return Outbox(self.path, max_rows_per_subscriber=MAX_ROWS,
+                      max_bytes_per_subscriber=MAX_BYTES, max_age_s=MAX_AGE)
 
-    @rule(subscriber=SUBSCRIBERS, k=st.integers(1, 8), gap=st.integers(0, 20))
-    def append(self, subscriber: str, k: int, gap: int) -> None:
+    @rule(subscriber=SUBSCRIBERS, k=st.integers(1, 8), gap=st.integers(0, 20),
+          pad=st.integers(0, 80))
+    def append(self, subscriber: str, k: int, gap: int, pad: int) -> None:
         self.clock += gap
-        items = [item(self.seq + j, created=self.clock) for j in range(k)]
+        items = [sized(self.seq + j, 60 + pad, created=self.clock) for j in range(k)]
         self.seq += k
         queue = self.model.setdefault(subscriber, [])
         queue.extend(items)
-        expected = max(0, len(queue) - MAX_ROWS)
-        del queue[:expected]
+        expected = 0
+        while len(queue) > MAX_ROWS or sum(size(i) for i in queue) > MAX_BYTES:
+            del queue[0]
+            expected += 1
         assert self.outbox.append(subscriber, items) == expected
 
     @rule(subscriber=SUBSCRIBERS, n=st.integers(0, 10))
@@ -497,6 +616,8 @@ def test_foreign_or_newer_schema_is_refused(tmp_path: Path) -> None:
 def test_bad_arguments(db: Path) -> None:
     with pytest.raises(ValueError):
         Outbox(db, max_rows_per_subscriber=0)
+    with pytest.raises(ValueError):
+        Outbox(db, max_bytes_per_subscriber=0)
     with pytest.raises(ValueError):
         Outbox(db, max_age_s=0)
     with pytest.raises(ValueError):

@@ -217,7 +217,8 @@ class NodeCollector:
             ("answered", "Copies a secondary answered (CALLRESULT or CALLERROR)."),
             ("spilled", "Copies written to the outbox (secondary down or behind)."),
             ("replayed", "Copies replayed from the outbox."),
-            ("dropped", "Copies lost to a full queue or the outbox's bounds."),
+            ("dropped", "Copies lost to a full queue, the outbox's bounds or a failed "
+                        "outbox write (disk full)."),
             ("refused_commands", "CALLs from a read-only secondary refused."),
         )
         for what, doc in counters:

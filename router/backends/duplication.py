@@ -28,7 +28,8 @@ from urllib.parse import quote
 
 import trio
 
-from router.backends.outbox import Outbox, OutboxItem
+from router.backends.boots import BootCache
+from router.backends.outbox import Outbox, OutboxError, OutboxItem
 from router.config import BackendEntry, NodeSection
 from router.logs import log_event
 from router.net.handshake import HandshakeFailed, dial
@@ -49,6 +50,10 @@ log = logging.getLogger("router.fanout")
 _REPLAY_BATCH = 200
 IDLE_CLOSE_S = 300.0  # a station's link to a secondary closes after this long unused
 EXPIRE_EVERY_S = 60.0
+# after the outbox failed a write (disk full, I/O error) the drain pauses this long before
+# it takes more copies from the inbox, doubling up to WRITE_RETRY_MAX_S while it fails
+WRITE_RETRY_S = 1.0
+WRITE_RETRY_MAX_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,31 +77,8 @@ class SecondaryStats:
     answered: int = 0
     spilled: int = 0
     replayed: int = 0
-    dropped: int = 0  # outbox bounds (oldest first) and inbox overflow
+    dropped: int = 0  # outbox bounds (oldest first), inbox overflow, outbox write failures
     refused_commands: int = 0
-
-
-class BootCache:
-    """The latest BootNotification per station, kept on disk for replays after a restart."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self._boots: dict[str, list[str]] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            self._boots = {}
-
-    def remember(self, station: str, subprotocol: str, payload: str) -> None:
-        if self._boots.get(station) == [subprotocol, payload]:
-            return
-        self._boots[station] = [subprotocol, payload]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._boots))
-        tmp.replace(self.path)
-
-    def get(self, station: str) -> tuple[str, str] | None:
-        found = self._boots.get(station)
-        return (found[0], found[1]) if found else None
 
 
 class SecondaryLink:
@@ -193,12 +175,14 @@ class Secondary:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", entry.name)
         self.outbox = Outbox(context.state_dir / f"outbox-{safe}.sqlite",
                              max_rows_per_subscriber=entry.outbox_max_rows,
+                             max_bytes_per_subscriber=entry.outbox_max_bytes,
                              max_age_s=entry.outbox_max_age_s)
         self.backlog = self.outbox.count(self.name)  # copies left from an earlier run
         self._send, self._recv = trio.open_memory_channel[OutboxItem](entry.queue)
         self.links: dict[str, SecondaryLink] = {}
         self._nursery: trio.Nursery | None = None
         self._last_overflow_log = 0.0
+        self._write_retry_s = WRITE_RETRY_S  # the pause after the next failed outbox write
         self.current: SecondaryLink | None = None  # the link whose answer we wait for
 
     @property
@@ -225,7 +209,11 @@ class Secondary:
         """Enforce the outbox's age bound; the oldest copies go first, counted and logged."""
         while True:
             await trio.sleep(EXPIRE_EVERY_S)
-            dropped = await trio.to_thread.run_sync(self.outbox.expire, time.time())
+            try:
+                dropped = await trio.to_thread.run_sync(self.outbox.expire, time.time())
+            except OutboxError as exc:
+                self._outbox_error("expire", exc)
+                continue
             count = dropped.get(self.name, 0)
             if count:
                 self.stats.dropped += count
@@ -281,29 +269,57 @@ class Secondary:
             except trio.WouldBlock:
                 return items
 
-    async def _spill(self, items: list[OutboxItem]) -> None:
+    async def _spill(self, items: list[OutboxItem]) -> bool:
+        """Move copies taken from the inbox to the outbox; False if it cannot be written
+        (disk full, I/O error): then they are counted as dropped and logged, and the drain
+        pauses before it takes more copies (they wait in the inbox meanwhile)."""
         if not items:
-            return
-        dropped = await trio.to_thread.run_sync(self.outbox.append, self.name, items)
+            return True
+        failure: Exception | None = None
+        # once taken from the inbox a copy must reach the outbox or be counted: a deadline
+        # or a cancel (shutdown, a failed sibling task) may only interrupt the waits
+        with trio.CancelScope(shield=True):
+            try:
+                dropped = await trio.to_thread.run_sync(self.outbox.append, self.name, items)
+            except (OutboxError, OSError, ValueError) as exc:
+                failure = exc
+        if failure is not None:
+            self.stats.dropped += len(items)
+            pause = self._write_retry_s
+            self._write_retry_s = min(pause * 2, WRITE_RETRY_MAX_S)
+            log_event(log, logging.ERROR, "outbox_write_failed", subscriber=self.name,
+                      count=len(items), dropped=self.stats.dropped, retry_in_s=pause,
+                      reason=str(failure))
+            await trio.sleep(pause)
+            return False
+        self._write_retry_s = WRITE_RETRY_S
         self.stats.spilled += len(items)
         self.stats.dropped += dropped
         self.backlog += len(items) - dropped
         log_event(log, logging.INFO, "fanout_spill", subscriber=self.name, count=len(items),
                   backlog=self.backlog, dropped=dropped)
+        return True
+
+    def _outbox_error(self, operation: str, exc: OutboxError) -> None:
+        """A failed outbox read, ack or expiry: nothing is lost, the drain tries again."""
+        log_event(log, logging.ERROR, "outbox_error", subscriber=self.name,
+                  operation=operation, reason=str(exc))
 
     async def _wait_spilling(self, seconds: float) -> None:
         """Back off from a down secondary while new copies keep going to the outbox."""
         with trio.move_on_after(seconds):
             while True:
                 item = await self._recv.receive()
-                # once taken from the inbox a copy must reach the outbox: the deadline
-                # may only interrupt the wait, never the spill
-                with trio.CancelScope(shield=True):
-                    await self._spill([item, *self._drain()])
+                await self._spill([item, *self._drain()])
 
     async def _replay(self) -> bool:
-        """Deliver the oldest spilled copies; False when the secondary is still unreachable."""
-        rows = await trio.to_thread.run_sync(self.outbox.peek, self.name, _REPLAY_BATCH)
+        """Deliver the oldest spilled copies; False when the secondary is still unreachable
+        (or the outbox cannot be read)."""
+        try:
+            rows = await trio.to_thread.run_sync(self.outbox.peek, self.name, _REPLAY_BATCH)
+        except OutboxError as exc:
+            self._outbox_error("read", exc)
+            return False
         if not rows:
             self.backlog = 0
             return True
@@ -314,8 +330,13 @@ class Secondary:
             last = row_id
             self.stats.replayed += 1
         if last is not None:
-            await trio.to_thread.run_sync(self.outbox.ack, self.name, last)
-            self.backlog = await trio.to_thread.run_sync(self.outbox.count, self.name)
+            try:
+                await trio.to_thread.run_sync(self.outbox.ack, self.name, last)
+                self.backlog = await trio.to_thread.run_sync(self.outbox.count, self.name)
+            except OutboxError as exc:
+                # the delivered copies stay in the outbox and go again: at least once
+                self._outbox_error("ack", exc)
+                return False
             if not self.backlog:
                 log_event(log, logging.INFO, "fanout_replayed", subscriber=self.name,
                           replayed=self.stats.replayed)
@@ -392,31 +413,52 @@ class Duplicator:
         return bool(self.secondaries)
 
     def offer(self, station: str, subprotocol: str, action: str, payload: Any) -> None:
-        """A station CALL reached the primary path: copy it to whoever subscribed."""
+        """A station CALL reached the primary path: copy it to whoever subscribed. Never
+        waits and does no I/O (inboxes and the boot cache are in memory)."""
         text: str | None = None
         for sub in self.secondaries:
             if sub.entry.subscribes(action) and sub.entry.serves(station):
                 if text is None:
-                    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+                    text = payload_text(payload)
                 sub.offer(OutboxItem(station, subprotocol, action, text, time.time()))
         if action == "BootNotification" and self.boots is not None:
-            self.boots.remember(station, subprotocol, text or json.dumps(payload))
+            self.boots.remember(station, subprotocol,
+                                text if text is not None else payload_text(payload))
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            if self.boots is not None:
+                nursery.start_soon(self.boots.run)
             for sub in self.secondaries:
                 nursery.start_soon(sub.run)
 
     def reconfigure(self, backends: tuple[BackendEntry, ...]) -> None:
-        """A reload: secondaries that are still configured take their new settings
-        (subscriptions, timeouts, bounds); adding or removing one needs a restart."""
+        """A reload: secondaries that are still configured take their new subscriptions,
+        stations, answer timeout and ``allow_commands``; their queue and outbox bounds,
+        and adding or removing one, need a restart (the node's reload says so)."""
         for sub in self.secondaries:
             entry = next((b for b in backends if b.name == sub.name), None)
             if entry is not None:
                 sub.entry = entry
 
     def close(self) -> None:
-        """Close the outboxes (merges their write-ahead logs); after the tasks have stopped."""
+        """Write the boot cache and close the outboxes (merges their write-ahead logs);
+        after the tasks have stopped."""
+        if self.boots is not None:
+            self.boots.close()
         for sub in self.secondaries:
             sub.outbox.close()
+
+
+def payload_text(payload: Any) -> str:
+    """A copy's payload as compact JSON text that can always be sent and stored as UTF-8:
+    a lone surrogate a station escaped (``\\ud800``) stays escaped, else no send or outbox
+    write of the copy could encode it."""
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(payload, separators=(",", ":"))
+    return text
 

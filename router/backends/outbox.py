@@ -11,9 +11,10 @@ crash); the WAL is fsynced only at checkpoints, so the last commits before a pow
 kernel crash may be lost. ``synchronous="FULL"`` fsyncs every commit and survives power
 loss, at a cost measured in docs/duplication.md.
 
-Bounds: at most ``max_rows_per_subscriber`` rows per subscriber (`append` drops that
-subscriber's oldest rows beyond it) and rows no older than ``max_age_s`` once `expire` has
-run (the runtime calls it on a timer). Every drop is returned to the caller to be counted.
+Bounds: at most ``max_rows_per_subscriber`` rows and ``max_bytes_per_subscriber`` bytes
+per subscriber (`append` drops that subscriber's oldest rows beyond either) and rows no
+older than ``max_age_s`` once `expire` has run (the runtime calls it on a timer). Every
+drop is returned to the caller to be counted.
 
 One `Outbox` owns its file: the connection holds SQLite's exclusive lock for its lifetime,
 so a second process (another node on the same state directory, or the sqlite3 shell) gets
@@ -65,6 +66,18 @@ _PEEK = (
 )
 _COUNT = "SELECT COUNT(*) FROM outbox WHERE subscriber = ?"
 _DELETE_UP_TO = "DELETE FROM outbox WHERE subscriber = ? AND id <= ?"
+# what a row counts against the byte bound: the UTF-8 bytes of its text columns (the
+# database is UTF-8, so this is what they take in the file). SQLite 3.43's octet_length
+# would spare the cast; the stdlib's SQLite may be older.
+_SIZE = (
+    "length(CAST(station AS BLOB)) + length(CAST(subprotocol AS BLOB))"
+    " + length(CAST(action AS BLOB)) + length(CAST(payload AS BLOB))"
+)
+_BYTES = f"SELECT COALESCE(SUM({_SIZE}), 0) FROM outbox WHERE subscriber = ?"
+# the queue's rows from the head with their sizes; the caller stops reading where the
+# bounds are met, so the cost is the number of rows dropped
+_OLDEST_SIZES = f"SELECT id, {_SIZE} FROM outbox WHERE subscriber = ? ORDER BY id"
+_DELETE_UP_TO_SIZES = _DELETE_UP_TO + f" RETURNING {_SIZE}"
 _LAST_ID = "SELECT MAX(id) FROM outbox WHERE subscriber = ?"
 # at most `LIMIT` of a queue's oldest rows that come before an id (one statement in
 # autocommit mode, so one transaction per chunk)
@@ -72,6 +85,7 @@ _EXPIRE_HEAD = (
     "DELETE FROM outbox WHERE subscriber = ? AND id <= (SELECT MAX(id) FROM"
     " (SELECT id FROM outbox WHERE subscriber = ? AND id < ? ORDER BY id LIMIT ?))"
 )
+_EXPIRE_HEAD_SIZES = _EXPIRE_HEAD + f" RETURNING {_SIZE}"
 _EXPIRE_CHUNK = 5_000
 # the id of the n-th oldest row (OFFSET n-1), i.e. the last one of the n to drop
 _NTH_OLDEST = "SELECT id FROM outbox WHERE subscriber = ? ORDER BY id LIMIT 1 OFFSET ?"
@@ -102,6 +116,11 @@ _SQLITE_CORRUPT = 11
 _SQLITE_FULL = 13
 _SQLITE_CANTOPEN = 14
 _SQLITE_NOTADB = 26
+
+
+def _utf8_len(text: str) -> int:
+    # isascii is O(1) on CPython's compact strings; most OCPP text is ASCII
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 class OutboxError(Exception):
@@ -136,10 +155,12 @@ class OutboxItem:
 class Outbox:
     """A durable FIFO per subscriber in one SQLite file (created with its directory).
 
-    ``path`` is the database file, e.g. ``state_dir / "outbox.sqlite3"``. ``synchronous``
-    chooses what a commit survives: "NORMAL" (default) a process crash, "FULL" also a power
-    loss (an fsync per commit). ``busy_timeout_s`` is how long opening waits for another
-    process that holds the file before failing.
+    ``path`` is the database file, e.g. ``state_dir / "outbox.sqlite3"``. A row counts
+    against ``max_bytes_per_subscriber`` with the UTF-8 bytes of its payload, station,
+    subprotocol and action. ``synchronous`` chooses what a commit survives: "NORMAL"
+    (default) a process crash, "FULL" also a power loss (an fsync per commit).
+    ``busy_timeout_s`` is how long opening waits for another process that holds the file
+    before failing.
     """
 
     def __init__(
@@ -147,24 +168,32 @@ class Outbox:
         path: Path,
         *,
         max_rows_per_subscriber: int = 1_000_000,
+        max_bytes_per_subscriber: int = 1 << 30,
         max_age_s: float = 7 * 86400,
         synchronous: Synchronous = "NORMAL",
         busy_timeout_s: float = 2.0,
     ) -> None:
         if max_rows_per_subscriber < 1:
             raise ValueError("max_rows_per_subscriber must be at least 1")
+        if max_bytes_per_subscriber < 1:
+            raise ValueError("max_bytes_per_subscriber must be at least 1")
         if not max_age_s > 0:
             raise ValueError("max_age_s must be positive")
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self._path = Path(path)
         self._max_rows = max_rows_per_subscriber
+        self._max_bytes = max_bytes_per_subscriber
         self._max_age_s = float(max_age_s)
         self._lock = threading.Lock()
         # rows per subscriber, filled on first use by one COUNT and then kept by our own
         # writes: exact because the exclusive lock makes this the file's only writer, and
         # it spares a COUNT over up to max_rows rows on every append
         self._counts: dict[str, int] = {}
+        # bytes per subscriber (see _SIZE), kept the same way; filled by the first append
+        # that finds the file larger than the byte bound (one pass over the queue's rows):
+        # until then no queue can be over it and nobody pays for counting bytes
+        self._bytes: dict[str, int] = {}
         self._conn: sqlite3.Connection | None = self._open(synchronous, busy_timeout_s)
 
     @property
@@ -176,6 +205,11 @@ class Outbox:
     def max_rows_per_subscriber(self) -> int:
         """The count bound enforced by `append`."""
         return self._max_rows
+
+    @property
+    def max_bytes_per_subscriber(self) -> int:
+        """The byte bound enforced by `append`."""
+        return self._max_bytes
 
     @property
     def max_age_s(self) -> float:
@@ -287,17 +321,48 @@ class Outbox:
             self._counts[subscriber] = cached
         return cached
 
+    def _size(self, conn: sqlite3.Connection, subscriber: str, added: int) -> int | None:
+        """The queue's bytes with ``added`` more, or None while the whole file is smaller
+        than the byte bound (the rows' text is in the file, so no queue can be over it)."""
+        cached = self._bytes.get(subscriber)
+        if cached is None:
+            pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+            page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            if pages * page_size + added <= self._max_bytes:
+                return None
+            cached = int(conn.execute(_BYTES, (subscriber,)).fetchone()[0])
+            self._bytes[subscriber] = cached
+        return cached + added
+
+    def _forget(self, subscriber: str, rows: int, size: int | None) -> None:
+        """Rows left the queue (ack, expiry): keep the cached totals exact."""
+        if subscriber in self._counts:
+            self._counts[subscriber] -= rows
+        if size is not None and subscriber in self._bytes:
+            self._bytes[subscriber] -= size
+
     # -- queue operations ------------------------------------------------------------------
 
     def append(self, subscriber: str, items: Sequence[OutboxItem]) -> int:
         """Append ``items`` to ``subscriber``'s queue in one transaction (one commit).
 
         The items are durable (per ``synchronous``) when this returns. If the queue then
-        holds more than ``max_rows_per_subscriber`` rows, its oldest rows are deleted in the
-        same transaction; returns how many were dropped (0 normally).
+        holds more than ``max_rows_per_subscriber`` rows or ``max_bytes_per_subscriber``
+        bytes, its oldest rows are deleted in the same transaction until it holds neither
+        (a batch larger than the bounds keeps its own newest rows that fit); returns how
+        many were dropped (0 normally). Raises ValueError, before writing anything, for an
+        item whose text cannot be stored as UTF-8 (a lone surrogate).
         """
         if not items:
             return 0
+        added = 0
+        for n, i in enumerate(items):
+            try:
+                added += _utf8_len(i.station) + _utf8_len(i.subprotocol) + _utf8_len(
+                    i.action) + _utf8_len(i.payload)
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"outbox {self._path}: item {n} for {subscriber!r} is not "
+                                 f"valid UTF-8 text: {exc}") from None
         rows = [
             (subscriber, i.station, i.subprotocol, i.action, i.payload, i.created)
             for i in items
@@ -306,30 +371,65 @@ class Outbox:
             conn = self._live()
             try:
                 total = self._count(conn, subscriber) + len(rows)
+                size = self._size(conn, subscriber, added)
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany(_INSERT, rows)
-                dropped = 0
-                if total > self._max_rows:
-                    dropped = self._drop_oldest(conn, subscriber, total - self._max_rows)
+                dropped = freed = 0
+                over = total > self._max_rows or (size is not None and size > self._max_bytes)
+                if over:
+                    dropped, freed = self._drop_oldest(
+                        conn, subscriber, total - self._max_rows,
+                        None if size is None else size - self._max_bytes)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback(conn)
                 raise self._error(f"append to {subscriber!r}", exc) from exc
+            except BaseException:
+                # not SQLite's doing (a KeyboardInterrupt, a bug): no transaction may be
+                # left open for the next append to trip over
+                self._rollback(conn)
+                raise
             # only after the commit: a failed append leaves the cache as the file is
-            if total > self._max_rows and dropped != total - self._max_rows:
-                self._counts.pop(subscriber, None)  # the cache was off: recount next time
+            if over and not dropped:
+                # the cache was off: recount next time
+                self._counts.pop(subscriber, None)
+                self._bytes.pop(subscriber, None)
             else:
                 self._counts[subscriber] = total - dropped
+                if size is not None:
+                    self._bytes[subscriber] = size - freed
             return dropped
 
     @staticmethod
-    def _drop_oldest(conn: sqlite3.Connection, subscriber: str, n: int) -> int:
-        row = conn.execute(_NTH_OLDEST, (subscriber, n - 1)).fetchone()
-        if row is None:
-            # fewer than n rows, so the count was wrong (cannot happen while this is the
-            # only writer): drop nothing rather than guess, least of all the new rows
-            return 0
-        return int(conn.execute(_DELETE_UP_TO, (subscriber, row[0])).rowcount)
+    def _drop_oldest(
+        conn: sqlite3.Connection, subscriber: str, rows: int, size: int | None
+    ) -> tuple[int, int]:
+        """Delete the fewest oldest rows that take at least ``rows`` rows and ``size``
+        bytes (None: bytes are not counted) off the queue; returns (rows, bytes) deleted."""
+        if size is None:
+            row = conn.execute(_NTH_OLDEST, (subscriber, rows - 1)).fetchone()
+            if row is None:
+                # fewer than n rows, so the count was wrong (cannot happen while this is
+                # the only writer): drop nothing rather than guess, least of all the new rows
+                return 0, 0
+            return int(conn.execute(_DELETE_UP_TO, (subscriber, row[0])).rowcount), 0
+        n = freed = 0
+        last: int | None = None
+        cursor = conn.execute(_OLDEST_SIZES, (subscriber,))
+        try:
+            for row_id, row_size in cursor:
+                n, freed, last = n + 1, freed + int(row_size), int(row_id)
+                if n >= rows and freed >= size:
+                    break
+            else:
+                # the queue ran out first, so the cached totals were wrong (cannot happen
+                # while this is the only writer): drop nothing rather than guess, least of
+                # all the new rows
+                return 0, 0
+        finally:
+            cursor.close()
+        deleted = conn.execute(_DELETE_UP_TO_SIZES, (subscriber, last)).fetchall()
+        return len(deleted), sum(int(r[0]) for r in deleted)
 
     def peek(
         self, subscriber: str, limit: int, *, after_id: int = 0
@@ -355,11 +455,15 @@ class Outbox:
             conn = self._live()
             try:
                 # a single statement in autocommit mode is its own transaction
-                deleted = conn.execute(_DELETE_UP_TO, (subscriber, up_to_id)).rowcount
+                if subscriber in self._bytes:
+                    sizes = conn.execute(_DELETE_UP_TO_SIZES, (subscriber, up_to_id)).fetchall()
+                    deleted, size = len(sizes), sum(int(r[0]) for r in sizes)
+                else:
+                    deleted = conn.execute(_DELETE_UP_TO, (subscriber, up_to_id)).rowcount
+                    size = None
             except sqlite3.Error as exc:
                 raise self._error(f"ack {subscriber!r}", exc) from exc
-            if subscriber in self._counts:
-                self._counts[subscriber] -= deleted
+            self._forget(subscriber, deleted, size)
             return deleted
 
     def count(self, subscriber: str) -> int:
@@ -421,14 +525,16 @@ class Outbox:
     def _expire_chunk(self, subscriber: str, before_id: int) -> int:
         with self._lock:
             conn = self._live()
+            args = (subscriber, subscriber, before_id, _EXPIRE_CHUNK)
             try:
-                n = conn.execute(
-                    _EXPIRE_HEAD, (subscriber, subscriber, before_id, _EXPIRE_CHUNK)
-                ).rowcount
+                if subscriber in self._bytes:
+                    sizes = conn.execute(_EXPIRE_HEAD_SIZES, args).fetchall()
+                    n, size = len(sizes), sum(int(r[0]) for r in sizes)
+                else:
+                    n, size = conn.execute(_EXPIRE_HEAD, args).rowcount, None
             except sqlite3.Error as exc:
                 raise self._error(f"expire {subscriber!r}", exc) from exc
-            if subscriber in self._counts:
-                self._counts[subscriber] -= n
+            self._forget(subscriber, n, size)
             return n
 
     def close(self) -> None:

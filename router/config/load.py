@@ -295,7 +295,7 @@ def _backends(
         return ()
     allowed = {"name", "role", "url", "srv", "scheme", "path", "stations", "auth",
                "subscribe", "keep_signatures", "allow_commands", "answer_timeout_s", "queue",
-               "outbox_max_rows", "outbox_max_age_s"}
+               "outbox_max_rows", "outbox_max_bytes", "outbox_max_age_s"}
     out: list[BackendEntry] = []
     names: set[str] = set()
     for i, item in enumerate(items):
@@ -322,6 +322,7 @@ def _backends(
             answer_timeout_s=c.number(t, base, "answer_timeout_s", 30.0, 0.1, 3600.0),
             queue=c.integer(t, base, "queue", 10_000, 1, 10_000_000),
             outbox_max_rows=c.integer(t, base, "outbox_max_rows", 1_000_000, 1, 10**9),
+            outbox_max_bytes=c.integer(t, base, "outbox_max_bytes", 1 << 30, 1 << 20, 1 << 40),
             outbox_max_age_s=c.number(t, base, "outbox_max_age_s", 7 * 86400.0, 1.0, 1e9),
             srv=srv,
             scheme=scheme,

@@ -113,6 +113,7 @@ class BackendEntry:
     answer_timeout_s: float = 30.0
     queue: int = 10_000
     outbox_max_rows: int = 1_000_000
+    outbox_max_bytes: int = 1 << 30
     outbox_max_age_s: float = 7 * 86400.0
     srv: str | None = None  # an SRV name instead of url, with scheme and path
     scheme: str = "ws"
@@ -216,6 +217,10 @@ class Config:
             if entry.matches(identity):
                 return entry
         return None
+
+    def backend_entry(self, name: str) -> BackendEntry | None:
+        """The ``[[backends]]`` entry of this name, or None."""
+        return next((b for b in self.backends if b.name == name), None)
 
     def peer_entry(self, node_id: str) -> PeerEntry | None:
         """The ``[[peers]]`` entry of a node id (its ``id``), or None: not a peer."""
