@@ -39,9 +39,9 @@ payloads = st.dictionaries(st.text(max_size=10), json_scalars, max_size=5)
 @st.composite
 def overlay_frames(draw: st.DrawFn) -> OverlayFrame:
     mtype = draw(st.sampled_from([CALL, CALLRESULT, CALLERROR, CALLRESULTERROR, SEND]))
-    common = dict(type=mtype, dest=draw(node_ids),
-                  path=tuple(draw(st.lists(node_ids, max_size=MAX_HOPS))),
-                  id=draw(st.text(min_size=1, max_size=36)))
+    common: dict[str, Any] = dict(type=mtype, dest=draw(node_ids),
+                                  path=tuple(draw(st.lists(node_ids, max_size=MAX_HOPS))),
+                                  id=draw(st.text(min_size=1, max_size=36)))
     if mtype in (CALL, SEND):
         return OverlayFrame(**common, action=draw(st.text(min_size=1, max_size=30)),
                             payload=draw(payloads))

@@ -206,7 +206,7 @@ texts = st.text(max_size=12)
 node_ids = st.text(min_size=1, max_size=MAX_NODE_ID)
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | texts
-    | st.floats(allow_nan=False),
+    | st.floats(allow_nan=False, allow_infinity=False),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
     max_leaves=12,
 )

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,8 +54,8 @@ class Verdict:
 def with_body(frame: Frame, body: Any) -> Frame:
     """The frame with a new payload (details, for the two error types)."""
     if frame.type in (CALLERROR, CALLRESULTERROR):
-        return replace(frame, details=body)
-    return replace(frame, payload=body)
+        return frame._replace(details=body)
+    return frame._replace(payload=body)
 
 
 def _strip(frame: Frame, payload: Any) -> Any:

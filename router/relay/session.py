@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import Any
 
@@ -481,4 +481,4 @@ def _signed(frame: Frame) -> bool:
 
 def _with_id(frame: Frame, message_id: str) -> str:
     """An answer frame's text with another message id (mapping a rewritten id back)."""
-    return encode_frame(replace(frame, id=message_id))
+    return encode_frame(frame._replace(id=message_id))

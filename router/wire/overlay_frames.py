@@ -12,7 +12,9 @@ message type (the WWCP_OCPP field order):
 ``"*"`` (broadcast); ``path`` lists the node ids the frame has passed, oldest first.
 JSON frames travel one per text message. msgpack frames travel in binary messages,
 either one frame or a batch (an array of frames) per message. Decoding is strict and
-raises :class:`~router.frames.FrameError`, as for standard frames.
+raises :class:`~router.frames.FrameError`, as for standard frames; it lets through only
+values both encodings carry unchanged, so a frame read on one link can be written on any
+other (msgpack bin and ext values, for one, have no JSON form).
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ from router.wire.frames import (
     SEND,
     FrameError,
     Problem,
+    UnfitValue,
+    load_json,
+    refusal,
+    unique_keys,
+    value_flaw,
 )
 
 #: A frame that has passed this many nodes is dropped: no route may loop forever.
@@ -82,7 +89,16 @@ def _node_id(value: Any, what: str, mid: str | None, mtype: int) -> str:
 
 
 def from_list(msg: Any) -> OverlayFrame:
-    """Check one decoded overlay frame array and return it as an OverlayFrame."""
+    """Check one decoded overlay frame array, its structure and every value in it, and
+    return it as an OverlayFrame."""
+    frame = _structure(msg)
+    flaw = value_flaw(msg)
+    if flaw is not None:
+        raise refusal(flaw, frame.id, frame.type)
+    return frame
+
+
+def _structure(msg: Any) -> OverlayFrame:
     if type(msg) is not list or not msg:
         raise FrameError(Problem.RPC, "an overlay frame is a non-empty array")
     mtype = msg[0]
@@ -128,11 +144,11 @@ def from_list(msg: Any) -> OverlayFrame:
 
 def decode_json(text: str) -> OverlayFrame:
     """One overlay frame from a text WebSocket message."""
-    try:
-        msg = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise FrameError(Problem.RPC, f"not valid JSON: {exc}") from None
-    return from_list(msg)
+    msg, flaw = load_json(text)
+    frame = _structure(msg)
+    if flaw is not None:
+        raise refusal(flaw, frame.id, frame.type)
+    return frame
 
 
 def encode_json(frame: OverlayFrame) -> str:
@@ -140,19 +156,35 @@ def encode_json(frame: OverlayFrame) -> str:
     return json.dumps(frame.as_list(), separators=(",", ":"), ensure_ascii=False)
 
 
-def decode_msgpack(data: bytes, max_frames: int = 10_000) -> list[OverlayFrame]:
-    """The overlay frames of one binary WebSocket message: one frame or a batch."""
+def _unpack(data: bytes, max_frames: int, unique: bool) -> Any:
     try:
-        msg = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
-                              max_array_len=max(max_frames, 8), max_map_len=100_000)
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
+                               max_array_len=max(max_frames, 8), max_map_len=100_000,
+                               object_pairs_hook=unique_keys if unique else None)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
             TypeError, RecursionError) as exc:
         raise FrameError(Problem.RPC, f"not valid msgpack: {exc}") from None
+
+
+def decode_msgpack(data: bytes, max_frames: int = 10_000) -> list[OverlayFrame]:
+    """The overlay frames of one binary WebSocket message: one frame or a batch."""
+    try:
+        msg, duplicate = _unpack(data, max_frames, unique=True), None
+    except UnfitValue as exc:
+        # read it again for its structure; a duplicate key refuses the whole message
+        msg, duplicate = _unpack(data, max_frames, unique=False), str(exc)
     if type(msg) is list and msg and type(msg[0]) is list:
         if len(msg) > max_frames:
             raise FrameError(Problem.RPC, f"a batch holds at most {max_frames} frames")
-        return [from_list(item) for item in msg]
-    return [from_list(msg)]
+        items = msg
+    else:
+        items = [msg]
+    frames = [from_list(item) for item in items]
+    if duplicate is None:
+        return frames
+    if len(frames) == 1:
+        raise refusal(duplicate, frames[0].id, frames[0].type)
+    raise FrameError(Problem.FORMAT, f"{duplicate}, in a batch of {len(frames)} frames")
 
 
 def encode_msgpack(frames: list[OverlayFrame]) -> bytes:
