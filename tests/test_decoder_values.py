@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from typing import Any
 
 import msgpack
@@ -525,3 +526,20 @@ def test_what_decode_msgpack_accepts_travels_on_both_encodings(payload: bytes) -
         return
     event("accepted")
     assert_travels(frame)
+
+
+def test_msgpack_that_a_node_would_not_write_is_checked_the_long_way() -> None:
+    """The fast proof (canonical bytes, no suspicious type byte) only spares work: a valid
+    frame packed another way (an int in 9 bytes, a float whose bytes look like a bin
+    tag) decodes the same, and a duplicate key hidden by it is still refused."""
+    head = b"\x96\x02\xa4CSMS\x91\xa2e1\xa1m\xa9Heartbeat"  # [2, "CSMS", ["e1"], "m", "Heartbeat",
+    wide_int = head + b"\x81\xa1n\xd3" + (7).to_bytes(8, "big")  # {"n": 7 as int64}]
+    [frame] = decode_msgpack(wide_int)
+    assert frame.payload == {"n": 7}
+    tag_like = head + b"\x81\xa1f\xcb" + struct.pack(">d", 10752.0)  # holds byte 0xc5
+    assert b"\xc5" in tag_like
+    [frame] = decode_msgpack(tag_like)
+    assert frame.payload == {"f": 10752.0}
+    duplicate = head + b"\x82\xa1k\xd3" + (1).to_bytes(8, "big") + b"\xa1k\x02"
+    with pytest.raises(FrameError):
+        decode_msgpack(duplicate)

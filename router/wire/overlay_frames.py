@@ -29,6 +29,7 @@ from router.wire.frames import (
     CALLERROR,
     CALLRESULT,
     CALLRESULTERROR,
+    MAX_DEPTH,
     MAX_MESSAGE_ID,
     SEND,
     FrameError,
@@ -166,8 +167,46 @@ def _unpack(data: bytes, max_frames: int, unique: bool) -> Any:
         raise FrameError(Problem.RPC, f"not valid msgpack: {exc}") from None
 
 
+# msgpack type bytes of what JSON cannot carry: bin (0xc4-0xc6) and ext (0xc7-0xc9,
+# 0xd4-0xd8); translate() deleting every other byte leaves them, in C
+_KEEP_UNFIT_TYPES = bytes(b for b in range(256) if not (0xC4 <= b <= 0xC9 or 0xD4 <= b <= 0xD8))
+# msgpack type bytes that open an array or a map (fixmap, fixarray, array16/32, map16/32)
+_KEEP_CONTAINERS = bytes(b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF))
+# a float64 (0xcb) or float32 (0xca) whose first byte holds an all-ones exponent start:
+# NaN and the infinities begin so (and some finite values, which the long way accepts)
+_NONFINITE_STARTS = (b"\xcb\x7f", b"\xcb\xff", b"\xca\x7f", b"\xca\xff")
+
+
+def _canonical_and_fit(data: bytes, value: Any) -> bool:
+    """Cheap proof that a decoded message holds only values JSON carries, and no key twice.
+
+    No byte that could begin a bin, an ext or a non-finite float appears anywhere in
+    ``data``; no more bytes that could open an array or a map than MAX_DEPTH (so nothing
+    nests deeper); and packing the value again gives ``data`` back, which it cannot when a
+    map held a key twice (the value kept one). Strings from msgpack are valid UTF-8
+    already, and its integers fit in 64 bits. False only means: check the long way.
+    """
+    if data.translate(None, _KEEP_UNFIT_TYPES) or any(
+            start in data for start in _NONFINITE_STARTS):
+        return False
+    if len(data) > MAX_DEPTH and len(data.translate(None, _KEEP_CONTAINERS)) > MAX_DEPTH:
+        return False
+    try:
+        return msgpack.packb(value, use_bin_type=True) == data  # type: ignore[no-any-return]
+    except (ValueError, TypeError, OverflowError):  # nested deeper than the packer goes
+        return False
+
+
 def decode_msgpack(data: bytes, max_frames: int = 10_000) -> list[OverlayFrame]:
     """The overlay frames of one binary WebSocket message: one frame or a batch."""
+    # what a node packs (canonical, plain values) is proven fit in C; the rest is checked
+    # value by value
+    plain = _unpack(data, max_frames, unique=False)
+    if _canonical_and_fit(data, plain):
+        items = plain if type(plain) is list and plain and type(plain[0]) is list else [plain]
+        if len(items) > max_frames:
+            raise FrameError(Problem.RPC, f"a batch holds at most {max_frames} frames")
+        return [_structure(item) for item in items]
     try:
         msg, duplicate = _unpack(data, max_frames, unique=True), None
     except UnfitValue as exc:
