@@ -543,3 +543,18 @@ def test_msgpack_that_a_node_would_not_write_is_checked_the_long_way() -> None:
     duplicate = head + b"\x82\xa1k\xd3" + (1).to_bytes(8, "big") + b"\xa1k\x02"
     with pytest.raises(FrameError):
         decode_msgpack(duplicate)
+
+
+def test_a_batch_is_proven_frame_by_frame() -> None:
+    """A batch of many small frames holds far more arrays and maps than one frame may nest;
+    it still decodes, while one frame nested too deep in the same batch refuses it."""
+    small = OverlayFrame(CALL, "CSMS", ("CS-1",), "m", "Heartbeat", {"a": [{"b": [1]}]})
+    frames = [small._replace(id=f"m{i}") for i in range(400)]
+    assert [f.id for f in decode_msgpack(encode_msgpack(frames))] == [f.id for f in frames]
+    deep: Any = 1
+    for _ in range(MAX_DEPTH + 1):
+        deep = [deep]
+    bad = msgpack.packb([f.as_list() for f in frames[:3]]
+                        + [[CALL, "CSMS", ["CS-1"], "x", "DataTransfer", {"d": deep}]])
+    with pytest.raises(FrameError, match="deeper"):
+        decode_msgpack(bad)

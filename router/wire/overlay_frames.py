@@ -172,29 +172,38 @@ def _unpack(data: bytes, max_frames: int, unique: bool) -> Any:
 _KEEP_UNFIT_TYPES = bytes(b for b in range(256) if not (0xC4 <= b <= 0xC9 or 0xD4 <= b <= 0xD8))
 # msgpack type bytes that open an array or a map (fixmap, fixarray, array16/32, map16/32)
 _KEEP_CONTAINERS = bytes(b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF))
+_PACKER = msgpack.Packer(use_bin_type=True)
 # a float64 (0xcb) or float32 (0xca) whose first byte holds an all-ones exponent start:
 # NaN and the infinities begin so (and some finite values, which the long way accepts)
 _NONFINITE_STARTS = (b"\xcb\x7f", b"\xcb\xff", b"\xca\x7f", b"\xca\xff")
 
 
-def _canonical_and_fit(data: bytes, value: Any) -> bool:
-    """Cheap proof that a decoded message holds only values JSON carries, and no key twice.
+def _canonical_and_fit(data: bytes, items: list[Any], batch: bool) -> bool:
+    """Cheap proof that the frames decoded from ``data`` hold only values JSON carries,
+    and no key twice.
 
     No byte that could begin a bin, an ext or a non-finite float appears anywhere in
-    ``data``; no more bytes that could open an array or a map than MAX_DEPTH (so nothing
-    nests deeper); and packing the value again gives ``data`` back, which it cannot when a
-    map held a key twice (the value kept one). Strings from msgpack are valid UTF-8
-    already, and its integers fit in 64 bits. False only means: check the long way.
+    ``data``; packing the frames again gives ``data`` back, which it cannot when a map held
+    a key twice (the value kept one); and no frame holds more bytes that could open an
+    array or a map than MAX_DEPTH, so none nests deeper (a frame with more is walked).
+    Strings from msgpack are valid UTF-8 already, and its integers fit in 64 bits. False
+    only means: check the long way.
     """
     if data.translate(None, _KEEP_UNFIT_TYPES) or any(
             start in data for start in _NONFINITE_STARTS):
         return False
-    if len(data) > MAX_DEPTH and len(data.translate(None, _KEEP_CONTAINERS)) > MAX_DEPTH:
-        return False
     try:
-        return msgpack.packb(value, use_bin_type=True) == data  # type: ignore[no-any-return]
+        packed = [msgpack.packb(item, use_bin_type=True) for item in items]
     except (ValueError, TypeError, OverflowError):  # nested deeper than the packer goes
         return False
+    header = _PACKER.pack_array_header(len(items)) if batch else b""
+    if header + b"".join(packed) != data:
+        return False
+    for item, raw in zip(items, packed, strict=True):
+        if (len(raw) > MAX_DEPTH and len(raw.translate(None, _KEEP_CONTAINERS)) > MAX_DEPTH
+                and value_flaw(item) is not None):
+            return False
+    return True
 
 
 def decode_msgpack(data: bytes, max_frames: int = 10_000) -> list[OverlayFrame]:
@@ -202,10 +211,11 @@ def decode_msgpack(data: bytes, max_frames: int = 10_000) -> list[OverlayFrame]:
     # what a node packs (canonical, plain values) is proven fit in C; the rest is checked
     # value by value
     plain = _unpack(data, max_frames, unique=False)
-    if _canonical_and_fit(data, plain):
-        items = plain if type(plain) is list and plain and type(plain[0]) is list else [plain]
-        if len(items) > max_frames:
-            raise FrameError(Problem.RPC, f"a batch holds at most {max_frames} frames")
+    batch = type(plain) is list and bool(plain) and type(plain[0]) is list
+    items = plain if batch else [plain]
+    if len(items) > max_frames:
+        raise FrameError(Problem.RPC, f"a batch holds at most {max_frames} frames")
+    if _canonical_and_fit(data, items, batch):
         return [_structure(item) for item in items]
     try:
         msg, duplicate = _unpack(data, max_frames, unique=True), None
