@@ -3,7 +3,8 @@
 Runs in its own process (asyncio + websockets) so it costs the measured middle
 process nothing. Accepts any path and any identity; picks the first offered
 OCPP subprotocol it knows. Prints ``{"event": "listening", "port": N}`` on stdout
-once ready and runs until SIGTERM/SIGINT.
+once ready and runs until SIGTERM/SIGINT. ``--compression deflate`` accepts
+permessage-deflate with websockets' default server settings when a client offers it.
 
     .venv/bin/python bench/csms.py --port 0
 """
@@ -57,7 +58,7 @@ async def handle(ws: ServerConnection) -> None:
         pass
 
 
-async def main(host: str, port: int) -> None:
+async def main(host: str, port: int, compression: str | None) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,7 +68,7 @@ async def main(host: str, port: int) -> None:
         host,
         port,
         subprotocols=SUBPROTOCOLS,
-        compression=None,
+        compression=compression,
         ping_interval=None,
         max_size=65536,
         backlog=4096,
@@ -82,7 +83,9 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--stall", action="store_true", help="never answer (a stalled peer)")
+    parser.add_argument("--compression", choices=("none", "deflate"), default="none",
+                        help="deflate: accept websockets' default permessage-deflate")
     args = parser.parse_args()
     STALL = args.stall
     raise_nofile_limit()
-    asyncio.run(main(args.host, args.port))
+    asyncio.run(main(args.host, args.port, None if args.compression == "none" else "deflate"))

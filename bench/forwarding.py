@@ -1,18 +1,22 @@
 """Forwarding benchmark: what the edge gateway costs compared with no proxy and a naive one.
 
-For every N in ``--stations`` it runs three scenarios, each with fresh processes:
+For every N in ``--stations`` it runs four scenarios, each with fresh processes:
 
 * ``direct``: the load generator's stations talk straight to the bench CSMS;
 * ``relay``: through ``bench/relay.py``, a plain trio-websocket copy loop;
+* ``nginx``: through nginx as a plain WebSocket reverse proxy (bench/nginx.py; the
+  binary is installed with apt-get when missing, the scenario skipped if that fails);
 * ``node``: through the real node (``python -m router run``, security profile 0,
   one primary backend = the bench CSMS), started with ``tests/nodeproc.start_node``.
 
 The load generator (bench/loadgen.py) and the CSMS (bench/csms.py) run in their own
-processes, so psutil figures for the middle process (relay or node) are its own.
+processes, so psutil figures for the middle process (relay, nginx or node) are its own.
 Once all N stations are connected they run sequential CALLs (MeterValues, ~300 bytes)
-for a warm-up, then for ``--seconds`` measured. See bench/README.md.
+for a warm-up, then for ``--seconds`` measured. ``--compression deflate`` (or
+``none,deflate`` for both in one run) turns permessage-deflate on for every hop.
+See bench/README.md.
 
-    .venv/bin/python bench/forwarding.py             # N = 50, 500; ~3 minutes
+    .venv/bin/python bench/forwarding.py             # N = 50, 500; ~4 minutes
     .venv/bin/python bench/forwarding.py --quick     # smoke run, < 30 s
 """
 
@@ -35,15 +39,18 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped, unused-ignore]
 from benchutil import raise_nofile_limit
+from nginx import find_nginx, start_nginx
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-SCENARIOS = ("direct", "relay", "node")
+SCENARIOS = ("direct", "relay", "nginx", "node")
+COMPRESSIONS = ("none", "deflate")
 # duplication scenarios: the node with secondary backends subscribed to MeterValues
 SECONDARY_SCENARIOS = {"node+1sec": (1, 0), "node+3sec": (2, 1)}  # (answering, stalled)
 
 AIM_US_PER_FRAME = 45.0
 AIM_KIB_PER_STATION = 25.0
+AIM_KIB_PER_STATION_DEFLATE = 32.0  # permessage-deflate on both hops
 LOADGEN_SATURATED = 0.90  # fraction of one core
 OTHER_BUSY = 0.15  # fraction of one core used by the rest of the machine
 QUIET_BUSY = 0.10  # --quiet-wait: the machine counts as idle below this (one core = 1)
@@ -157,6 +164,10 @@ def cpu_seconds(proc: psutil.Process | None) -> float:
     return float(times.user + times.system)
 
 
+def cpu_seconds_sum(procs: list[psutil.Process]) -> float:
+    return sum(cpu_seconds(proc) for proc in procs)
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds spent not idle, summed over all CPUs (includes steal and interrupts)."""
     t = psutil.cpu_times()
@@ -167,12 +178,16 @@ def rss_bytes(proc: psutil.Process | None) -> int:
     return 0 if proc is None else int(proc.memory_info().rss)
 
 
+def rss_bytes_sum(procs: list[psutil.Process]) -> int:
+    return sum(rss_bytes(proc) for proc in procs)
+
+
 @dataclass
 class Middle:
     """What the stations connect to, and the process whose cost is measured."""
 
     url: str  # station identity is appended
-    proc: psutil.Process | None
+    procs: list[psutil.Process]  # summed; empty for direct (nothing in the middle)
     stop: Callable[[], None]
     checks: Callable[[], dict[str, Any]]
 
@@ -185,13 +200,36 @@ url = "ws://127.0.0.1:{port}/ocpp"
 auth = "none"
 subscribe = ["MeterValues"]
 answer_timeout_s = 2
-"""
+{compression}"""
 
 
-def start_middle(kind: str, csms_port: int, workdir: Path, pin: list[int] | None) -> Middle:
+def compression_line(opts: argparse.Namespace, mode: str) -> str:
+    """The node's ``compression`` key, written only when --compression was given."""
+    return f'compression = "{mode}"\n' if opts.compression_explicit else ""
+
+
+def node_config(csms_port: int, compression: str) -> str:
+    """NODE_CONFIG with ``compression`` added to [listen] and to the primary backend."""
+    config = NODE_CONFIG.format(csms_port=csms_port)
+    if compression:
+        config = config.replace("max_message_bytes = 65536\n",
+                                "max_message_bytes = 65536\n" + compression, 1)
+        config = config.replace('auth = "none"\n', 'auth = "none"\n' + compression, 1)
+        assert config.count(compression) == 2
+    return config
+
+
+def csms_argv(mode: str, *extra: str) -> list[str]:
+    flags = ["--compression", mode] if mode != "none" else []
+    return [str(BENCH_DIR / "csms.py"), "--port", "0", *flags, *extra]
+
+
+def start_middle(kind: str, csms_port: int, workdir: Path, stations: int, mode: str,
+                 opts: argparse.Namespace) -> Middle:
+    pin: list[int] | None = opts.pin_plan["middle"] if opts.pin_plan else None
     csms_url = f"ws://127.0.0.1:{csms_port}"
     if kind == "direct":
-        return Middle(f"{csms_url}/ocpp/", None, lambda: None, dict)
+        return Middle(f"{csms_url}/ocpp/", [], lambda: None, dict)
     if kind == "relay":
         relay = LineProcess.spawn(
             "relay", [str(BENCH_DIR / "relay.py"), "--backend", csms_url, "--port", "0"], workdir
@@ -200,23 +238,53 @@ def start_middle(kind: str, csms_port: int, workdir: Path, pin: list[int] | None
         proc = psutil.Process(relay.proc.pid)
         if pin:
             proc.cpu_affinity(pin)
-        return Middle(f"ws://127.0.0.1:{port}/ocpp/", proc, relay.stop, dict)
+        return Middle(f"ws://127.0.0.1:{port}/ocpp/", [proc], relay.stop, dict)
+    if kind == "nginx":
+        try:
+            server = start_nginx(opts.nginx_binary, csms_port, workdir / "nginx", stations)
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from None
+        master = psutil.Process(server.proc.pid)
+        deadline = time.monotonic() + 10.0
+        while not master.children() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        procs = [master, *master.children()]
+        if len(procs) < 2:
+            server.stop()
+            raise BenchError("nginx started no worker process:\n" + server.error_log_tail())
+        if pin:
+            for proc in procs:
+                proc.cpu_affinity(pin)
+
+        def nginx_checks() -> dict[str, Any]:
+            return {"alive": server.proc.poll() is None
+                    and all(proc.is_running() for proc in procs)}
+
+        def nginx_stop() -> None:
+            if server.proc.poll() is not None:
+                print(f"  note: nginx exited with code {server.proc.returncode}; its error log:",
+                      file=sys.stderr)
+                for line in server.error_log_tail().splitlines():
+                    print("    " + line[:300], file=sys.stderr)
+            server.stop()
+
+        return Middle(f"ws://127.0.0.1:{server.port}/ocpp/", procs, nginx_stop, nginx_checks)
     if kind == "node" or kind in SECONDARY_SCENARIOS:
         if str(REPO_ROOT) not in sys.path:
             sys.path.insert(0, str(REPO_ROOT))
         from tests.nodeproc import start_node
 
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-        config = NODE_CONFIG.format(csms_port=csms_port)
+        compression = compression_line(opts, mode)
+        config = node_config(csms_port, compression)
         secondaries: list[LineProcess] = []
         answering, stalled = SECONDARY_SCENARIOS.get(kind, (0, 0))
         for index in range(answering + stalled):
             flags = ["--stall"] if index >= answering else []
-            sec = LineProcess.spawn(f"secondary-{index}",
-                                    [str(BENCH_DIR / "csms.py"), "--port", "0", *flags], workdir)
+            sec = LineProcess.spawn(f"secondary-{index}", csms_argv(mode, *flags), workdir)
             port = int(sec.wait_for("listening", 20.0)["port"])
             secondaries.append(sec)
-            config += SECONDARY.format(name=f"sec-{index}", port=port)
+            config += SECONDARY.format(name=f"sec-{index}", port=port, compression=compression)
         node = start_node(config.replace('id = "bench-edge"',
                                          f'id = "bench-edge"\nstate_dir = "{workdir}/state"'),
                           workdir, env={"PYTHONPATH": pythonpath})
@@ -242,15 +310,15 @@ def start_middle(kind: str, csms_port: int, workdir: Path, pin: list[int] | None
             for sec in secondaries:
                 sec.stop()
 
-        return Middle(node.url(""), proc, node_stop, node_checks)
+        return Middle(node.url(""), [proc], node_stop, node_checks)
     raise ValueError(kind)
 
 
-def run_one(kind: str, stations: int, opts: argparse.Namespace) -> dict[str, Any]:
+def run_one(kind: str, stations: int, mode: str, opts: argparse.Namespace) -> dict[str, Any]:
     pins = opts.pin_plan
     with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmp:
         workdir = Path(tmp)
-        csms = LineProcess.spawn("csms", [str(BENCH_DIR / "csms.py"), "--port", "0"], workdir)
+        csms = LineProcess.spawn("csms", csms_argv(mode), workdir)
         middle: Middle | None = None
         loadgen: LineProcess | None = None
         try:
@@ -258,14 +326,15 @@ def run_one(kind: str, stations: int, opts: argparse.Namespace) -> dict[str, Any
             csms_ps = psutil.Process(csms.proc.pid)
             if pins:
                 csms_ps.cpu_affinity(pins["load"])
-            middle = start_middle(kind, csms_port, workdir, pins["middle"] if pins else None)
+            middle = start_middle(kind, csms_port, workdir, stations, mode, opts)
             time.sleep(min(0.5, opts.settle))
-            rss_before = rss_bytes(middle.proc)
+            rss_before = rss_bytes_sum(middle.procs)
 
             loadgen = LineProcess.spawn(
                 "loadgen",
                 [str(BENCH_DIR / "loadgen.py"), "--url", middle.url,
-                 "--stations", str(stations), "--rate", str(opts.rate)],
+                 "--stations", str(stations), "--rate", str(opts.rate),
+                 *(["--compression", mode] if mode != "none" else [])],
                 workdir,
             )
             loadgen_ps = psutil.Process(loadgen.proc.pid)
@@ -278,24 +347,24 @@ def run_one(kind: str, stations: int, opts: argparse.Namespace) -> dict[str, Any
                     f"(first: {connected['first_error']})"
                 )
             time.sleep(opts.settle)
-            rss_connected = rss_bytes(middle.proc)
+            rss_connected = rss_bytes_sum(middle.procs)
 
             loadgen.send("start")
             loadgen.wait_for("running", 30.0)
             time.sleep(opts.warmup)
 
             me = psutil.Process()
-            cpu0 = (cpu_seconds(middle.proc), cpu_seconds(loadgen_ps), cpu_seconds(csms_ps),
+            cpu0 = (cpu_seconds_sum(middle.procs), cpu_seconds(loadgen_ps), cpu_seconds(csms_ps),
                     cpu_seconds(me), machine_busy_seconds())
             wall0 = time.perf_counter()
             loadgen.send("mark")
             loadgen.wait_for("marked", 10.0)
             time.sleep(max(0.0, opts.seconds - (time.perf_counter() - wall0)))
             loadgen.send("end")
-            cpu1 = (cpu_seconds(middle.proc), cpu_seconds(loadgen_ps), cpu_seconds(csms_ps),
+            cpu1 = (cpu_seconds_sum(middle.procs), cpu_seconds(loadgen_ps), cpu_seconds(csms_ps),
                     cpu_seconds(me), machine_busy_seconds())
             wall = time.perf_counter() - wall0
-            rss_loaded = rss_bytes(middle.proc)
+            rss_loaded = rss_bytes_sum(middle.procs)
 
             summary = loadgen.wait_for("summary", 60.0)
             loadgen.wait_for("closed", 30.0)
@@ -309,9 +378,14 @@ def run_one(kind: str, stations: int, opts: argparse.Namespace) -> dict[str, Any
 
     frames = 2 * summary["window_calls"]
     mid_cpu = cpu1[0] - cpu0[0]
+    measured = bool(middle.procs)
+    calls = summary["window_calls"]
+    sent, received = summary.get("wire_sent"), summary.get("wire_received")
     return {
         "scenario": kind,
         "stations": stations,
+        "compression": mode,
+        "extensions": connected.get("extensions", []),
         "connect_s": connected["seconds"],
         "window_s": summary["window_s"],
         "calls": summary["window_calls"],
@@ -320,23 +394,26 @@ def run_one(kind: str, stations: int, opts: argparse.Namespace) -> dict[str, Any
         "p90_ms": summary["p90_ms"],
         "p99_ms": summary["p99_ms"],
         "max_ms": summary["max_ms"],
-        "frames_forwarded": frames if middle.proc is not None else 0,
-        "middle_cpu_s": mid_cpu if middle.proc is not None else None,
-        "us_per_frame": (mid_cpu / frames * 1e6) if middle.proc is not None and frames else None,
-        "middle_cpu_pct": mid_cpu / wall * 100 if middle.proc is not None else None,
+        "frames_forwarded": frames if measured else 0,
+        "middle_processes": len(middle.procs),
+        "middle_cpu_s": mid_cpu if measured else None,
+        "us_per_frame": (mid_cpu / frames * 1e6) if measured and frames else None,
+        "middle_cpu_pct": mid_cpu / wall * 100 if measured else None,
         "loadgen_cpu_pct": (cpu1[1] - cpu0[1]) / wall * 100,
         "csms_cpu_pct": (cpu1[2] - cpu0[2]) / wall * 100,
         # process and machine-wide CPU are accounted differently; clamp the small skew
         "other_cpu_pct": max(
             0.0, ((cpu1[4] - cpu0[4]) - sum(cpu1[i] - cpu0[i] for i in range(4))) / wall * 100
         ),
-        "rss_before_kib": rss_before / 1024 if middle.proc is not None else None,
-        "rss_connected_kib": rss_connected / 1024 if middle.proc is not None else None,
-        "rss_loaded_kib": rss_loaded / 1024 if middle.proc is not None else None,
-        "kib_per_station": (rss_connected - rss_before) / 1024 / stations
-        if middle.proc is not None else None,
+        "rss_before_kib": rss_before / 1024 if measured else None,
+        "rss_connected_kib": rss_connected / 1024 if measured else None,
+        "rss_loaded_kib": rss_loaded / 1024 if measured else None,
+        "kib_per_station": (rss_connected - rss_before) / 1024 / stations if measured else None,
         "kib_per_station_loaded": (rss_loaded - rss_before) / 1024 / stations
-        if middle.proc is not None else None,
+        if measured else None,
+        # TCP payload bytes of the load generator's sockets in the window, per answered call
+        "wire_up_per_call": sent / calls if sent is not None and calls else None,
+        "wire_down_per_call": received / calls if received is not None and calls else None,
         "errors": {
             "call_errors": summary["call_errors"],
             "bad_answers": summary["bad_answers"],
@@ -363,7 +440,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def report(results: list[dict[str, Any]], stations: list[int]) -> list[str]:
+def report(results: list[dict[str, Any]], stations: list[int], mode: str) -> list[str]:
+    """The table, ratios, aims and notes of one compression mode's results."""
     out: list[str] = []
     by = {(r["scenario"], r["stations"]): r for r in results}
     head = (f"{'scenario':<9} {'N':>5} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
@@ -402,7 +480,7 @@ def report(results: list[dict[str, Any]], stations: list[int]) -> list[str]:
         node = by.get(("node", n))
         if node is None:
             continue
-        pairs = [(node, "node", other) for other in ("relay", "direct")]
+        pairs = [(node, "node", other) for other in ("relay", "nginx", "direct")]
         pairs += [(by[(kind, n)], kind, "node") for kind in SECONDARY_SCENARIOS
                   if (kind, n) in by]
         for top, top_name, other in pairs:
@@ -425,15 +503,31 @@ def report(results: list[dict[str, Any]], stations: list[int]) -> list[str]:
         out.append("-" * len(rhead))
         out.extend(ratio_rows)
 
+    versus = [(n, by[("node", n)], by[("nginx", n)]) for n in stations
+              if ("node", n) in by and ("nginx", n) in by]
+    if versus:
+        out.append("")
+        out.append("node against nginx (same N, same machine):")
+        for n, node, ngx in versus:
+            direct = by.get(("direct", n))
+            cpu = ratio(node["us_per_frame"], ngx["us_per_frame"])
+            rate = ratio(node["calls_per_s"], ngx["calls_per_s"])
+            vs_direct = ratio(node["calls_per_s"], direct["calls_per_s"]) if direct else None
+            out.append(f"  N={n:<4} node/nginx CPU per frame: {fmt(cpu, '.1f')}x   "
+                       f"node/nginx throughput: {fmt(rate, '.2f')}x   "
+                       f"node/direct throughput: {fmt(vs_direct, '.2f')}x")
+
     nodes = [by[("node", n)] for n in stations if ("node", n) in by]
+    aim_kib = AIM_KIB_PER_STATION_DEFLATE if mode == "deflate" else AIM_KIB_PER_STATION
     if nodes:
         out.append("")
         out.append(f"node against the aims (<= {AIM_US_PER_FRAME:.0f} us CPU per forwarded frame, "
-                   f"<= {AIM_KIB_PER_STATION:.0f} KiB RSS per connected station):")
+                   f"<= {aim_kib:.0f} KiB RSS per connected station"
+                   f"{' with deflate on both hops' if mode == 'deflate' else ''}):")
         for r in nodes:
             cpu_ok = r["us_per_frame"] is not None and r["us_per_frame"] <= AIM_US_PER_FRAME
             mem = r["kib_per_station"]
-            mem_ok = mem is not None and mem <= AIM_KIB_PER_STATION
+            mem_ok = mem is not None and mem <= aim_kib
             out.append(
                 f"  N={r['stations']:<4} CPU {fmt(r['us_per_frame'])} us/frame "
                 f"[{'ok' if cpu_ok else 'MISSED'}]   RSS {fmt(r['kib_per_station'])} KiB/station "
@@ -477,12 +571,67 @@ def report(results: list[dict[str, Any]], stations: list[int]) -> list[str]:
             notes.append(f"{tag}: node logged only {checks['station_connected']} "
                          f"station_connected events for {r['stations']} stations")
         if checks.get("alive") is False:
-            notes.append(f"{tag}: node process had exited before the end of the run")
+            notes.append(f"{tag}: the middle process had exited before the end of the run")
+        if r["compression"] == "deflate" and not r["extensions"]:
+            notes.append(f"{tag}: permessage-deflate was asked for but not negotiated; "
+                         "the stations' hop ran uncompressed")
     if notes:
         out.append("")
         out.append("notes:")
         out.extend(f"  - {note}" for note in notes)
     return out
+
+
+def wire_report(results: list[dict[str, Any]], stations: list[int],
+                modes: list[str]) -> list[str]:
+    """Bytes on the wire per CALL+answer, one column per compression mode."""
+    by = {(r["scenario"], r["stations"], r["compression"]): r for r in results}
+    rows: list[str] = []
+    for n in stations:
+        for kind in (*SCENARIOS, *SECONDARY_SCENARIOS):
+            cells: list[str] = []
+            totals: dict[str, float] = {}
+            for mode in modes:
+                r = by.get((kind, n, mode))
+                up = r["wire_up_per_call"] if r else None
+                down = r["wire_down_per_call"] if r else None
+                if up is None or down is None:
+                    cells.append(f"{'-':>16}")
+                    continue
+                totals[mode] = up + down
+                cells.append(f"{f'{up + down:.0f} ({up:.0f}+{down:.0f})':>16}")
+            if not totals:
+                continue
+            saved = ""
+            if len(modes) > 1:
+                saved = f"{'-':>6}"
+                if "none" in totals and "deflate" in totals:
+                    saved = f"{fmt((1 - totals['deflate'] / totals['none']) * 100, '.0f'):>5}%"
+            deflated = by.get((kind, n, "deflate"))
+            agreed = (", ".join(deflated["extensions"]) or "not negotiated") if deflated else ""
+            rows.append(f"{kind:<9} {n:>5} {' '.join(cells)} {saved} {agreed}".rstrip())
+    if not rows:
+        return []
+    head = f"{'scenario':<9} {'N':>5} " + " ".join(f"{mode:>16}" for mode in modes)
+    if len(modes) > 1:
+        head += f" {'saved':>6}"
+    if "deflate" in modes:
+        head += " negotiated (station/peer)"
+    return [
+        "bytes on the wire per CALL+answer: total (station->middle + middle->station), TCP "
+        "payload of the",
+        "load generator's sockets during the window (frame headers, masks and compressed "
+        "payloads included):",
+        head,
+        "-" * len(head),
+        *rows,
+        *(["negotiated: permessage-deflate context takeover of the station / its peer and "
+           "their window bits;",
+           "every CALL here is the same MeterValues frame, so context takeover compresses it "
+           "to a few bytes",
+           "(see bench/wire_bytes.py for a realistic OCPP 2.0.1 mix)."]
+          if "deflate" in modes else []),
+    ]
 
 
 def wait_until_quiet(max_wait: float) -> float | None:
@@ -519,6 +668,9 @@ def main() -> int:
                         help="pin the middle process to the last CPU, load side to the others")
     parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
                         help="before each run wait up to S seconds for an idle machine")
+    parser.add_argument("--compression", default=None, metavar="MODES",
+                        help="none, deflate or none,deflate: permessage-deflate on every hop "
+                             "(default none; when given, the node config states it)")
     parser.add_argument("--json", default=None, help="results file (default bench/results/...)")
     parser.add_argument("--no-json", action="store_true")
     opts = parser.parse_args()
@@ -534,9 +686,28 @@ def main() -> int:
     for k in kinds:
         if k not in SCENARIOS and k not in SECONDARY_SCENARIOS:
             parser.error(f"unknown scenario {k!r}")
+    opts.compression_explicit = opts.compression is not None
+    modes: list[str] = []
+    for mode in (opts.compression or "none").split(","):
+        mode = mode.strip()
+        if mode not in COMPRESSIONS:
+            parser.error(f"unknown compression {mode!r} (choose from {', '.join(COMPRESSIONS)})")
+        if mode not in modes:
+            modes.append(mode)
     if "node" in kinds and not node_available():
         print("router/__main__.py not found: skipping the node scenario", file=sys.stderr)
         kinds.remove("node")
+    opts.nginx_binary = None
+    if "nginx" in kinds:
+        opts.nginx_binary, why = find_nginx()
+        if opts.nginx_binary is None:
+            print(f"nginx not available: {why}; skipping the nginx scenario", file=sys.stderr)
+            kinds.remove("nginx")
+    if "relay" in kinds and "deflate" in modes:
+        print("relay cannot compress (trio-websocket has no permessage-deflate): skipping the "
+              "relay scenario with --compression deflate", file=sys.stderr)
+    plan = [(n, mode, kind) for n in stations for mode in modes for kind in kinds
+            if not (kind == "relay" and mode == "deflate")]
 
     cpus = sorted(psutil.Process().cpu_affinity() or [])
     opts.pin_plan = None
@@ -551,31 +722,40 @@ def main() -> int:
 
     started = time.monotonic()
     results: list[dict[str, Any]] = []
-    for n in stations:
-        for kind in kinds:
-            if opts.quiet_wait > 0 and wait_until_quiet(opts.quiet_wait) is None:
-                print(f"machine still busy after {opts.quiet_wait:g} s; running anyway",
-                      file=sys.stderr)
-            t0 = time.monotonic()
-            print(f"running {kind:<6} N={n:<4} ...", end=" ", file=sys.stderr, flush=True)
-            try:
-                result = run_one(kind, n, opts)
-            except (BenchError, TimeoutError, OSError) as exc:
-                print(f"FAILED\n{exc}", file=sys.stderr)
-                continue
-            results.append(result)
-            print(f"{result['calls_per_s']:.0f} calls/s ({time.monotonic() - t0:.1f} s)",
-                  file=sys.stderr, flush=True)
+    for n, mode, kind in plan:
+        if opts.quiet_wait > 0 and wait_until_quiet(opts.quiet_wait) is None:
+            print(f"machine still busy after {opts.quiet_wait:g} s; running anyway",
+                  file=sys.stderr)
+        t0 = time.monotonic()
+        label = f"{kind:<6} N={n:<4}" + (f" {mode:<7}" if modes != ["none"] else "")
+        print(f"running {label} ...", end=" ", file=sys.stderr, flush=True)
+        try:
+            result = run_one(kind, n, mode, opts)
+        except (BenchError, TimeoutError, OSError, psutil.Error) as exc:
+            print(f"FAILED\n{exc}", file=sys.stderr)
+            continue
+        results.append(result)
+        print(f"{result['calls_per_s']:.0f} calls/s ({time.monotonic() - t0:.1f} s)",
+              file=sys.stderr, flush=True)
 
     print()
     print(f"OCPP-J forwarding benchmark: {os.cpu_count()} CPUs, "
           f"{'paced ' + str(opts.rate) + ' calls/s' if opts.rate else 'closed loop'}, "
           f"window {opts.seconds:g} s after {opts.warmup:g} s warm-up, "
           f"frame {results[0]['frame_bytes'] if results else '?'} B, "
-          f"pinning {'on' if opts.pin_plan else 'off'}")
-    print()
-    for line in report(results, stations):
-        print(line)
+          f"pinning {'on' if opts.pin_plan else 'off'}"
+          f"{', compression ' + ','.join(modes) if opts.compression_explicit else ''}")
+    for mode in modes:
+        print()
+        if modes != ["none"]:
+            print(f"compression {mode}:")
+        for line in report([r for r in results if r["compression"] == mode], stations, mode):
+            print(line)
+    wire = wire_report(results, stations, modes)
+    if wire:
+        print()
+        for line in wire:
+            print(line)
     print()
     print(f"total {time.monotonic() - started:.0f} s")
 
@@ -589,13 +769,13 @@ def main() -> int:
             "seconds": opts.seconds,
             "warmup": opts.warmup,
             "rate": opts.rate,
+            "compression": modes,
             "pinning": opts.pin_plan,
             "results": results,
         }, indent=2))
         shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
         print(f"results written to {shown}")
-    expected = len(stations) * len(kinds)
-    return 0 if len(results) == expected else 1
+    return 0 if len(results) == len(plan) else 1
 
 
 if __name__ == "__main__":

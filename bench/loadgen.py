@@ -16,6 +16,12 @@ latency when it was both sent and answered inside the window. With ``--rate R``
 stations are paced so the offered total is R calls/s (each station still waits
 for its answer); without it they run closed-loop, as fast as answers come back.
 
+``--compression deflate`` offers websockets' default permessage-deflate (what the
+peer accepts decides). The summary carries the bytes the stations' sockets sent and
+received during the window, read from the kernel (``TCP_INFO`` bytes_acked and
+bytes_received, Linux only): TCP payload, i.e. WebSocket frames with their headers,
+masks and compressed payloads, exactly as on the wire.
+
     .venv/bin/python bench/loadgen.py --url ws://127.0.0.1:9100/ocpp/ --stations 50
 """
 
@@ -25,6 +31,8 @@ import argparse
 import asyncio
 import gc
 import random
+import socket
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +40,8 @@ from dataclasses import dataclass, field
 from benchutil import emit, percentile, raise_nofile_limit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.extensions.base import Extension
+from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.typing import Subprotocol
 
 # A MeterValues.req (OCPP 1.6) as a meter would send it every few seconds. The
@@ -47,6 +57,47 @@ FRAME_TAIL = (
 
 def make_frame(message_id: str) -> str:
     return f'[2,"{message_id}",{FRAME_TAIL}'
+
+
+# struct tcp_info (linux/tcp.h): __u64 tcpi_bytes_acked at offset 120, then
+# tcpi_bytes_received at 128 (both since Linux 4.1).
+_TCP_INFO_BYTES = struct.Struct("=QQ")
+_TCP_INFO_OFFSET = 120
+_TCP_INFO_LEN = _TCP_INFO_OFFSET + _TCP_INFO_BYTES.size
+
+
+def describe(ext: Extension) -> str:
+    """A negotiated extension in short: context takeover and window bits, station/peer."""
+    if not isinstance(ext, PerMessageDeflate):
+        return str(ext.name)
+    station = "no-ctx" if ext.local_no_context_takeover else "ctx"
+    peer = "no-ctx" if ext.remote_no_context_takeover else "ctx"
+    return f"{station}/{peer} w{ext.local_max_window_bits}/{ext.remote_max_window_bits}"
+
+
+def wire_bytes(links: list[tuple[str, ClientConnection]]) -> tuple[int, int] | None:
+    """Bytes sent (and acknowledged) and received by all stations' TCP sockets so far.
+
+    None where the kernel does not report them (not Linux, or too old).
+    """
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None:
+        return None
+    sent = received = 0
+    for _, ws in links:
+        sock = ws.transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, option, _TCP_INFO_LEN)
+        except OSError:
+            return None
+        if len(info) < _TCP_INFO_LEN:
+            return None
+        acked, got = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_OFFSET)
+        sent += acked
+        received += got
+    return sent, received
 
 
 @dataclass
@@ -95,13 +146,15 @@ async def station_loop(ws: ClientConnection, name: str, run: Run, interval: floa
         run.disconnects += 1
 
 
-async def open_station(url: str, limit: asyncio.Semaphore) -> ClientConnection | str:
+async def open_station(
+    url: str, limit: asyncio.Semaphore, compression: str | None
+) -> ClientConnection | str:
     async with limit:
         try:
             return await connect(
                 url,
                 subprotocols=[Subprotocol("ocpp1.6")],
-                compression=None,
+                compression=compression,
                 proxy=None,
                 ping_interval=None,
                 open_timeout=60,
@@ -133,15 +186,20 @@ async def main(args: argparse.Namespace) -> None:
     limit = asyncio.Semaphore(args.connect_concurrency)
     names = [f"{args.prefix}{i:04d}" for i in range(args.stations)]
     began = time.perf_counter()
-    opened = await asyncio.gather(*(open_station(args.url + name, limit) for name in names))
+    compression = None if args.compression == "none" else args.compression
+    opened = await asyncio.gather(
+        *(open_station(args.url + name, limit, compression) for name in names)
+    )
     links = [(name, ws) for name, ws in zip(names, opened, strict=True) if not isinstance(ws, str)]
     failures = [err for err in opened if isinstance(err, str)]
+    extensions = sorted({describe(ext) for _, ws in links for ext in ws.protocol.extensions})
     emit(
         "connected",
         stations=len(links),
         failed=len(failures),
         first_error=failures[0] if failures else None,
         seconds=round(time.perf_counter() - began, 3),
+        extensions=extensions,
     )
 
     await expect(reader, "start")
@@ -153,10 +211,12 @@ async def main(args: argparse.Namespace) -> None:
     emit("running")
 
     await expect(reader, "mark")
+    wire_at_mark = wire_bytes(links)
     run.window_start = time.perf_counter()
     emit("marked")
     await expect(reader, "end")
     run.window_end = time.perf_counter()
+    wire_at_end = wire_bytes(links)
     run.running = False
     _, stuck = await asyncio.wait(tasks, timeout=15.0)
     for task in stuck:
@@ -181,6 +241,8 @@ async def main(args: argparse.Namespace) -> None:
         disconnects=run.disconnects,
         stuck_stations=len(stuck),
         frame_bytes=len(make_frame(f"{names[0]}.1")) if names else 0,
+        wire_sent=wire_at_end[0] - wire_at_mark[0] if wire_at_mark and wire_at_end else None,
+        wire_received=wire_at_end[1] - wire_at_mark[1] if wire_at_mark and wire_at_end else None,
     )
     if links:
         await asyncio.wait([asyncio.create_task(ws.close()) for _, ws in links], timeout=10.0)
@@ -194,5 +256,7 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=0.0, help="total calls/s; 0 = closed loop")
     parser.add_argument("--prefix", default="BENCH")
     parser.add_argument("--connect-concurrency", type=int, default=64)
+    parser.add_argument("--compression", choices=("none", "deflate"), default="none",
+                        help="deflate: offer websockets' default permessage-deflate")
     raise_nofile_limit()
     asyncio.run(main(parser.parse_args()))
