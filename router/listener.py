@@ -31,6 +31,7 @@ from router.config import MAX_ID, RESERVED_IDS, BackendEntry, Config, StationEnt
 from router.logs import log_event
 from router.net.handshake import DialFailed, HandshakeFailed, Upgrade, read_upgrade
 from router.net.tls import common_name
+from router.net.wslink import Keepalive
 from router.overlay.mesh import MODE_HEADER, MODE_OVERLAY, Overlay
 from router.passwords import VerifiedCache, hash_password, verify_password
 from router.relay.failover import FailoverLink
@@ -107,8 +108,12 @@ class StationListener:
     """Accepts stations (and peers) on the node's port; ``config`` gives the live config."""
 
     def __init__(self, config: Callable[[], Config], stats: Stats, sessions: SessionRegistry,
-                 session_deps: SessionDeps, dialer: BackendDialer, overlay: Overlay) -> None:
+                 session_deps: SessionDeps, dialer: BackendDialer, overlay: Overlay,
+                 server_tls: Callable[[], ssl.SSLContext | None] = lambda: None) -> None:
         self._config = config
+        # the listener's TLS context as of the last (re)load: a rotated certificate serves
+        # the next connection; open links keep the one they shook hands with
+        self._server_tls = server_tls
         self.stats = stats
         self.sessions = sessions
         self.session_deps = session_deps
@@ -181,7 +186,7 @@ class StationListener:
             self._last_shed_log = now
             log_event(log, logging.WARNING, "handshakes_shed", in_progress=self.handshakes,
                       shed=self.stats.handshakes_shed, remote=_remote(stream))
-        if isinstance(stream, trio.SSLStream):
+        if self._server_tls() is not None:
             return
         with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError,
                                                         trio.ClosedResourceError):
@@ -191,6 +196,9 @@ class StationListener:
         listen = self._config().listen
         peer_cert = None
         remote = _remote(stream)
+        tls = self._server_tls()
+        if tls is not None:
+            stream = trio.SSLStream(stream, tls, server_side=True, https_compatible=True)
         try:
             with trio.fail_after(listen.handshake_timeout_s):
                 if isinstance(stream, trio.SSLStream):
@@ -201,7 +209,8 @@ class StationListener:
                         log_event(log, logging.INFO, "tls_failed", remote=remote, reason=repr(exc))
                         return
                     peer_cert = stream.getpeercert()
-                upgrade = await read_upgrade(stream, listen.max_message_bytes)
+                upgrade = await read_upgrade(stream, listen.max_message_bytes,
+                                             compression=listen.compression == "deflate")
         except trio.TooSlowError:
             log_event(log, logging.INFO, "handshake_timeout", remote=remote)
             return
@@ -230,7 +239,7 @@ class StationListener:
                                   + ", ".join(config.listen.subprotocols) + ")")
                 backend = config.primary_for(identity, entry)
                 if backend is None and not self.overlay.active:
-                    raise Refused(403, "no primary backend serves this station")
+                    raise Refused(404, "no primary backend serves this station")
         except HandshakeFailed as exc:
             await self._refuse(upgrade, identity, remote, Refused(exc.status or 400, exc.reason))
             return
@@ -281,7 +290,8 @@ class StationListener:
             if profile in (1, 2):
                 # refused like a wrong password, as slowly: no telling who exists
                 await self._check_password(upgrade, identity, None, remote)
-            raise Refused(403, "no [[stations]] entry matches this identity")
+            # Part 4 §3.3: an identity this node does not serve is "not found"
+            raise Refused(404, "no [[stations]] entry matches this identity")
         if profile == 3:
             cn = common_name(peer_cert)
             if cn != identity:
@@ -449,7 +459,9 @@ class StationListener:
                                Refused(502, "backend chose no subprotocol"))
             return
         try:
-            station_ws = await upgrade.accept(chosen)
+            listen = self._config().listen
+            station_ws = await upgrade.accept(
+                chosen, keepalive=Keepalive.every(listen.ping_interval_s, listen.ping_timeout_s))
         except (HandshakeFailed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log_event(log, logging.INFO, "station_rejected", station=identity, status=400,
                       reason=str(exc), remote=remote)
@@ -473,7 +485,9 @@ class StationListener:
         self._handshake_over()
         self.stats.stations_connected += 1
         log_event(log, logging.INFO, "station_connected", station=identity,
-                  subprotocol=session.version.value, backend=session.backend_name, remote=remote)
+                  subprotocol=session.version.value, backend=session.backend_name, remote=remote,
+                  station_compressed=session.station.ws.info().compressed,
+                  backend_compressed=session.backend.ws.info().compressed)
         self.sessions.add(session)
         try:
             await session.run()

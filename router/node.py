@@ -5,7 +5,9 @@ part gets what it uses (see docs/architecture.md for the layers).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import ssl
 from typing import Any
 
 import trio
@@ -13,13 +15,21 @@ import trio
 from router.backends.dialer import BackendDialer
 from router.backends.duplication import DuplicationContext, Duplicator
 from router.backends.failback import fail_back
-from router.config import BackendEntry, Config, ConfigError, NodeSection, StationEntry
+from router.config import (
+    BackendEntry,
+    Config,
+    ConfigError,
+    DialSettings,
+    ListenSection,
+    NodeSection,
+    StationEntry,
+)
 from router.config import load as load_config
 from router.listener import StationListener
 from router.logs import log_event
 from router.net.dns import DnsCache
-from router.net.tls import server_context
-from router.net.wslink import WsLink
+from router.net.tls import TlsContexts
+from router.net.wslink import Keepalive, WsLink
 from router.overlay.attach import AttachContext
 from router.overlay.mesh import Overlay, OverlayConfig
 from router.overlay.trust import TrustError
@@ -46,30 +56,41 @@ class Node:
                             ttl_floor_s=config.dns.ttl_floor_s,
                             ttl_ceiling_s=config.dns.ttl_ceiling_s,
                             timeout_s=config.dns.timeout_s)
-        self.dialer = BackendDialer(self.dns, self._settings, config.listen.max_message_bytes)
+        self.tls = TlsContexts(config)  # raises ssl.SSLError / OSError: unusable PEM files
+        self.dialer = BackendDialer(self.dns, self._settings, config.listen.max_message_bytes,
+                                    self._client_tls)
         self.duplicator = Duplicator(
             [b for b in config.backends if b.role == "secondary"],
             DuplicationContext(config.node.state_dir, self._settings,
-                               config.listen.max_message_bytes, self.sessions))
+                               config.listen.max_message_bytes, self.sessions,
+                               self._client_tls))
         if self.duplicator.active:
             self.session_deps.duplicate = self.duplicator.offer
         self.overlay = Overlay(
             OverlayConfig(config.node.id, config.peers,
                           any(b.role == "primary" for b in config.backends),
                           self.gate.node_key, config.trust,
-                          lambda: self.config.node.connect_timeout_s),
+                          lambda: self.config.node.connect_timeout_s, self._client_tls),
             self.dns,
             AttachContext(self._settings, lambda: self.config.listen.subprotocols,
                           self._backend_for, self._dial_backend, self.sessions,
-                          self.session_deps))
+                          self.session_deps, self._station_keepalive))
         self.listener = StationListener(lambda: self.config, self.stats, self.sessions,
-                                        self.session_deps, self.dialer, self.overlay)
+                                        self.session_deps, self.dialer, self.overlay,
+                                        lambda: self.tls.server)
         self._nursery: trio.Nursery | None = None
 
     # --- what the parts are given ---------------------------------------------------------
 
     def _settings(self) -> NodeSection:
         return self.config.node
+
+    def _client_tls(self, dialing: DialSettings) -> ssl.SSLContext:
+        return self.tls.client(dialing)
+
+    def _station_keepalive(self) -> Keepalive | None:
+        listen = self.config.listen
+        return Keepalive.every(listen.ping_interval_s, listen.ping_timeout_s)
 
     def _backend_for(self, station: str) -> BackendEntry | None:
         config = self.config
@@ -96,17 +117,10 @@ class Node:
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until cancelled; ``nursery.start(node.run)`` returns once bound."""
         listen = self.config.listen
-        ssl_context = server_context(listen)
-        listeners: list[Any]
-        if ssl_context is None:
-            listeners = list(await trio.open_tcp_listeners(listen.port, host=listen.host))
-        else:
-            # the handshake is done per connection, where a failure can be logged
-            tcp = await trio.open_tcp_listeners(listen.port, host=listen.host)
-            listeners = [trio.SSLListener(t, ssl_context, https_compatible=True) for t in tcp]
-        first = listeners[0]
-        sock = first.transport_listener.socket if ssl_context else first.socket
-        self.listener.port = sock.getsockname()[1]
+        # TLS is wrapped per connection by the listener, with the context of the last
+        # (re)load, where a failed handshake can be logged
+        listeners: list[Any] = list(await trio.open_tcp_listeners(listen.port, host=listen.host))
+        self.listener.port = listeners[0].socket.getsockname()[1]
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -119,7 +133,7 @@ class Node:
                                        max(self.config.dns.ttl_floor_s, 1.0))
                 nursery.start_soon(self.listener.serve, listeners, nursery)
                 log_event(log, logging.INFO, "listening", host=listen.host, port=self.port,
-                          path=listen.path, tls=ssl_context is not None,
+                          path=listen.path, tls=self.tls.server is not None,
                           security_profile=listen.security_profile, node=self.config.node.id)
                 task_status.started(self)
         finally:
@@ -130,8 +144,9 @@ class Node:
         """Re-read the config file and its policy; keep the old ones if either is invalid.
 
         Station credentials, timeouts, the policy and secondaries' subscriptions take
-        effect at once; connected stations stay connected. Listener and peer changes
-        need a restart, and say so.
+        effect at once; certificates and keys (both sides), compression and pings serve
+        the next connection; connected stations stay connected. Other listener and peer
+        changes need a restart, and say so.
         """
         from policies import PolicyError
 
@@ -140,17 +155,19 @@ class Node:
         try:
             config = load_config(self.config.source)
             gate = Gate.from_config(config)
+            # certificates and keys are read again: a rotated file serves new connections
+            tls = TlsContexts(config)
             rekey = (config.trust, config.node.key) != (self.config.trust, self.config.node.key)
             if rekey:
                 # checked now, applied below: a bad key file keeps the old config
                 self.overlay.check_trust(config.trust)
-        except (ConfigError, PolicyError, GateError, TrustError) as exc:
+        except (ConfigError, PolicyError, GateError, TrustError, ssl.SSLError, OSError) as exc:
             reason = str(exc).replace("\n", "; ")
             log_event(log, logging.ERROR, "reload_refused", reason=reason,
                       file=str(self.config.source))
             return False, reason
         needs_restart = [name for name, old, new in (
-            ("listen", self.config.listen, config.listen),
+            ("listen", _restart_part(self.config.listen), _restart_part(config.listen)),
             ("peers", self.config.peers, config.peers),
             ("dns", self.config.dns, config.dns),
             ("node.id", self.config.node.id, config.node.id),
@@ -166,7 +183,7 @@ class Node:
                 needs_restart.append(f"queue or outbox bounds of {old_entry.name}")
         self.duplicator.reconfigure(config.backends)
         old_config = self.config
-        old_gate, self.gate, self.config = self.gate, gate, config
+        old_gate, self.gate, self.config, self.tls = self.gate, gate, config, tls
         deps = self.session_deps
         deps.gate, deps.settings = gate, config.node
         self.timer.timeout_s = config.node.call_timeout_s
@@ -189,6 +206,13 @@ class Node:
         await self.sessions.stop_all("node shutting down", wait_s, held=True)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+
+def _restart_part(listen: ListenSection) -> ListenSection:
+    """The ``[listen]`` settings a reload cannot change: certificates, compression and
+    pings apply to the next connection, so they are left out of the comparison."""
+    return dataclasses.replace(listen, tls_cert=None, tls_key=None, tls_ca=None,
+                               compression="deflate", ping_interval_s=0.0, ping_timeout_s=30.0)
 
 
 def _bounds(entry: BackendEntry) -> tuple[int, int, int, float]:

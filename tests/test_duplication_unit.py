@@ -12,6 +12,7 @@ import builtins
 import json
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -65,7 +66,7 @@ def events() -> Iterator[Events]:
 
 def context(state_dir: Path) -> DuplicationContext:
     return DuplicationContext(state_dir, lambda: NodeSection(id="unit"), 65536,
-                              SessionRegistry())
+                              SessionRegistry(), lambda _dialing: ssl.create_default_context())
 
 
 def entry(**options: Any) -> BackendEntry:
@@ -87,7 +88,7 @@ def secondary_down(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every dial to a secondary fails, as if it were down; returns the stations dialled."""
     dialled: list[str] = []
 
-    async def refuse(url: str, *args: Any) -> Any:
+    async def refuse(url: str, *args: Any, **kwargs: Any) -> Any:
         dialled.append(url)
         await trio.lowlevel.checkpoint()
         raise OSError(111, "Connection refused")

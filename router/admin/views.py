@@ -57,6 +57,9 @@ def links_view(node: NodeView) -> dict[str, Any]:
                 "station_link": station_link.state,
                 "backend_link": backend_link.state,
                 "backend_target": backend_link.remote,
+                # permessage-deflate per hop (None: the hop is carried over the overlay)
+                "station_compressed": station_link.compressed,
+                "backend_compressed": backend_link.compressed,
             })
     per_backend = Counter(s.backend_name for s in node.sessions.all())
     backends = [{
@@ -73,6 +76,7 @@ def links_view(node: NodeView) -> dict[str, Any]:
         peers.append({
             "id": peer_id,
             "encoding": link.encoding,
+            "compressed": getattr(link.ws, "compressed", None),
             "state": PEER_STATES.get(link.exchange.state, link.exchange.state),
             "configured": peer_id in configured,
             "routes_learned": len(overlay.table.routes_via(peer_id)),
@@ -83,7 +87,8 @@ def links_view(node: NodeView) -> dict[str, Any]:
         })
     for peer_id, entry in sorted(configured.items()):
         if peer_id not in overlay.links:
-            peers.append({"id": peer_id, "encoding": entry.encoding, "state": "down",
+            peers.append({"id": peer_id, "encoding": entry.encoding, "compressed": None,
+                          "state": "down",
                           "configured": True, "routes_learned": 0, "routes_advertised": 0,
                           "stations_bound": 0, "messages_sent": 0, "messages_received": 0})
     secondaries = []

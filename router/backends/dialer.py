@@ -19,7 +19,8 @@ from router.config import BackendEntry, NodeSection
 from router.logs import log_event
 from router.net.dns import DnsCache, SrvUnavailable
 from router.net.handshake import DialFailed, HandshakeFailed, dial
-from router.net.wslink import WsLink
+from router.net.tls import TlsFor, tls_failure
+from router.net.wslink import Keepalive, WsLink
 
 log = logging.getLogger("router.node")
 
@@ -37,12 +38,14 @@ def backend_headers(authorization: str | None, identity: str,
 
 
 class BackendDialer:
-    """Dials stations' backend links; ``settings`` gives the live ``[node]`` section."""
+    """Dials stations' backend links; ``settings`` gives the live ``[node]`` section and
+    ``tls`` the client TLS context of a backend's current settings."""
 
     def __init__(self, dns: DnsCache, settings: Callable[[], NodeSection],
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, tls: TlsFor) -> None:
         self.dns = dns
         self._settings = settings
+        self._tls = tls
         self.max_message_bytes = max_message_bytes
 
     async def targets(self, backend: BackendEntry, quoted: str) -> list[tuple[int, str]]:
@@ -78,12 +81,25 @@ class BackendDialer:
                 raise DialFailed(502, "no better target")
         headers = backend_headers(authorization, identity, backend)
         failure = DialFailed(502, "backend unreachable")
+        dialing = backend.dialing
         for priority, url in targets:
             try:
                 with trio.fail_after(self._settings().connect_timeout_s):
                     host = urlsplit(url).hostname or ""
                     ws = await dial(url, offered, headers, self.max_message_bytes,
-                                    connect_host=await self.dns.address(host))
+                                    ssl_context=self._tls(dialing) if url[:4] == "wss:" else None,
+                                    connect_host=await self.dns.address(host),
+                                    compression=dialing.compression == "deflate",
+                                    keepalive=Keepalive.every(dialing.ping_interval_s,
+                                                              dialing.ping_timeout_s))
+                if ws.subprotocol is None:
+                    # Part 4 §3.3: a station is only accepted on a subprotocol the CSMS agreed
+                    await ws.aclose(1002, "no subprotocol agreed")
+                    reason, failure = "the backend agreed no subprotocol", DialFailed(
+                        502, "backend agreed no OCPP subprotocol")
+                    log_event(log, logging.WARNING, "backend_failed", station=identity,
+                              backend=backend.name, target=url.rsplit("/", 1)[0], reason=reason)
+                    break
                 return ws, priority
             except HandshakeFailed as exc:
                 status = exc.status if exc.status is not None and 400 <= exc.status <= 599 else 502
@@ -93,7 +109,10 @@ class BackendDialer:
             except trio.TooSlowError:
                 reason, failure = "timeout", DialFailed(504, "backend did not answer in time")
             except (OSError, trio.BrokenResourceError) as exc:
-                reason = repr(exc)
+                # a TLS refusal (server certificate, or ours refused) says so in the log
+                reason = tls_failure(exc) or repr(exc)
+                if reason.startswith("TLS"):
+                    failure = DialFailed(502, "backend TLS handshake failed")
             log_event(log, logging.WARNING, "backend_failed", station=identity,
                       backend=backend.name, target=url.rsplit("/", 1)[0], reason=reason)
         raise failure

@@ -33,7 +33,8 @@ from router.backends.outbox import Outbox, OutboxError, OutboxItem
 from router.config import BackendEntry, NodeSection
 from router.logs import log_event
 from router.net.handshake import HandshakeFailed, dial
-from router.net.wslink import LinkClosed, WsLink
+from router.net.tls import TlsFor, tls_failure
+from router.net.wslink import Keepalive, LinkClosed, WsLink
 from router.relay.registry import SessionRegistry
 from router.wire.frames import (
     CALL,
@@ -66,6 +67,7 @@ class DuplicationContext:
     settings: Callable[[], NodeSection]
     max_message_bytes: int
     sessions: SessionRegistry
+    tls: TlsFor  # the client TLS context of a secondary's settings
 
 
 @dataclass(slots=True)
@@ -357,10 +359,16 @@ class Secondary:
         url = self.entry.station_url(quote(station, safe=""))
         try:
             with trio.fail_after(self.context.settings().connect_timeout_s):
-                ws = await dial(url, [subprotocol], {}, self.context.max_message_bytes)
+                dialing = self.entry.dialing
+                ws = await dial(url, [subprotocol], {}, self.context.max_message_bytes,
+                                ssl_context=self.context.tls(dialing) if url[:4] == "wss:"
+                                else None,
+                                compression=dialing.compression == "deflate",
+                                keepalive=Keepalive.every(dialing.ping_interval_s,
+                                                          dialing.ping_timeout_s))
         except (HandshakeFailed, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             log_event(log, logging.INFO, "secondary_unreachable", subscriber=self.name,
-                      station=station, reason=repr(exc))
+                      station=station, reason=tls_failure(exc) or repr(exc))
             return None
         link = SecondaryLink(self, station, ws)
         self.links[station] = link

@@ -7,6 +7,7 @@ a config in one pass. Relative paths are resolved against the config file's dire
 
 from router.config.load import load, parse
 from router.config.model import (
+    COMPRESSIONS,
     DEFAULT_SUBSCRIBE,
     MAX_ID,
     RESERVED_IDS,
@@ -16,6 +17,7 @@ from router.config.model import (
     Config,
     ConfigError,
     ConfigProblem,
+    DialSettings,
     DnsSection,
     ListenSection,
     NodeSection,
@@ -28,9 +30,8 @@ from router.config.model import (
 )
 
 __all__ = [
-    "DEFAULT_SUBSCRIBE", "MAX_ID", "RESERVED_IDS", "AdminSection", "BackendAuth",
-    "BackendEntry", "Config",
-    "ConfigError", "ConfigProblem", "DnsSection", "ListenSection", "NodeSection", "PeerEntry",
-    "PolicySection", "StationEntry", "TrustSection", "env_name", "load", "parse",
-    "peer_env_name",
+    "COMPRESSIONS", "DEFAULT_SUBSCRIBE", "MAX_ID", "RESERVED_IDS", "AdminSection",
+    "BackendAuth", "BackendEntry", "Config", "ConfigError", "ConfigProblem", "DialSettings",
+    "DnsSection", "ListenSection", "NodeSection", "PeerEntry", "PolicySection", "StationEntry",
+    "TrustSection", "env_name", "load", "parse", "peer_env_name",
 ]

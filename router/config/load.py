@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 
 from router.config.checker import Checker as _Checker
 from router.config.model import (
+    COMPRESSIONS,
     DEFAULT_SUBSCRIBE,
     MAX_ID,
     RESERVED_IDS,
@@ -22,6 +24,7 @@ from router.config.model import (
     Config,
     ConfigError,
     ConfigProblem,
+    DialSettings,
     DnsSection,
     ListenSection,
     NodeSection,
@@ -69,8 +72,8 @@ def parse(text: str, file: str = "<config>", root: Path | None = None) -> Config
 
     node = _node(c, raw, root)
     listen = _listen(c, raw, root)
-    peers = _peers(c, raw, node.id, listen)
-    backends = _backends(c, raw, required=not peers)
+    peers = _peers(c, raw, node.id, listen, root)
+    backends = _backends(c, raw, root, required=not peers)
     stations = _stations(c, raw, listen, backends)
     admin = None
     if "admin" in raw:
@@ -175,6 +178,64 @@ def _target(c: _Checker, t: dict[str, Any], base: str,
     return url, None, scheme, path
 
 
+_DIALING_KEYS = ("compression", "tls_ca", "tls_cert", "tls_key", "ping_interval_s",
+                 "ping_timeout_s")
+
+
+def _compression(c: _Checker, t: dict[str, Any], base: str) -> str:
+    value = c.string(t, base, "compression", "deflate") or "deflate"
+    if value not in COMPRESSIONS:
+        c.fail(f"{base}.compression", f"must be \"deflate\" or \"none\", not {value!r}")
+    return value
+
+
+def _dialing(c: _Checker, t: dict[str, Any], base: str, root: Path, url: str,
+             scheme: str) -> DialSettings:
+    """A backend's or peer's ``compression``, ``tls_*`` and ``ping_*`` keys."""
+    tls_ca = c.path(t, base, "tls_ca", root, must_exist=True)
+    tls_cert = c.path(t, base, "tls_cert", root, must_exist=True)
+    tls_key = c.path(t, base, "tls_key", root, must_exist=True)
+    if ("tls_cert" in t) != ("tls_key" in t):
+        c.fail(f"{base}.tls_cert", "tls_cert and tls_key go together: the node's client "
+               "certificate chain and its private key")
+    secure = url.startswith("wss://") if url else scheme == "wss"
+    if not secure and any(k in t for k in ("tls_ca", "tls_cert", "tls_key")):
+        c.fail(f"{base}.tls_ca", "TLS settings need a wss:// url (or scheme = \"wss\")")
+    if (tls_cert is not None and tls_key is not None) or tls_ca is not None:
+        _check_tls_files(c, base, tls_cert, tls_key, tls_ca)
+    return DialSettings(
+        compression=_compression(c, t, base),
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        ping_interval_s=c.number(t, base, "ping_interval_s", 60.0, 0.0, 86400.0),
+        ping_timeout_s=c.number(t, base, "ping_timeout_s", 30.0, 0.1, 3600.0),
+    )
+
+
+def _check_tls_files(c: _Checker, base: str, cert: Path | None, key: Path | None,
+                     ca: Path | None) -> None:
+    """Load the PEM files as the node will, so a bad file is a config error naming its key."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(str(cert), str(key))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            c.fail(f"{base}.tls_cert", f"cannot load {cert} and {key} as a certificate chain "
+                   f"and its private key: {_ssl_reason(exc)}")
+    if ca is not None:
+        try:
+            context.load_verify_locations(str(ca))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            c.fail(f"{base}.tls_ca", f"cannot load {ca} as PEM CA certificates: "
+                   f"{_ssl_reason(exc)}")
+
+
+def _ssl_reason(exc: Exception) -> str:
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None)
+    return str(reason or exc)
+
+
 def _node(c: _Checker, raw: dict[str, Any], root: Path) -> NodeSection:
     if "node" not in raw:
         c.fail("node", "the [node] section is required (it holds at least id)")
@@ -200,7 +261,8 @@ def _node(c: _Checker, raw: dict[str, Any], root: Path) -> NodeSection:
 def _listen(c: _Checker, raw: dict[str, Any], root: Path) -> ListenSection:
     allowed = {"host", "port", "path", "subprotocols", "security_profile", "tls_cert",
                "tls_key", "tls_ca", "max_message_bytes", "handshake_timeout_s",
-               "max_handshakes", "max_auth_failures"}
+               "max_handshakes", "max_auth_failures", "compression", "ping_interval_s",
+               "ping_timeout_s"}
     t = c.table(raw.get("listen", {}), "listen", allowed)
     path = c.string(t, "listen", "path", "/ocpp") or "/ocpp"
     if not path.startswith("/"):
@@ -222,6 +284,8 @@ def _listen(c: _Checker, raw: dict[str, Any], root: Path) -> ListenSection:
                 c.fail(f"listen.{key}", f"is required for security_profile {profile} (TLS)")
     if profile == 3 and tls_ca is None:
         c.fail("listen.tls_ca", "is required for security_profile 3 (client certificates)")
+    if profile >= 2 and tls_cert is not None and tls_key is not None:
+        _check_tls_files(c, "listen", tls_cert, tls_key, tls_ca if profile == 3 else None)
     return ListenSection(
         host=c.string(t, "listen", "host", "127.0.0.1") or "127.0.0.1",
         port=c.integer(t, "listen", "port", 9000, 0, 65535),
@@ -235,11 +299,14 @@ def _listen(c: _Checker, raw: dict[str, Any], root: Path) -> ListenSection:
         handshake_timeout_s=c.number(t, "listen", "handshake_timeout_s", 10.0, 0.1, 600.0),
         max_handshakes=c.integer(t, "listen", "max_handshakes", 1024, 1, 1_000_000),
         max_auth_failures=c.integer(t, "listen", "max_auth_failures", 30, 1, 1_000_000),
+        compression=_compression(c, t, "listen"),
+        ping_interval_s=c.number(t, "listen", "ping_interval_s", 0.0, 0.0, 86400.0),
+        ping_timeout_s=c.number(t, "listen", "ping_timeout_s", 30.0, 0.1, 3600.0),
     )
 
 
 def _peers(c: _Checker, raw: dict[str, Any], node_id: str,
-           listen: ListenSection) -> tuple[PeerEntry, ...]:
+           listen: ListenSection, root: Path) -> tuple[PeerEntry, ...]:
     items = raw.get("peers", [])
     if not isinstance(items, list):
         c.fail("peers", "must be an array of tables ([[peers]])")
@@ -249,7 +316,7 @@ def _peers(c: _Checker, raw: dict[str, Any], node_id: str,
     for i, item in enumerate(items):
         base = f"peers[{i}]"
         t = c.table(item, base, {"id", "url", "srv", "scheme", "path", "encoding", "password",
-                                 "password_hash", "nodes"})
+                                 "password_hash", "nodes", *_DIALING_KEYS})
         peer_id = c.string(t, base, "id", required=True) or f"peer-{i}"
         if (not 1 <= len(peer_id) <= MAX_ID or peer_id == node_id
                 or peer_id in RESERVED_IDS):
@@ -281,12 +348,12 @@ def _peers(c: _Checker, raw: dict[str, Any], node_id: str,
             if not 1 <= len(other) <= MAX_ID or other == node_id or other in RESERVED_IDS:
                 c.fail(f"{base}.nodes", f"{other!r} cannot be a peer's node id")
         out.append(PeerEntry(peer_id, url, encoding, password, srv, scheme, path,
-                             password_hash, nodes))
+                             password_hash, nodes, _dialing(c, t, base, root, url, scheme)))
     return tuple(out)
 
 
 def _backends(
-    c: _Checker, raw: dict[str, Any], required: bool = True
+    c: _Checker, raw: dict[str, Any], root: Path, required: bool = True
 ) -> tuple[BackendEntry, ...]:
     items = raw.get("backends", [])
     if not isinstance(items, list) or (required and not items):
@@ -295,7 +362,7 @@ def _backends(
         return ()
     allowed = {"name", "role", "url", "srv", "scheme", "path", "stations", "auth",
                "subscribe", "keep_signatures", "allow_commands", "answer_timeout_s", "queue",
-               "outbox_max_rows", "outbox_max_bytes", "outbox_max_age_s"}
+               "outbox_max_rows", "outbox_max_bytes", "outbox_max_age_s", *_DIALING_KEYS}
     out: list[BackendEntry] = []
     names: set[str] = set()
     for i, item in enumerate(items):
@@ -327,6 +394,7 @@ def _backends(
             srv=srv,
             scheme=scheme,
             path=path,
+            dialing=_dialing(c, t, base, root, url, scheme),
         ))
         if role == "primary" and any(k in t for k in ("subscribe", "allow_commands")):
             c.fail(f"{base}.subscribe", "subscribe and allow_commands are for secondaries")

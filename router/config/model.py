@@ -54,6 +54,29 @@ class NodeSection:
     failover_grace_s: float = 5.0
 
 
+COMPRESSIONS = ("deflate", "none")
+"""Values of ``compression``: RFC 7692 permessage-deflate when the other end agrees, or never."""
+
+
+@dataclass(frozen=True, slots=True)
+class DialSettings:
+    """How the node dials a backend or a peer: compression, TLS toward it, keepalive.
+
+    ``tls_ca`` is the PEM bundle that signs the server's certificate (None: the system's
+    store); ``tls_cert`` and ``tls_key`` are the node's own client certificate chain and key
+    (OCPP 2.1 Part 4 §6.5: a Local Controller has its own Charging Station certificate).
+    A ping goes out after ``ping_interval_s`` without a byte from the far end (0: never);
+    without a byte back within ``ping_timeout_s`` the link is dead.
+    """
+
+    compression: str = "deflate"
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    ping_interval_s: float = 60.0
+    ping_timeout_s: float = 30.0
+
+
 @dataclass(frozen=True, slots=True)
 class ListenSection:
     """``[listen]``: the WebSocket server stations connect to."""
@@ -74,6 +97,10 @@ class ListenSection:
     # failed authentications per remote address per minute before it gets 429 (no more
     # password checks); a station whose password was verified before still connects
     max_auth_failures: int = 30
+    compression: str = "deflate"  # accept permessage-deflate when a station offers it
+    # the node's own pings to stations (0: none; stations ping per WebSocketPingInterval)
+    ping_interval_s: float = 0.0
+    ping_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +145,7 @@ class BackendEntry:
     srv: str | None = None  # an SRV name instead of url, with scheme and path
     scheme: str = "ws"
     path: str = "/ocpp"
+    dialing: DialSettings = field(default_factory=DialSettings)
 
     def subscribes(self, action: str) -> bool:
         return any(fnmatch.fnmatchcase(action, pattern) for pattern in self.subscribe)
@@ -160,6 +188,7 @@ class PeerEntry:
     # node ids that may answer at this entry's targets (several nodes behind one SRV
     # name name themselves with X-OCPP-NodeId); by default only ``id``
     nodes: tuple[str, ...] = ()
+    dialing: DialSettings = field(default_factory=DialSettings)
 
     @property
     def dialled(self) -> bool:

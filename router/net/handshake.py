@@ -20,7 +20,9 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from router.net.wslink import RECEIVE_BYTES, WsLink
+from router.net.compression import client_extensions, server_extensions
+from router.net.tls import tls_failure
+from router.net.wslink import RECEIVE_BYTES, Keepalive, WsLink
 
 
 class HandshakeFailed(Exception):
@@ -99,9 +101,12 @@ class Upgrade:
     def _select(self, _proto: ServerProtocol, _offered: object) -> Subprotocol | None:
         return Subprotocol(self._chosen) if self._chosen is not None else None
 
-    async def accept(self, subprotocol: str | None,
-                     headers: dict[str, str] | None = None) -> WsLink:
-        """Answer 101 with this subprotocol (and extra headers); return the open link."""
+    async def accept(self, subprotocol: str | None, headers: dict[str, str] | None = None,
+                     keepalive: Keepalive | None = None) -> WsLink:
+        """Answer 101 with this subprotocol (and extra headers); return the open link.
+
+        permessage-deflate is agreed here when the client offered it and the listener
+        allows it (``read_upgrade``'s ``compression``)."""
         self._chosen = subprotocol
         response = self._proto.accept(self.request)
         if response.status_code == 101:
@@ -113,7 +118,7 @@ class Upgrade:
         if response.status_code != 101:
             raise HandshakeFailed(f"upgrade refused: {self._proto.handshake_exc}",
                                   response.status_code)
-        return WsLink(self.stream, self._proto)
+        return WsLink(self.stream, self._proto, keepalive)
 
     async def reject(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
         """Answer with an HTTP error status and a one-line plain text body."""
@@ -125,14 +130,19 @@ class Upgrade:
         await _send(self.stream, self._proto)
 
 
-async def read_upgrade(stream: trio.abc.Stream, max_message_bytes: int) -> Upgrade:
-    """Read an HTTP upgrade request; a malformed one is answered 400 and raises."""
+async def read_upgrade(stream: trio.abc.Stream, max_message_bytes: int,
+                       compression: bool = False) -> Upgrade:
+    """Read an HTTP upgrade request; a malformed one is answered 400 and raises.
+
+    With ``compression`` the answer accepts permessage-deflate when the client offers it.
+    """
     upgrade: Upgrade | None = None
 
     def select(proto: ServerProtocol, offered: object) -> Subprotocol | None:
         return upgrade._select(proto, offered) if upgrade is not None else None
 
-    proto = ServerProtocol(select_subprotocol=select, max_size=max_message_bytes)
+    proto = ServerProtocol(select_subprotocol=select, max_size=max_message_bytes,
+                           extensions=server_extensions(compression))
     while True:
         data = await stream.receive_some(RECEIVE_BYTES)
         if not data:
@@ -157,8 +167,13 @@ async def dial(
     ssl_context: ssl.SSLContext | None = None,
     keep_headers: tuple[str, ...] = (),
     connect_host: str | None = None,
+    compression: bool = False,
+    keepalive: Keepalive | None = None,
 ) -> WsLink:
     """Open a client WebSocket; HandshakeFailed carries the HTTP status of a refusal.
+
+    With ``compression`` the request offers permessage-deflate (used if the server agrees).
+    ``ssl_context`` verifies a wss:// server (default: the system's trust store).
 
     Response headers named in ``keep_headers`` are kept in the link's ``headers``.
     ``connect_host`` is the address to connect to when it was resolved elsewhere (an SRV
@@ -173,17 +188,32 @@ async def dial(
             stream = trio.SSLStream(tcp, ssl_context or ssl.create_default_context(),
                                     server_hostname=parts.hostname, https_compatible=True)
         proto = ClientProtocol(uri, subprotocols=[Subprotocol(p) for p in subprotocols],
-                               max_size=max_message_bytes)
+                               max_size=max_message_bytes,
+                               extensions=client_extensions(compression))
         request = proto.connect()
         for name, value in headers.items():
             request.headers[name] = value
         proto.send_request(request)
         await _send(stream, proto)
+        answered = False
         while True:
-            data = await stream.receive_some(RECEIVE_BYTES)
+            try:
+                data = await stream.receive_some(RECEIVE_BYTES)
+            except trio.BrokenResourceError as broken:
+                if not uri.secure or answered or tls_failure(broken) is not None:
+                    raise
+                data = b""  # a reset instead of a close: the same refusal
             if not data:
+                if uri.secure and not answered:
+                    # TLS 1.3 lets a server check the client's certificate after our side
+                    # of the handshake is done: a refusal is then a closed connection
+                    raise HandshakeFailed(
+                        "TLS: the server closed the connection without answering the upgrade "
+                        "(as a server that requires a client certificate does when it gets "
+                        "none, or one it does not trust: see tls_cert)")
                 proto.receive_eof()
             else:
+                answered = True
                 proto.receive_data(data)
             events = proto.events_received()
             for index, event in enumerate(events):
@@ -193,7 +223,7 @@ async def dial(
                         raise HandshakeFailed(str(exc), exc.response.status_code)
                     if exc is not None:
                         raise HandshakeFailed(f"bad upgrade response: {exc}")
-                    link = WsLink(stream, proto)
+                    link = WsLink(stream, proto, keepalive)
                     for name in keep_headers:
                         kept = event.headers.get(name)
                         if kept is not None:

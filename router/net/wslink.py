@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import trio
 from websockets.client import ClientProtocol
@@ -28,6 +28,19 @@ Buffer = bytes | bytearray | memoryview
 RECEIVE_BYTES = 65536
 CLOSE_ABNORMAL = 1006
 CLOSE_INVALID_DATA = 1007
+
+
+class Keepalive(NamedTuple):
+    """The node's own pings on a link: one after ``interval_s`` without a byte from the far
+    end, and the link is dead when nothing comes back within ``timeout_s`` of it."""
+
+    interval_s: float
+    timeout_s: float
+
+    @classmethod
+    def every(cls, interval_s: float, timeout_s: float) -> Keepalive | None:
+        """None for an interval of 0: no pings of our own."""
+        return cls(interval_s, timeout_s) if interval_s > 0 else None
 
 
 class LinkClosed(Exception):
@@ -48,6 +61,7 @@ class LinkInfo:
     via_peer: str | None = None  # a link carried over the overlay: the peer link it rides
     srv_backend: str | None = None  # a backend link that follows an SRV name: its backend
     priority: int | None = None  # ... and the SRV priority of the target in use
+    compressed: bool | None = None  # a real WebSocket: permessage-deflate agreed on it
 
 
 class Link(Protocol):
@@ -75,10 +89,11 @@ class Link(Protocol):
 class WsLink:
     """An open WebSocket: whole text (str) or binary (bytes) messages in, text out."""
 
-    __slots__ = ("_inbox", "_lock", "_next", "_opcode", "_parts", "_raw", "headers", "protocol",
-                 "stream", "subprotocol")
+    __slots__ = ("_inbox", "_keepalive", "_lock", "_next", "_opcode", "_parts", "_pinged",
+                 "_quiet_until", "_raw", "headers", "protocol", "stream", "subprotocol")
 
-    def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol | ClientProtocol) -> None:
+    def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol | ClientProtocol,
+                 keepalive: Keepalive | None = None) -> None:
         self.stream = stream
         self.protocol = protocol
         self.subprotocol: str | None = protocol.subprotocol
@@ -91,6 +106,9 @@ class WsLink:
         self._opcode: Opcode | None = None
         self._raw = _raw_socket(stream)
         self.headers: dict[str, str] = {}  # handshake headers the caller asked to keep
+        self._keepalive = keepalive
+        self._pinged = False
+        self._quiet_until = trio.current_time() + keepalive.interval_s if keepalive else 0.0
 
     @property
     def closed(self) -> int | None:
@@ -122,7 +140,8 @@ class WsLink:
                 self._next = 0
             if proto.state is not State.OPEN:
                 raise LinkClosed(self._close_code(), self._close_reason())
-            data = await self._receive()
+            data = await (self._receive() if self._keepalive is None
+                          else self._receive_or_ping(self._keepalive))
             if data:
                 proto.receive_data(data)
                 self._take_events()
@@ -134,6 +153,27 @@ class WsLink:
         message = inbox[self._next]
         self._next += 1
         return message
+
+    async def _receive_or_ping(self, keepalive: Keepalive) -> bytes | bytearray:
+        """Next bytes, pinging the far end when it has been quiet for the interval; a far
+        end that sends nothing back within the timeout is dead (a half-open TCP
+        connection, a blackholed route): LinkClosed 1006, the socket dropped."""
+        while True:
+            with trio.move_on_at(self._quiet_until):
+                data = await self._receive()
+                self._quiet_until = trio.current_time() + keepalive.interval_s
+                self._pinged = False
+                return data
+            if self._pinged:
+                self.protocol.state = State.CLOSED
+                await trio.aclose_forcefully(self.stream)
+                raise LinkClosed(CLOSE_ABNORMAL, f"no answer to a ping within "
+                                 f"{keepalive.timeout_s:g} s")
+            self._pinged = True
+            self._quiet_until = trio.current_time() + keepalive.timeout_s
+            self.protocol.send_ping(b"")
+            with trio.move_on_at(self._quiet_until):  # a writer stuck on a full socket
+                await self._flush()
 
     async def _receive(self) -> bytes | bytearray:
         """Next bytes from the peer, b"" at end of stream. Always a checkpoint."""
@@ -219,7 +259,13 @@ class WsLink:
 
     def info(self) -> LinkInfo:
         """State and far end, for the admin endpoint."""
-        return LinkInfo("open" if self.closed is None else "closing", self.remote_address())
+        return LinkInfo("open" if self.closed is None else "closing", self.remote_address(),
+                        compressed=self.compressed)
+
+    @property
+    def compressed(self) -> bool:
+        """Whether permessage-deflate was agreed in the opening handshake."""
+        return bool(self.protocol.extensions)
 
     def remote_address(self) -> str | None:
         """``host:port`` of the far end, or None once the socket is gone."""

@@ -21,7 +21,7 @@ import trio
 from router.config import BackendEntry, NodeSection
 from router.logs import log_event
 from router.net.handshake import DialFailed, Upgrade
-from router.net.wslink import LinkClosed, WsLink
+from router.net.wslink import Keepalive, LinkClosed, WsLink
 from router.overlay.forwarding import CONNECT
 from router.overlay.peer_link import PeerLink
 from router.overlay.state import OverlayState
@@ -49,6 +49,7 @@ class AttachContext:
     dial_backend: DialBackend
     sessions: SessionRegistry
     session_deps: SessionDeps
+    station_keepalive: Callable[[], Keepalive | None] = lambda: None  # [listen] ping_*
 
 
 class Attacher:
@@ -100,7 +101,7 @@ class Attacher:
         if chosen not in offered:
             raise DialFailed(_http_status(answer.details),
                              (answer.description or "backend refused the station")[:200])
-        station_ws = await upgrade.accept(chosen)
+        station_ws = await upgrade.accept(chosen, keepalive=self.context.station_keepalive())
         origin = answer.path[0] if answer.path else link.peer_id
         virtual = VirtualLink(link, identity, ANYCAST_CSMS, (identity,), chosen, origin,
                               self.flooded)

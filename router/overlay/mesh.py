@@ -25,7 +25,8 @@ from router.config import PeerEntry, TrustSection
 from router.logs import log_event
 from router.net.dns import DnsCache, SrvUnavailable
 from router.net.handshake import HandshakeFailed, Upgrade, dial
-from router.net.wslink import WsLink
+from router.net.tls import TlsFor, tls_failure
+from router.net.wslink import Keepalive, WsLink
 from router.overlay.attach import AttachContext, Attacher
 from router.overlay.forwarding import Forwarder
 from router.overlay.peer_link import PeerLink
@@ -65,6 +66,7 @@ class OverlayConfig:
     node_key: SigningKey | None  # signs this node's route claims
     trust: TrustSection | None  # whose route claims are believed
     connect_timeout_s: Callable[[], float]
+    tls: TlsFor  # the client TLS context of a peer entry's settings (rebuilt on reload)
 
 
 class Overlay:
@@ -160,15 +162,20 @@ class Overlay:
                 try:
                     with trio.fail_after(self.config.connect_timeout_s()):
                         address = await self._dns.address(urlsplit(url).hostname or "")
+                        dialing = entry.dialing
                         ws = await dial(url, [OVERLAY_SUBPROTOCOL], headers,
                                         PEER_MAX_MESSAGE_BYTES,
+                                        ssl_context=self.config.tls(dialing)
+                                        if url[:4] == "wss:" else None,
                                         keep_headers=(ENCODING_HEADER, NODE_ID_HEADER),
-                                        connect_host=address)
+                                        connect_host=address,
+                                        compression=dialing.compression == "deflate",
+                                        keepalive=_keepalive(entry))
                     break
                 except (HandshakeFailed, OSError, trio.TooSlowError,
                         trio.BrokenResourceError) as exc:
                     log_event(log, logging.WARNING, "peer_dial_failed", peer=entry.id, url=url,
-                              reason=repr(exc))
+                              reason=tls_failure(exc) or repr(exc))
             if ws is not None:
                 backoff = 0.5
                 encoding = "msgpack" if ws.headers.get(ENCODING_HEADER) == "msgpack" else "json"
@@ -208,8 +215,10 @@ class Overlay:
         encoding = "msgpack" if upgrade.header(ENCODING_HEADER) == "msgpack" else "json"
         offered = upgrade.offered_subprotocols()
         upgrade.allow_messages_up_to(PEER_MAX_MESSAGE_BYTES)
+        entry = next((p for p in self.config.peers if p.id == peer_id), None)
         ws = await upgrade.accept(OVERLAY_SUBPROTOCOL if OVERLAY_SUBPROTOCOL in offered else None,
-                                  {ENCODING_HEADER: encoding, NODE_ID_HEADER: self.node_id})
+                                  {ENCODING_HEADER: encoding, NODE_ID_HEADER: self.node_id},
+                                  keepalive=_keepalive(entry) if entry is not None else None)
         await self._serve_link(peer_id, ws, encoding, "in")
 
     async def _serve_link(self, peer_id: str, ws: WsLink, encoding: str, direction: str) -> None:
@@ -223,7 +232,7 @@ class Overlay:
         link = PeerLink(self, peer_id, ws, encoding, self.new_exchange(peer_id))
         self.state.links[peer_id] = link
         log_event(log, logging.INFO, "peer_connected", peer=peer_id, encoding=encoding,
-                  direction=direction)
+                  direction=direction, compressed=ws.compressed)
         try:
             await link.run()
         finally:
@@ -284,3 +293,8 @@ class Overlay:
                                                                trio.current_time()))
             return
         await self.forwarder.route(link, frame)
+
+
+def _keepalive(entry: PeerEntry) -> Keepalive | None:
+    """The node's own pings on a peer link (dialled or accepted), per the peer's entry."""
+    return Keepalive.every(entry.dialing.ping_interval_s, entry.dialing.ping_timeout_s)

@@ -61,7 +61,7 @@ class FailoverLink:
         state = "failing_over" if self._moving else (
             "open" if self.current.closed is None else "closing")
         return LinkInfo(state, self.current.remote_address(), srv_backend=self.backend.name,
-                        priority=self.priority)
+                        priority=self.priority, compressed=self.current.compressed)
 
     async def get_message(self) -> str | bytes | Frame:
         while True:

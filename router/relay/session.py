@@ -23,7 +23,7 @@ import trio
 from policies import Outcome
 from router.config import NodeSection
 from router.logs import log_event
-from router.net.wslink import Link, LinkClosed
+from router.net.wslink import CLOSE_ABNORMAL, Link, LinkClosed
 from router.relay.gate import Gate
 from router.relay.ledger import Call, CallLedger, Finished, Lane, Offer, ReplyFn
 from router.relay.timer import CallTimer
@@ -82,6 +82,7 @@ class Side:
     source: str  # policy source name: the station identity or the backend name
     peer_keeps_signatures: bool  # whether the other side is given signatures
     closed_code: int | None = None
+    lost: str = ""  # why the node gave this link up itself (no pong, connection lost)
 
 
 class StationSession:
@@ -157,6 +158,8 @@ class StationSession:
                     message = await ws.get_message()
                 except LinkClosed as exc:
                     side.closed_code = exc.code
+                    if exc.code == CLOSE_ABNORMAL:
+                        side.lost = exc.reason[:80]
                     return
                 t0 = perf_counter_ns()
                 if type(message) is str:
@@ -455,7 +458,7 @@ class StationSession:
             station_code = station.closed_code
             backend_code = CLOSE_NORMAL if station.closed_code == CLOSE_NORMAL else CLOSE_GOING_AWAY
         else:
-            reason = "backend link closed"
+            reason = "backend link closed" + (f": {backend.lost}" if backend.lost else "")
             station_code = CLOSE_GOING_AWAY
             backend_code = backend.closed_code or CLOSE_GOING_AWAY
         for side in (station, backend):

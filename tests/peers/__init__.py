@@ -59,8 +59,11 @@ def edge_config(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     tls_ca: Path | None = None,
+    listen_extra: dict[str, object] | None = None,
+    backend_extra: dict[str, object] | None = None,
 ) -> str:
-    """Config text for one edge node in front of one primary backend at ``backend_url``."""
+    """Config text for one edge node in front of one primary backend at ``backend_url``;
+    ``listen_extra`` and ``backend_extra`` add keys to ``[listen]`` and ``[[backends]]``."""
     node: dict[str, object] = {
         "id": node_id,
         "call_timeout_s": call_timeout_s,
@@ -77,6 +80,7 @@ def edge_config(
     for key, path in (("tls_cert", tls_cert), ("tls_key", tls_key), ("tls_ca", tls_ca)):
         if path is not None:
             listen[key] = str(path)
+    listen.update(listen_extra or {})
     lines = ["[node]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in node.items()]
     lines += ["", "[listen]"]
@@ -91,6 +95,6 @@ def edge_config(
         'role = "primary"',
         f"url = {_toml_value(backend_url)}",
         f"auth = {_toml_value(backend_auth)}",
-        "",
     ]
-    return "\n".join(lines)
+    lines += [f"{k} = {_toml_value(v)}" for k, v in (backend_extra or {}).items()]
+    return "\n".join([*lines, ""])

@@ -125,6 +125,8 @@ class ConnectionRecord:
     offered_subprotocols: tuple[str, ...]
     authorization: str | None
     headers: dict[str, str]
+    extensions: str | None = None  # the CSMS's Sec-WebSocket-Extensions answer (agreed)
+    client_cn: str | None = None  # CN of the TLS client certificate, when one was shown
     closed: bool = False
     close_code: int | None = None  # code received from the peer (1006 if none)
     close_reason: str | None = None
@@ -262,6 +264,10 @@ class Csms:
         accept_signatures: model a CSMS that understands end-to-end signatures: a CALL's
             ``signatures`` member is recorded (in :meth:`frames`) and then removed before
             the ocpp package validates the payload against the official schema.
+        ssl: serve wss:// with this server context (e.g. one that requires client
+            certificates, for security profile 3).
+        compression: ``"deflate"`` (websockets' default: permessage-deflate when offered)
+            or ``None``.
     """
 
     def __init__(
@@ -272,8 +278,12 @@ class Csms:
         port: int = 0,
         response_timeout: float = 10.0,
         accept_signatures: bool = False,
+        ssl: Any = None,
+        compression: str | None = "deflate",
     ) -> None:
         self.accept_signatures = accept_signatures
+        self.ssl = ssl
+        self.compression = compression
         self.subprotocols = None if subprotocols is None else tuple(subprotocols)
         self.path = path.rstrip("/")
         self.port = port
@@ -297,7 +307,8 @@ class Csms:
     @property
     def url(self) -> str:
         """Base URL to configure as the node's backend (``<url>/<identity>`` is dialled)."""
-        return f"ws://127.0.0.1:{self.port}{self.path}"
+        scheme = "wss" if self.ssl is not None else "ws"
+        return f"{scheme}://127.0.0.1:{self.port}{self.path}"
 
     def station_url(self, identity: str) -> str:
         """Where a station would connect directly (without the node)."""
@@ -612,6 +623,8 @@ class Csms:
             select_subprotocol=self._select_subprotocol,
             process_request=self._process_request,
             max_size=None,
+            ssl=self.ssl,
+            compression=self.compression,
         )
         sockets = list(server.sockets)
         self.port = int(sockets[0].getsockname()[1])
@@ -637,6 +650,9 @@ class Csms:
             offered_subprotocols=tuple(offered),
             authorization=headers.get("Authorization"),
             headers={k: v for k, v in headers.raw_items()},
+            extensions=ws.response.headers.get("Sec-WebSocket-Extensions")
+            if ws.response is not None else None,
+            client_cn=_client_cn(ws),
         )
         with self._cond:
             raw = identity in self._raw
@@ -669,6 +685,13 @@ class Csms:
                 if self._live.get(identity) is link:
                     del self._live[identity]
                 self._cond.notify_all()
+
+    def blackhole(self, identity: str) -> None:
+        """Stop reading a station's connection, socket left open: no frames, no pongs, as
+        when a route drops every packet."""
+        link = self._link(identity)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(link.ws.transport.pause_reading)
 
     def _record_frame(self, link: _Link, message: str | bytes) -> None:
         identity = link.record.identity
@@ -768,3 +791,12 @@ def _without_signatures(message: str) -> str:
         frame[3] = {k: v for k, v in frame[3].items() if k != "signatures"}
         return json.dumps(frame)
     return message
+
+
+def _client_cn(ws: ServerConnection) -> str | None:
+    cert = ws.transport.get_extra_info("peercert")
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None

@@ -271,8 +271,10 @@ async def open_raw(
     headers: dict[str, str] | None = None,
     ssl: ssl_module.SSLContext | None = None,
     open_timeout: float = 10.0,
+    compression: str | None = "deflate",
 ) -> AsyncIterator[ClientConnection]:
-    """A bare WebSocket client (no OCPP logic) connected to ``url``."""
+    """A bare WebSocket client (no OCPP logic) connected to ``url``; it offers
+    permessage-deflate unless ``compression`` is None (websockets' default)."""
     ident = identity if identity is not None else _identity_from_url(url)
     async with connect(
         url,
@@ -282,6 +284,7 @@ async def open_raw(
         open_timeout=open_timeout,
         close_timeout=5.0,
         max_size=None,
+        compression=compression,
     ) as ws:
         yield ws
 
@@ -300,6 +303,7 @@ async def open_station(
     open_timeout: float = 10.0,
     reset_status: str = "Accepted",
     start_status: str = "Accepted",
+    compression: str | None = "deflate",
 ) -> AsyncIterator[Any]:
     """Connect an OCPP station of ``version`` ("1.6" or "2.0.1") to ``url`` and serve it.
 
@@ -317,6 +321,7 @@ async def open_station(
         headers=headers,
         ssl=ssl,
         open_timeout=open_timeout,
+        compression=compression,
     ) as ws:
         station = _CLASSES[version](
             ident,
