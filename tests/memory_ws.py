@@ -11,13 +11,15 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from router.net.wslink import WsLink
+from router.net.wslink import Keepalive, WsLink
 
 
-def ws_pair(subprotocol: str = "ocpp2.0.1", *, lockstep: bool = False) -> tuple[WsLink, WsLink]:
+def ws_pair(subprotocol: str = "ocpp2.0.1", *, lockstep: bool = False,
+            keepalive: Keepalive | None = None) -> tuple[WsLink, WsLink]:
     """An open WebSocket in memory: (the node's client link, the backend's server link).
 
-    With ``lockstep``, a send completes only when the other side reads (a busy backend).
+    With ``lockstep``, a send completes only when the other side reads (a busy backend);
+    ``keepalive`` makes the node's link ping a quiet backend.
     """
     node_stream: trio.abc.Stream
     backend_stream: trio.abc.Stream
@@ -39,4 +41,4 @@ def ws_pair(subprotocol: str = "ocpp2.0.1", *, lockstep: bool = False) -> tuple[
     client.events_received()
     assert client.state is State.OPEN and server.state is State.OPEN
     assert client.subprotocol == subprotocol
-    return WsLink(node_stream, client), WsLink(backend_stream, server)
+    return WsLink(node_stream, client, keepalive), WsLink(backend_stream, server)

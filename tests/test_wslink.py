@@ -9,7 +9,7 @@ import trio.testing
 from websockets.frames import Frame as WsFrame
 from websockets.frames import Opcode
 
-from router.net.wslink import LinkClosed
+from router.net.wslink import CLOSE_ABNORMAL, Keepalive, LinkClosed
 from router.wire.frames import CALL, Frame, encode_frame
 from tests.memory_ws import ws_pair
 
@@ -82,3 +82,46 @@ async def test_aclose_does_the_closing_handshake() -> None:
     assert node.info().state == "closing"
     assert backend.protocol.close_rcvd is not None
     assert backend.protocol.close_rcvd.reason == "bye"
+
+
+async def test_a_quiet_far_end_that_answers_pings_keeps_the_link(
+        autojump_clock: trio.testing.MockClock) -> None:
+    node, backend = ws_pair(keepalive=Keepalive(10.0, 5.0))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backend.get_message)  # reading answers pings; nothing else comes
+        with trio.move_on_after(100):
+            await node.get_message()
+        assert node.closed is None  # ten pings went out, ten pongs came back
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_far_end_that_stops_reading_is_dead_after_interval_plus_timeout(
+        autojump_clock: trio.testing.MockClock) -> None:
+    node, _backend = ws_pair(keepalive=Keepalive(10.0, 5.0))  # the backend never reads
+    start = trio.current_time()
+    with pytest.raises(LinkClosed) as caught:
+        await node.get_message()
+    assert trio.current_time() - start == pytest.approx(15.0)
+    assert caught.value.code == CLOSE_ABNORMAL
+    assert "no answer to a ping within 5 s" in caught.value.reason
+    assert node.closed == CLOSE_ABNORMAL
+
+
+async def test_traffic_postpones_the_ping(autojump_clock: trio.testing.MockClock) -> None:
+    node, backend = ws_pair(keepalive=Keepalive(10.0, 5.0))
+    pings: list[bytes] = []
+    send_ping = node.protocol.send_ping
+    node.protocol.send_ping = lambda data: (pings.append(bytes(data)), send_ping(data))[1]  # type: ignore[method-assign]
+    for _ in range(5):  # a message every 8 s: the node never needs to ping
+        await trio.sleep(8)
+        await backend.send_message('[2,"1","Heartbeat",{}]')
+        assert await node.get_message() == '[2,"1","Heartbeat",{}]'
+    assert pings == []
+    with trio.move_on_after(11):  # then 10 s of quiet: one ping
+        await node.get_message()
+    assert pings == [b""]
+
+
+def test_no_interval_means_no_keepalive() -> None:
+    assert Keepalive.every(0, 30) is None
+    assert Keepalive.every(20, 30) == Keepalive(20, 30)
