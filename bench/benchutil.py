@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -36,3 +37,14 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
         return math.nan
     rank = math.ceil(q / 100.0 * len(sorted_values))
     return sorted_values[min(max(rank, 1), len(sorted_values)) - 1]
+
+
+def stop_process(proc: subprocess.Popen[Any], wait_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after ``wait_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

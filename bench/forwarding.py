@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil  # type: ignore[import-untyped, unused-ignore]
-from benchutil import raise_nofile_limit
+from benchutil import raise_nofile_limit, stop_process
 from nginx import find_nginx, start_nginx
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -148,13 +148,7 @@ class LineProcess:
         return "\n--- stderr ---\n" + "\n".join(text.splitlines()[-30:]) if text else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def cpu_seconds(proc: psutil.Process | None) -> float:

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchutil import stop_process
+
 CONFIG = """\
 daemon off;
 master_process on;
@@ -120,13 +122,7 @@ class NginxProcess:
 
     def stop(self) -> None:
         """SIGTERM is nginx's fast shutdown: the master stops its workers, then exits."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_nginx(binary: str, backend_port: int, workdir: Path, connections: int) -> NginxProcess:

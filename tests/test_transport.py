@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from router.config import ConfigError, parse
+from router.config import ConfigError, DialSettings, parse
+from router.net.tls import OCPP_TLS12_CIPHERS, client_context
+from router.passwords import hash_password
 from tests.certs import Pki, make_pki
 from tests.nodeproc import NodeProcess, start_node
 from tests.overlay_support import PeerLink, overlay_config, routes_to, wait_log
@@ -95,6 +97,30 @@ def test_each_hop_negotiates_on_its_own(csms: Csms, plain_csms: Csms, tmp_path: 
         assert plain_csms.connections("DEF-3")[0].extensions is None
         event = node.wait_for_event("station_connected", station="DEF-3")
         assert event["station_compressed"] is True and event["backend_compressed"] is False
+    finally:
+        node.stop()
+
+
+def test_a_deflate_bomb_closes_only_its_link_with_1009(csms: Csms, tmp_path: Path) -> None:
+    """10 MB of JSON whitespace deflates to a few KiB; the node inflates no further than
+    max_message_bytes and closes that link with 1009. Another station keeps working."""
+    node = _node(edge_config(csms.url), tmp_path)
+
+    async def scenario() -> int | None:
+        async with open_station(node.url("BOMB-OK"), "1.6", identity="BOMB-OK") as other:
+            await other.boot()
+            async with open_raw(node.url("BOMB-1"), ("ocpp1.6",), identity="BOMB-1") as ws:
+                bomb = '[2,"b1","Heartbeat",{' + " " * 10_000_000 + "}]"
+                await ws.send(bomb)
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), STEP)
+                code = ws.close_code
+            assert (await other.heartbeat()).current_time == identity_time("BOMB-OK")
+            return code
+
+    try:
+        assert asyncio.run(scenario()) == 1009
+        assert not [c for c in csms.calls("BOMB-1") if c.action == "Heartbeat"]
     finally:
         node.stop()
 
@@ -234,6 +260,81 @@ def test_a_rotated_client_certificate_serves_the_next_station_after_sighup(
         assert len(mtls_csms.connections("ROT-1")) == 1
     finally:
         node.stop()
+
+
+def test_profile_3_on_both_hops(mtls_csms: Csms, pki: Pki, tmp_path: Path) -> None:
+    """The edge gateway of docs/operations.md: a station shows its certificate to the node
+    (CN = identity), the node shows its own to the CSMS; neither sees the other's."""
+    site = make_pki(tmp_path / "site", ca_name="Site CA")
+    config = edge_config(mtls_csms.url, security_profile=3, tls_cert=site.server_cert,
+                         tls_key=site.server_key, tls_ca=site.ca_cert,
+                         backend_extra=_tls_backend(pki, "edge-p3"))
+    node = _node(config, tmp_path / "node")
+    try:
+        url = node.url("P3-1").replace("ws://", "wss://")
+        _boot(url, "P3-1", ssl=site.client_context("P3-1"))
+        [record] = mtls_csms.connections("P3-1")
+        assert record.client_cn == "edge-p3"
+        # a station certificate for another identity does not get through
+        status, _ = asyncio.run(handshake_status(node.url("P3-2").replace("ws://", "wss://"),
+                                                 ("ocpp1.6",), ssl=site.client_context("P3-1")))
+        assert status == 403
+    finally:
+        node.stop()
+
+
+def test_a_rotated_listener_certificate_serves_the_next_station(
+        csms: Csms, tmp_path: Path) -> None:
+    old, new = make_pki(tmp_path / "old", "Old CA"), make_pki(tmp_path / "new", "New CA")
+    cert_file, key_file = tmp_path / "server.pem", tmp_path / "server.key"
+    cert_file.write_bytes(old.server_cert.read_bytes())
+    key_file.write_bytes(old.server_key.read_bytes())
+    node = _node(edge_config(csms.url, security_profile=2, tls_cert=cert_file,
+                             tls_key=key_file,
+                             stations=[{"match": "*", "password_hash": hash_password("pw")}]),
+                 tmp_path / "node")
+    trust_both = ssl.create_default_context(cafile=str(old.ca_cert))
+    trust_both.load_verify_locations(str(new.ca_cert))
+
+    async def issuer(identity: str) -> str:
+        url = node.url(identity).replace("ws://", "wss://")
+        async with open_raw(url, ("ocpp1.6",), identity=identity, password="pw",
+                            ssl=trust_both) as ws:
+            cert = ws.transport.get_extra_info("peercert")
+            return dict(rdn[0] for rdn in cert["issuer"])["commonName"]  # type: ignore[no-any-return]
+
+    try:
+        assert asyncio.run(issuer("ROTL-1")) == "Old CA"
+        cert_file.write_bytes(new.server_cert.read_bytes())
+        key_file.write_bytes(new.server_key.read_bytes())
+        node.proc.send_signal(signal.SIGHUP)
+        node.wait_for_event("reloaded")
+        assert asyncio.run(issuer("ROTL-2")) == "New CA"
+    finally:
+        node.stop()
+
+
+def test_a_tls12_only_csms_gets_an_ocpp_suite(pki: Pki, tmp_path: Path) -> None:
+    """A00.FR.313/318: TLS 1.2 at least, with the Part 2 suites; a CSMS that stops at 1.2
+    and offers only ECDHE-ECDSA AES-256-GCM is reached."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-ECDSA-AES256-GCM-SHA384")
+    with Csms(ssl=ctx) as csms12:
+        node = _node(edge_config(csms12.url, backend_extra={"tls_ca": str(pki.ca_cert)}),
+                     tmp_path)
+        try:
+            _boot(node.url("TLS12-1"), "TLS12-1")
+            assert csms12.connections("TLS12-1")
+        finally:
+            node.stop()
+    dialing = DialSettings(tls_ca=pki.ca_cert)
+    client = client_context(dialing)
+    assert client.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert client.check_hostname and client.verify_mode == ssl.CERT_REQUIRED
+    tls12 = [c["name"] for c in client.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert tls12 == OCPP_TLS12_CIPHERS.split(":")
 
 
 def test_a_mismatched_or_unreadable_pair_is_a_config_error(pki: Pki, tmp_path: Path) -> None:

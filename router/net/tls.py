@@ -15,15 +15,18 @@ from typing import Any
 
 from router.config import Config, DialSettings, ListenSection
 
-# TLS 1.2 suites of OCPP 2.x Part 2 (security profiles 2 and 3): the ECDHE-ECDSA AES-GCM
-# pair every CSMS and station must support, and the ECDHE-RSA pair for RSA certificates.
-# The RSA-key-exchange suites it also lists lack forward secrecy and are left out. TLS 1.3
-# suites are OpenSSL's defaults (all AEAD) and are not affected by this list.
+# TLS 1.2 suites. OCPP 2.x Part 2 A00.FR.318 has a CSMS support the ECDHE-ECDSA and the
+# RSA-key-exchange AES-GCM pairs, and A00.FR.319 a station one pair or the other, so all
+# four are here (a station or CSMS that only has the RSA pair still connects); ECDHE-RSA
+# (forward secrecy with an RSA certificate, which A00.FR.319 recommends over TLS_RSA) is
+# preferred to them. TLS 1.3 suites are OpenSSL's (all AEAD) and not affected by this list.
 OCPP_TLS12_CIPHERS = ":".join((
     "ECDHE-ECDSA-AES128-GCM-SHA256",
     "ECDHE-ECDSA-AES256-GCM-SHA384",
     "ECDHE-RSA-AES128-GCM-SHA256",
     "ECDHE-RSA-AES256-GCM-SHA384",
+    "AES128-GCM-SHA256",
+    "AES256-GCM-SHA384",
 ))
 
 

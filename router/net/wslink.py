@@ -10,6 +10,8 @@ messages and the trio I/O. Measured against trio-websocket in ``docs/architectur
 
 from __future__ import annotations
 
+import contextlib
+import math
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,12 +24,14 @@ from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from router.net.keepalive import watch
 from router.wire.frames import Frame, encode_frame
 
 Buffer = bytes | bytearray | memoryview
 RECEIVE_BYTES = 65536
 CLOSE_ABNORMAL = 1006
 CLOSE_INVALID_DATA = 1007
+_NOT_SINCE_PING = -math.inf  # a link's last read time while its ping waits for an answer
 
 
 class Keepalive(NamedTuple):
@@ -89,8 +93,9 @@ class Link(Protocol):
 class WsLink:
     """An open WebSocket: whole text (str) or binary (bytes) messages in, text out."""
 
-    __slots__ = ("_inbox", "_keepalive", "_lock", "_next", "_opcode", "_parts", "_pinged",
-                 "_quiet_until", "_raw", "headers", "protocol", "stream", "subprotocol")
+    __slots__ = ("__weakref__", "_inbox", "_keepalive", "_last_read", "_lock", "_lost", "_next",
+                 "_opcode", "_parts", "_pinged_at", "_raw", "headers", "protocol", "stream",
+                 "subprotocol")
 
     def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol | ClientProtocol,
                  keepalive: Keepalive | None = None) -> None:
@@ -107,8 +112,12 @@ class WsLink:
         self._raw = _raw_socket(stream)
         self.headers: dict[str, str] = {}  # handshake headers the caller asked to keep
         self._keepalive = keepalive
-        self._pinged = False
-        self._quiet_until = trio.current_time() + keepalive.interval_s if keepalive else 0.0
+        self._lost = ""  # why the node gave the link up itself
+        self._pinged_at: float | None = None
+        self._last_read = 0.0
+        if keepalive is not None:
+            self._last_read = trio.current_time()
+            watch(self, self._last_read + keepalive.interval_s)
 
     @property
     def closed(self) -> int | None:
@@ -128,7 +137,7 @@ class WsLink:
     def _close_reason(self) -> str:
         proto = self.protocol
         close = proto.close_rcvd or proto.close_sent
-        return close.reason if close is not None else ""
+        return close.reason if close is not None else self._lost
 
     async def get_message(self) -> str | bytes:
         """The next whole message; raises LinkClosed once the WebSocket has closed."""
@@ -140,8 +149,9 @@ class WsLink:
                 self._next = 0
             if proto.state is not State.OPEN:
                 raise LinkClosed(self._close_code(), self._close_reason())
-            data = await (self._receive() if self._keepalive is None
-                          else self._receive_or_ping(self._keepalive))
+            data = await self._receive()
+            if self._keepalive is not None:
+                self._last_read = trio.current_time()
             if data:
                 proto.receive_data(data)
                 self._take_events()
@@ -154,25 +164,35 @@ class WsLink:
         self._next += 1
         return message
 
-    async def _receive_or_ping(self, keepalive: Keepalive) -> bytes | bytearray:
-        """Next bytes, pinging the far end when it has been quiet for the interval; a far
-        end that sends nothing back within the timeout is dead (a half-open TCP
-        connection, a blackholed route): LinkClosed 1006, the socket dropped."""
-        while True:
-            with trio.move_on_at(self._quiet_until):
-                data = await self._receive()
-                self._quiet_until = trio.current_time() + keepalive.interval_s
-                self._pinged = False
-                return data
-            if self._pinged:
-                self.protocol.state = State.CLOSED
-                await trio.aclose_forcefully(self.stream)
-                raise LinkClosed(CLOSE_ABNORMAL, f"no answer to a ping within "
-                                 f"{keepalive.timeout_s:g} s")
-            self._pinged = True
-            self._quiet_until = trio.current_time() + keepalive.timeout_s
+    def keepalive_due(self, now: float, nursery: trio.Nursery) -> float | None:
+        """The keepalive watcher's look (router.net.keepalive): ping a link quiet for the
+        interval; drop one that sent nothing back within the timeout of the ping (a
+        half-open TCP connection, a blackholed route). Its reader then sees LinkClosed
+        1006 with the reason."""
+        keepalive = self._keepalive
+        if keepalive is None or self.protocol.state is not State.OPEN:
+            return None
+        pinged_at = self._pinged_at
+        if pinged_at is not None and self._last_read == _NOT_SINCE_PING:
+            if now < pinged_at + keepalive.timeout_s:
+                return pinged_at + keepalive.timeout_s
+            self._lost = f"no answer to a ping within {keepalive.timeout_s:g} s"
+            self.protocol.state = State.CLOSED
+            nursery.start_soon(trio.aclose_forcefully, self.stream)
+            return None
+        self._pinged_at = None
+        quiet_until = self._last_read + keepalive.interval_s
+        if now < quiet_until:
+            return quiet_until
+        # any read from now on replaces the marker with its time: an answer
+        self._pinged_at, self._last_read = now, _NOT_SINCE_PING
+        nursery.start_soon(self._ping)
+        return now + keepalive.timeout_s
+
+    async def _ping(self) -> None:
+        if self.protocol.state is State.OPEN:
             self.protocol.send_ping(b"")
-            with trio.move_on_at(self._quiet_until):  # a writer stuck on a full socket
+            with contextlib.suppress(LinkClosed):
                 await self._flush()
 
     async def _receive(self) -> bytes | bytearray:
