@@ -16,17 +16,27 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
 from trio.lowlevel import RunVar, spawn_system_task
 
+log = logging.getLogger("router.net")
+
+
+class Spawner(Protocol):
+    """Where a link starts its ping or its closing (errors there are logged)."""
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None: ...
+
 
 class Watched(Protocol):
     """What the watcher asks of a link."""
 
-    def keepalive_due(self, now: float, nursery: trio.Nursery) -> float | None:
+    def keepalive_due(self, now: float, nursery: Spawner) -> float | None:
         """Look at the link now (ping it, or call it dead, in ``nursery``); the time of
         the next look, or None when the link needs no more."""
         ...
@@ -59,9 +69,32 @@ class _Watcher:
                     link = ref()
                     if link is None:
                         continue  # gone: nothing to ping
-                    at = link.keepalive_due(now, nursery)
+                    try:
+                        at = link.keepalive_due(now, _Guarded(nursery))
+                    except Exception:
+                        # a system task that raises ends the whole run: a bug here may
+                        # cost this link its pings, never the node
+                        log.exception("keepalive look failed")
+                        continue
                     if at is not None:
                         self._push(at, link)
+
+
+class _Guarded:
+    """The watcher's nursery, handing out tasks whose errors are logged, not raised."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        self._nursery.start_soon(_logged, fn, *args)
+
+
+async def _logged(fn: Callable[..., Awaitable[object]], *args: object) -> None:
+    try:
+        await fn(*args)
+    except Exception:
+        log.exception("keepalive task failed")
 
 
 _WATCHER: RunVar[_Watcher] = RunVar("keepalive_watcher")

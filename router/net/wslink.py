@@ -24,7 +24,7 @@ from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from router.net.keepalive import watch
+from router.net.keepalive import Spawner, watch
 from router.wire.frames import Frame, encode_frame
 
 Buffer = bytes | bytearray | memoryview
@@ -164,7 +164,7 @@ class WsLink:
         self._next += 1
         return message
 
-    def keepalive_due(self, now: float, nursery: trio.Nursery) -> float | None:
+    def keepalive_due(self, now: float, nursery: Spawner) -> float | None:
         """The keepalive watcher's look (router.net.keepalive): ping a link quiet for the
         interval; drop one that sent nothing back within the timeout of the ping (a
         half-open TCP connection, a blackholed route). Its reader then sees LinkClosed
