@@ -157,6 +157,10 @@ class Node:
             gate = Gate.from_config(config)
             # certificates and keys are read again: a rotated file serves new connections
             tls = TlsContexts(config)
+            if config.listen.security_profile != self.config.listen.security_profile:
+                # TLS on or off, client certificates or not: a restart decides that, so
+                # the listener keeps speaking as it did (reported below)
+                tls.server = self.tls.server
             rekey = (config.trust, config.node.key) != (self.config.trust, self.config.node.key)
             if rekey:
                 # checked now, applied below: a bad key file keeps the old config

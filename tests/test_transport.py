@@ -360,10 +360,47 @@ def test_a_mismatched_or_unreadable_pair_is_a_config_error(pki: Pki, tmp_path: P
               '[[backends]]\nname = "c"\nurl = "ws://csms.example/ocpp"\n'
               f'tls_ca = "{pki.ca_cert}"\n',
               "node.toml", tmp_path)
+    # an encrypted key would make OpenSSL prompt on the terminal: refused instead
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    cert_c, key_c = pki.client("pair-c")
+    locked = tmp_path / "locked.key"
+    locked.write_bytes(load_pem_private_key(key_c.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    assert "encrypted" in problems(f'tls_cert = "{cert_c}"\ntls_key = "{locked}"\n')
+    assert "at least 0.1 s" in problems("ping_interval_s = 0.001\n")
+    # the scheme is case-insensitive, as URLs are
+    parse('[node]\nid = "n"\n[listen]\nsecurity_profile = 0\n[[stations]]\nmatch = "*"\n'
+          f'[[backends]]\nname = "c"\nurl = "WSS://csms.example/ocpp"\ntls_ca = "{pki.ca_cert}"\n',
+          "node.toml", tmp_path)
     with pytest.raises(ConfigError, match="compression"):
         parse('[node]\nid = "n"\n[listen]\nsecurity_profile = 0\ncompression = "gzip"\n'
               '[[stations]]\nmatch = "*"\n[[backends]]\nname = "c"\nurl = "ws://c/ocpp"\n',
               "node.toml", tmp_path)
+
+
+def test_a_reload_cannot_switch_tls_on_or_off(csms: Csms, pki: Pki, tmp_path: Path) -> None:
+    """security_profile needs a restart: a reload that changes it says so, and the
+    listener goes on speaking as before (no TLS dropped, none added) until then."""
+    password_hash = hash_password("pw")
+    config = edge_config(csms.url, security_profile=1,
+                         stations=[{"match": "*", "password_hash": password_hash}])
+    node = _node(config, tmp_path)
+    try:
+        to_tls = edge_config(csms.url, security_profile=2, tls_cert=pki.server_cert,
+                             tls_key=pki.server_key,
+                             stations=[{"match": "*", "password_hash": password_hash}])
+        node.config_path.write_text(to_tls)
+        node.proc.send_signal(signal.SIGHUP)
+        reloaded = node.wait_for_event("reloaded")
+        assert "listen" in reloaded["needs_restart"]
+        status, _ = asyncio.run(handshake_status(node.url("PROF-1"), ("ocpp1.6",),
+                                                 password="pw"))
+        assert status == 101  # still plain ws:// as started
+    finally:
+        node.stop()
 
 
 def test_a_reload_with_a_broken_key_keeps_the_old_certificates(

@@ -125,3 +125,14 @@ async def test_traffic_postpones_the_ping(autojump_clock: trio.testing.MockClock
 def test_no_interval_means_no_keepalive() -> None:
     assert Keepalive.every(0, 30) is None
     assert Keepalive.every(20, 30) == Keepalive(20, 30)
+
+
+async def test_a_reader_busy_elsewhere_is_neither_pinged_nor_declared_dead(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The session's reader of a link may wait minutes on the other link (a station that
+    does not drain); an answer could sit unread, so the watcher only looks again."""
+    node, backend = ws_pair(keepalive=Keepalive(10.0, 5.0))
+    await trio.sleep(100)  # nobody reads the node's link
+    assert node.closed is None
+    await backend.send_message('[2,"1","Heartbeat",{}]')
+    assert await node.get_message() == '[2,"1","Heartbeat",{}]'

@@ -86,8 +86,9 @@ class BackendDialer:
             try:
                 with trio.fail_after(self._settings().connect_timeout_s):
                     host = urlsplit(url).hostname or ""
+                    secure = url[:4].lower() == "wss:"
                     ws = await dial(url, offered, headers, self.max_message_bytes,
-                                    ssl_context=self._tls(dialing) if url[:4] == "wss:" else None,
+                                    ssl_context=self._tls(dialing) if secure else None,
                                     connect_host=await self.dns.address(host),
                                     compression=dialing.compression == "deflate",
                                     keepalive=Keepalive.every(dialing.ping_interval_s,

@@ -361,7 +361,7 @@ class Secondary:
             with trio.fail_after(self.context.settings().connect_timeout_s):
                 dialing = self.entry.dialing
                 ws = await dial(url, [subprotocol], {}, self.context.max_message_bytes,
-                                ssl_context=self.context.tls(dialing) if url[:4] == "wss:"
+                                ssl_context=self.context.tls(dialing) if url[:4].lower() == "wss:"
                                 else None,
                                 compression=dialing.compression == "deflate",
                                 keepalive=Keepalive.every(dialing.ping_interval_s,

@@ -198,7 +198,7 @@ def _dialing(c: _Checker, t: dict[str, Any], base: str, root: Path, url: str,
     if ("tls_cert" in t) != ("tls_key" in t):
         c.fail(f"{base}.tls_cert", "tls_cert and tls_key go together: the node's client "
                "certificate chain and its private key")
-    secure = url.startswith("wss://") if url else scheme == "wss"
+    secure = urlsplit(url).scheme == "wss" if url else scheme == "wss"
     if not secure and any(k in t for k in ("tls_ca", "tls_cert", "tls_key")):
         c.fail(f"{base}.tls_ca", "TLS settings need a wss:// url (or scheme = \"wss\")")
     if (tls_cert is not None and tls_key is not None) or tls_ca is not None:
@@ -208,9 +208,21 @@ def _dialing(c: _Checker, t: dict[str, Any], base: str, root: Path, url: str,
         tls_ca=tls_ca,
         tls_cert=tls_cert,
         tls_key=tls_key,
-        ping_interval_s=c.number(t, base, "ping_interval_s", 60.0, 0.0, 86400.0),
+        ping_interval_s=_ping_interval(c, t, base, 60.0),
         ping_timeout_s=c.number(t, base, "ping_timeout_s", 30.0, 0.1, 3600.0),
     )
+
+
+def _ping_interval(c: _Checker, t: dict[str, Any], base: str, default: float) -> float:
+    value = c.number(t, base, "ping_interval_s", default, 0.0, 86400.0)
+    if 0 < value < 0.1:
+        c.fail(f"{base}.ping_interval_s", "must be 0 (no pings) or at least 0.1 s")
+    return value
+
+
+def _no_password() -> str:
+    raise ValueError("the private key is encrypted: give the node an unencrypted key "
+                     "file and protect it with file permissions")
 
 
 def _check_tls_files(c: _Checker, base: str, cert: Path | None, key: Path | None,
@@ -219,7 +231,7 @@ def _check_tls_files(c: _Checker, base: str, cert: Path | None, key: Path | None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if cert is not None and key is not None:
         try:
-            context.load_cert_chain(str(cert), str(key))
+            context.load_cert_chain(str(cert), str(key), password=_no_password)
         except (ssl.SSLError, OSError, ValueError) as exc:
             c.fail(f"{base}.tls_cert", f"cannot load {cert} and {key} as a certificate chain "
                    f"and its private key: {_ssl_reason(exc)}")
@@ -300,7 +312,7 @@ def _listen(c: _Checker, raw: dict[str, Any], root: Path) -> ListenSection:
         max_handshakes=c.integer(t, "listen", "max_handshakes", 1024, 1, 1_000_000),
         max_auth_failures=c.integer(t, "listen", "max_auth_failures", 30, 1, 1_000_000),
         compression=_compression(c, t, "listen"),
-        ping_interval_s=c.number(t, "listen", "ping_interval_s", 0.0, 0.0, 86400.0),
+        ping_interval_s=_ping_interval(c, t, "listen", 0.0),
         ping_timeout_s=c.number(t, "listen", "ping_timeout_s", 30.0, 0.1, 3600.0),
     )
 

@@ -208,9 +208,9 @@ async def dial(
                     # TLS 1.3 lets a server check the client's certificate after our side
                     # of the handshake is done: a refusal is then a closed connection
                     raise HandshakeFailed(
-                        "TLS: the server closed the connection without answering the upgrade "
-                        "(as a server that requires a client certificate does when it gets "
-                        "none, or one it does not trust: see tls_cert)")
+                        "TLS: the server closed the connection without answering the upgrade; "
+                        "a server that requires a client certificate does so when it gets "
+                        "none (tls_cert) or one it does not trust")
                 proto.receive_eof()
             else:
                 answered = True

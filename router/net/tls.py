@@ -38,12 +38,17 @@ def server_context(listen: ListenSection) -> ssl.SSLContext | None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(OCPP_TLS12_CIPHERS)
-    ctx.load_cert_chain(str(listen.tls_cert), str(listen.tls_key))
+    ctx.load_cert_chain(str(listen.tls_cert), str(listen.tls_key), password=_no_password)
     if listen.security_profile == 3:
         assert listen.tls_ca is not None
         ctx.load_verify_locations(str(listen.tls_ca))
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def _no_password() -> str:
+    # OpenSSL would prompt on the terminal for an encrypted key, stalling the node
+    raise ValueError("the private key is encrypted; give the node an unencrypted key file")
 
 
 def client_context(dialing: DialSettings) -> ssl.SSLContext:
@@ -55,7 +60,7 @@ def client_context(dialing: DialSettings) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(OCPP_TLS12_CIPHERS)
     if dialing.tls_cert is not None and dialing.tls_key is not None:
-        ctx.load_cert_chain(str(dialing.tls_cert), str(dialing.tls_key))
+        ctx.load_cert_chain(str(dialing.tls_cert), str(dialing.tls_key), password=_no_password)
     return ctx
 
 

@@ -94,8 +94,8 @@ class WsLink:
     """An open WebSocket: whole text (str) or binary (bytes) messages in, text out."""
 
     __slots__ = ("__weakref__", "_inbox", "_keepalive", "_last_read", "_lock", "_lost", "_next",
-                 "_opcode", "_parts", "_pinged_at", "_raw", "headers", "protocol", "stream",
-                 "subprotocol")
+                 "_opcode", "_parts", "_pinged_at", "_raw", "_reading", "headers", "protocol",
+                 "stream", "subprotocol")
 
     def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol | ClientProtocol,
                  keepalive: Keepalive | None = None) -> None:
@@ -115,6 +115,7 @@ class WsLink:
         self._lost = ""  # why the node gave the link up itself
         self._pinged_at: float | None = None
         self._last_read = 0.0
+        self._reading = False  # the link's reader waits on the socket (keepalive only)
         if keepalive is not None:
             self._last_read = trio.current_time()
             watch(self, self._last_read + keepalive.interval_s)
@@ -149,8 +150,12 @@ class WsLink:
                 self._next = 0
             if proto.state is not State.OPEN:
                 raise LinkClosed(self._close_code(), self._close_reason())
-            data = await self._receive()
-            if self._keepalive is not None:
+            if self._keepalive is None:
+                data = await self._receive()
+            else:
+                self._reading = True
+                data = await self._receive()
+                self._reading = False
                 self._last_read = trio.current_time()
             if data:
                 proto.receive_data(data)
@@ -172,6 +177,13 @@ class WsLink:
         keepalive = self._keepalive
         if keepalive is None or self.protocol.state is not State.OPEN:
             return None
+        if not self._reading:
+            # the reader is busy elsewhere (forwarding into a slow station): an answer
+            # could be waiting unread, so neither quiet nor dead can be told; look later
+            self._pinged_at = None
+            if self._last_read == _NOT_SINCE_PING:
+                self._last_read = now
+            return now + keepalive.interval_s
         pinged_at = self._pinged_at
         if pinged_at is not None and self._last_read == _NOT_SINCE_PING:
             if now < pinged_at + keepalive.timeout_s:

@@ -166,7 +166,7 @@ class Overlay:
                         ws = await dial(url, [OVERLAY_SUBPROTOCOL], headers,
                                         PEER_MAX_MESSAGE_BYTES,
                                         ssl_context=self.config.tls(dialing)
-                                        if url[:4] == "wss:" else None,
+                                        if url[:4].lower() == "wss:" else None,
                                         keep_headers=(ENCODING_HEADER, NODE_ID_HEADER),
                                         connect_host=address,
                                         compression=dialing.compression == "deflate",
