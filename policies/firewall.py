@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from policies.canonical import CanonicalError, canonicalize
-from policies.policy import KeyEntry, Outcome, Policy, Rule
+from policies.jws import Certificate, inner_action, verify_jws
+from policies.policy import KeyEntry, Outcome, Policy, Requirement, Rule
 from policies.ratelimit import RateLimiter
 from policies.replay import ReplayCache
 from policies.schemas import SchemaValidator
@@ -128,7 +129,8 @@ class Firewall:
     share one :class:`SchemaValidator`; by default one is made if the policy validates.
     """
 
-    __slots__ = ("_by_der", "_by_key_id", "_horizon", "_replay", "_rules", "_schemas", "policy")
+    __slots__ = ("_by_der", "_by_key_id", "_by_x5t", "_certificates", "_horizon", "_replay",
+                 "_rules", "_schemas", "policy")
 
     def __init__(
         self,
@@ -142,9 +144,14 @@ class Firewall:
         self._rules = tuple(_Compiled(r, policy, rate_sources) for r in policy.rules)
         self._replay = ReplayCache(replay_capacity)
         self._horizon = policy.replay_horizon_s
-        self._by_key_id: dict[str, KeyEntry] = {k.key_id: k for k in policy.keys}
-        self._by_der: dict[bytes, KeyEntry] = {base64.b64decode(k.key_id): k
-                                               for k in policy.keys}
+        wwcp = [k for k in policy.keys if k.public_key is not None]
+        self._by_key_id: dict[str, KeyEntry] = {k.key_id: k for k in wwcp}
+        self._by_der: dict[bytes, KeyEntry] = {base64.b64decode(k.key_id): k for k in wwcp}
+        # OCPP 2.1 Signed Messages: signers by their certificate's x5t#S256
+        self._by_x5t: dict[str, KeyEntry] = {k.certificate.x5t: k for k in policy.keys
+                                             if k.certificate is not None}
+        self._certificates: dict[str, Certificate] = {
+            x5t: k.certificate for x5t, k in self._by_x5t.items() if k.certificate is not None}
         if schemas is None and policy.uses_schemas:
             schemas = SchemaValidator()
         self._schemas = schemas
@@ -211,8 +218,10 @@ class Firewall:
                              f"not {direction!r}")
         if kind not in _KINDS:
             raise ValueError(f"message must be one of {', '.join(_KINDS)}, not {kind!r}")
+        # rules name the plain action: "Reset" covers "Reset-Signed" (Part 4 chapter 7)
+        matched = inner_action(action) or action
         for compiled in self._rules:
-            why_not = compiled.mismatch(action, direction, source, kind)
+            why_not = compiled.mismatch(matched, direction, source, kind)
             if why_not is None:
                 decision = self._apply(compiled, action, direction, source, payload, now, kind,
                                        version, record)
@@ -259,10 +268,13 @@ class Firewall:
         canonical: bytes | None = None
         key_names: tuple[str, ...] = ()
         if rule.require is not None:
-            verdict = self._requirement(rule, action, direction, payload, now, record)
+            verdict = self._requirement(rule, action, direction, payload, now, record, kind)
             if isinstance(verdict, str):
                 return Decision(Outcome.REJECT, rule.name, verdict)
             canonical, key_names = verdict
+        if rule.sign and inner_action(action) is not None:
+            return Decision(Outcome.REJECT, rule.name, "cannot countersign a signed message "
+                            "(JWS): its payload is the signer's")
         if rule.sign:
             problem = _countersign_problem(payload)
             if problem is not None:
@@ -282,8 +294,8 @@ class Firewall:
 
     def _schema_problem(self, action: str, kind: str, payload: object,
                         version: str | None) -> str | None:
-        if version is None or self._schemas is None:
-            return None
+        if version is None or self._schemas is None or inner_action(action) is not None:
+            return None  # a signed message's payload is a JWS: its signature is the check
         plain = without_signatures(payload) if isinstance(payload, Mapping) else payload
         problem = self._schemas.validate(version, action, kind, plain)
         return None if problem is None else f"schema: {problem}"
@@ -311,10 +323,13 @@ class Firewall:
         payload: object,
         now: float,
         record: bool,
+        kind: str = "call",
     ) -> tuple[bytes, tuple[str, ...]] | str:
         """The canonical payload and the counted key names, or why ``require`` fails."""
         require = rule.require
         assert require is not None
+        if inner_action(action) is not None:
+            return self._jws_requirement(require, action, kind, payload, now, record)
         entries = signature_entries(payload)
         if isinstance(entries, RejectedSignature):
             return f"needs {require.describe()}; {entries}"
@@ -363,6 +378,29 @@ class Firewall:
             for digest, stamp in digests:
                 self._replay.add(digest, stamp + horizon, now)
         return content.canonical_payload, tuple(counted)
+
+    def _jws_requirement(self, require: Requirement, action: str, kind: str, payload: object,
+                         now: float, record: bool) -> tuple[bytes, tuple[str, ...]] | str:
+        """``require`` met by an OCPP 2.1 Signed Message: one JWS, one signer."""
+        if require.count > 1:
+            return (f"needs {require.describe()}; a signed message (JWS) carries one "
+                    "signature")
+        message_type = 3 if kind == "result" else 2
+        result = verify_jws(payload, action, message_type, self._certificates, now)
+        if isinstance(result, RejectedSignature):
+            return f"needs {require.describe()}; {result.reason}"
+        key = self._by_x5t[result.x5t]
+        if require.roles and not key.roles & require.roles:
+            return (f"needs {require.describe()}; the signing certificate ({key.id}) lacks "
+                    f"role {' or '.join(sorted(require.roles))}")
+        if self._replay.seen(result.digest, now):
+            return f"needs {require.describe()}; the signature was seen before (replayed)"
+        if record:
+            if self._replay.room(now) < 1:
+                return (f"needs {require.describe()}; the replay memory is full "
+                        f"({self._replay.capacity} recent signatures)")
+            self._replay.add(result.digest, now + max(self._horizon, require.max_age_s), now)
+        return b"", (key.id,)
 
 
 def _countersign_problem(payload: object) -> str | None:

@@ -77,6 +77,7 @@ class Certificate:
     not_before: float  # POSIX seconds
     not_after: float
     jwk: ECKey | RSAKey
+    public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 
 def load_certificate(pem: bytes) -> Certificate:
@@ -100,6 +101,7 @@ def load_certificate(pem: bytes) -> Certificate:
         not_before=cert.not_valid_before_utc.timestamp(),
         not_after=cert.not_valid_after_utc.timestamp(),
         jwk=key,
+        public_key=public,
     )
 
 

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from policies.jws import Certificate, CertificateError, load_certificate
 from policies.signatures import (
     MAX_SIGNATURES,
     KeyFormatError,
@@ -65,8 +68,13 @@ class KeyEntry:
     key_id: str
     roles: frozenset[str]
     algorithm: str
-    public_key: PublicKey = field(compare=False, repr=False)
+    # the WWCP-form key; None for an entry given by ``certificate`` with a key that form
+    # cannot use (RSA)
+    public_key: PublicKey | None = field(compare=False, repr=False)
     line: int | None = None
+    # ``certificate = "file.pem"``: verifies OCPP 2.1 Signed Messages (JWS), found by its
+    # x5t#S256 thumbprint, and the WWCP form too when its key is P-256
+    certificate: Certificate | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,7 +392,7 @@ def _keys(c: _Checker, raw: Any, root: Path) -> tuple[KeyEntry, ...]:
     seen_keys: dict[str, str] = {}
     for i, item in enumerate(_array(c, raw, "keys")):
         path: _Path = ("keys", i)
-        t = c.table(item, path, ("id", "public_key", "roles", "description"))
+        t = c.table(item, path, ("id", "public_key", "certificate", "roles", "description"))
         if t is None:
             continue
         key_name = c.string(t, path, "id", required=True, max_len=64)
@@ -393,6 +401,26 @@ def _keys(c: _Checker, raw: Any, root: Path) -> tuple[KeyEntry, ...]:
         names.add(key_name or "")
         roles = c.strings(t, path, "roles", ())
         c.string(t, path, "description", max_len=1000)
+        certificate: Certificate | None = None
+        if "certificate" in t:
+            if "public_key" in t:
+                c.fail((*path, "certificate"), "give public_key or certificate, not both")
+            cert_file = c.string(t, path, "certificate", required=True, max_len=4096)
+            certificate = (_certificate(c, (*path, "certificate"), cert_file, root)
+                           if cert_file else None)
+            if certificate is None or key_name is None:
+                continue
+            if certificate.x5t in seen_keys:
+                c.fail((*path, "certificate"), f"the same certificate as "
+                                               f"{seen_keys[certificate.x5t]!r}")
+                continue
+            seen_keys[certificate.x5t] = key_name
+            public = certificate.public_key
+            wwcp = public if isinstance(public, ec.EllipticCurvePublicKey) else None
+            entries.append(KeyEntry(key_name, key_id_of(wwcp) if wwcp else certificate.x5t,
+                                    frozenset(roles), "JWS", wwcp, c.lines.find(path),
+                                    certificate))
+            continue
         source = c.string(t, path, "public_key", required=True, max_len=4096)
         public_key = _public_key(c, (*path, "public_key"), source, root) if source else None
         if public_key is None or key_name is None:
@@ -408,6 +436,17 @@ def _keys(c: _Checker, raw: Any, root: Path) -> tuple[KeyEntry, ...]:
 
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+
+
+def _certificate(c: _Checker, path: _Path, source: str, root: Path) -> Certificate | None:
+    try:
+        return load_certificate((root / source).read_bytes())
+    except OSError as exc:
+        c.fail(path, f"{source}: {exc.strerror or exc} (a PEM certificate, relative to the "
+                     "policy)")
+    except CertificateError as exc:
+        c.fail(path, f"{source}: {exc}")
+    return None
 
 
 def _public_key(c: _Checker, path: _Path, source: str, root: Path) -> PublicKey | None:

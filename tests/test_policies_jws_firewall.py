@@ -1,0 +1,126 @@
+"""Signed Messages (JWS) in the firewall: certificate keys in the policy, rules that name
+the plain action, roles, replay, and what a JWS cannot do (be counter-signed, count twice).
+JWS made by hand with ``cryptography`` (tests/test_policies_jws.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from policies import Firewall, Outcome, PolicyError
+from policies.policy import parse_policy
+from tests.test_policies_jws import CALLRESULT, NOW, Signer
+
+T = NOW.timestamp()
+
+
+@pytest.fixture(scope="module")
+def signers() -> dict[str, Signer]:
+    return {"admin": Signer(cn="admin"), "operator": Signer("RS256", cn="operator"),
+            "dso": Signer(cn="dso")}
+
+
+def policy(tmp_path: Path, signers: dict[str, Signer], rules: str) -> Firewall:
+    keys = ""
+    for name, signer in signers.items():
+        (tmp_path / f"{name}.pem").write_bytes(signer.pem)
+        role = {"admin": "admin", "operator": "admin", "dso": "dso"}[name]
+        keys += f'[[keys]]\nid = "{name}"\ncertificate = "{name}.pem"\nroles = ["{role}"]\n\n'
+    text = f'default = "forward"\n\n{keys}{rules}'
+    return Firewall(parse_policy(text, "p.toml", tmp_path))
+
+
+RESET_RULE = '''[[rules]]
+name = "reset-needs-admin"
+actions = ["Reset"]
+direction = "to-station"
+then = "forward"
+require = { roles = ["admin"] }
+'''
+
+
+def test_a_signed_reset_by_an_admin_certificate_passes_the_plain_rule(
+        tmp_path: Path, signers: dict[str, Signer]) -> None:
+    fw = policy(tmp_path, signers, RESET_RULE)
+    for name in ("admin", "operator"):  # ES256 and RS256 certificates
+        decision = fw.decide("Reset-Signed", "to-station", "csms", signers[name].reset(), T)
+        assert decision.outcome is Outcome.FORWARD, decision
+        assert decision.rule == "reset-needs-admin" and decision.key_ids == (name,)
+
+
+def test_refusals_name_the_rule(tmp_path: Path, signers: dict[str, Signer]) -> None:
+    fw = policy(tmp_path, signers, RESET_RULE)
+    cases = {
+        "unsigned": ("Reset", {"type": "Immediate"}),
+        "wrong role": ("Reset-Signed", signers["dso"].reset()),
+        "other action": ("Reset-Signed", signers["admin"].reset(OCPPAction="UnlockConnector")),
+        "stranger": ("Reset-Signed", Signer().reset()),
+    }
+    for what, (action, payload) in cases.items():
+        decision = fw.decide(action, "to-station", "csms", payload, T)
+        assert decision.outcome is Outcome.REJECT, what
+        assert decision.rule == "reset-needs-admin", what
+    assert "lacks role" in fw.decide("Reset-Signed", "to-station", "csms",
+                                     signers["dso"].reset(), T).reason
+
+
+def test_the_same_jws_twice_is_a_replay_whatever_the_message_id(
+        tmp_path: Path, signers: dict[str, Signer]) -> None:
+    fw = policy(tmp_path, signers, RESET_RULE)
+    signed = signers["admin"].reset()
+    assert fw.decide("Reset-Signed", "to-station", "csms", signed, T).outcome is Outcome.FORWARD
+    again = fw.decide("Reset-Signed", "to-station", "csms", signed, T + 1)
+    assert again.outcome is Outcome.REJECT and "replayed" in again.reason
+    # explain() records nothing, so it does not make the next message a replay
+    fresh = signers["admin"].reset()
+    assert fw.explain("Reset-Signed", "to-station", "csms", fresh, T).decision.forwarded
+    assert fw.decide("Reset-Signed", "to-station", "csms", fresh, T).forwarded
+
+
+def test_signed_answers_can_be_required(tmp_path: Path, signers: dict[str, Signer]) -> None:
+    rules = RESET_RULE + '''
+[[rules]]
+name = "reset-answer-signed"
+actions = ["Reset"]
+direction = "from-station"
+messages = ["result"]
+then = "forward"
+require = { roles = ["dso", "admin"] }
+'''
+    fw = policy(tmp_path, signers, rules)
+    answer = signers["dso"].sign(b'{"status":"Accepted"}', OCPPAction="Reset",
+                                 OCPPMessageTypedId=CALLRESULT)
+    ok = fw.decide("Reset-Signed", "from-station", "CS-1", answer, T, message="result")
+    assert ok.outcome is Outcome.FORWARD, ok
+    plain = fw.decide("Reset-Signed", "from-station", "CS-1", {"status": "Accepted"}, T,
+                      message="result")
+    assert plain.outcome is Outcome.REJECT and plain.rule == "reset-answer-signed"
+
+
+def test_what_a_jws_cannot_do(tmp_path: Path, signers: dict[str, Signer]) -> None:
+    rules = '''[[rules]]
+name = "two-admins"
+actions = ["Reset"]
+then = "forward"
+require = { roles = ["admin"], count = 2 }
+'''
+    fw = policy(tmp_path, signers, rules)
+    two = fw.decide("Reset-Signed", "to-station", "csms", signers["admin"].reset(), T)
+    assert two.outcome is Outcome.REJECT and "carries one signature" in two.reason
+
+
+def test_certificate_keys_are_checked_when_the_policy_loads(
+        tmp_path: Path, signers: dict[str, Signer]) -> None:
+    (tmp_path / "junk.pem").write_text("nope\n")
+    (tmp_path / "a.pem").write_bytes(signers["admin"].pem)
+    for body, problem in (
+            ('certificate = "junk.pem"', "not a PEM certificate"),
+            ('certificate = "missing.pem"', "missing.pem"),
+            ('certificate = "a.pem"\npublic_key = "a.pem"', "not both")):
+        with pytest.raises(PolicyError, match=problem):
+            parse_policy(f'default = "forward"\n[[keys]]\nid = "k"\n{body}\nroles = ["x"]\n',
+                         "p.toml", tmp_path)
+    with pytest.raises(PolicyError, match="same certificate"):
+        parse_policy('default = "forward"\n[[keys]]\nid = "a"\ncertificate = "a.pem"\n'
+                     '[[keys]]\nid = "b"\ncertificate = "a.pem"\n', "p.toml", tmp_path)
