@@ -46,6 +46,8 @@ __all__ = [
     "VerifiedJws",
     "inner_action",
     "load_certificate",
+    "sign_jws",
+    "unwrap",
     "verify_jws",
 ]
 
@@ -115,6 +117,33 @@ class VerifiedJws:
     x5t: str
     #: SHA-256 of the JWS signature: what replay protection remembers.
     digest: bytes
+
+
+def sign_jws(payload: Mapping[str, Any], action: str, message_type: int, certificate: bytes,
+             private_key: bytes, algorithm: str | None = None) -> dict[str, str]:
+    """The flattened JWS of ``payload`` for a ``<action>-Signed`` frame (Part 4 chapter 7).
+
+    ``certificate`` and ``private_key`` are PEM; ``algorithm`` defaults to ES256 for a P-256
+    key and RS256 for RSA. Raises CertificateError or ValueError for unusable inputs.
+    """
+    cert = load_certificate(certificate)
+    key: ECKey | RSAKey
+    if isinstance(cert.jwk, ECKey):
+        key, algorithm = ECKey.import_key(private_key), algorithm or "ES256"
+        if algorithm != "ES256":
+            raise ValueError(f"a P-256 key signs ES256, not {algorithm}")
+    else:
+        key, algorithm = RSAKey.import_key(private_key), algorithm or "RS256"
+        if algorithm not in ("RS256", "RS384"):
+            raise ValueError(f"an RSA key signs RS256 or RS384, not {algorithm}")
+    if key.as_dict(private=False) != cert.jwk.as_dict(private=False):
+        raise ValueError("the private key does not belong to the certificate")
+    header = {"alg": algorithm, "OCPPAction": action, "OCPPMessageTypedId": message_type,
+              "x5t#S256": cert.x5t}
+    body = json.dumps(dict(payload), separators=(",", ":"), ensure_ascii=False).encode()
+    signed = jws.serialize_json({"protected": header}, body, key, algorithms=JWS_ALGORITHMS,
+                                registry=_REGISTRY)
+    return {name: str(value) for name, value in signed.items()}
 
 
 def inner_action(action: str) -> str | None:
@@ -200,6 +229,22 @@ def _verify(payload: object, action: str, message_type: int,
     inner = _json_object(signed.payload)
     return VerifiedJws(plain, inner, str(header["alg"]), cert.x5t,
                        hashlib.sha256(str(payload["signature"]).encode()).digest())
+
+
+def unwrap(payload: object) -> dict[str, Any] | None:
+    """The original payload inside a flattened JWS, for a peer that does not implement
+    chapter 7; None when there is none to give. It is not verified here: the firewall
+    decided already whether the message goes on."""
+    if not isinstance(payload, Mapping):
+        return None
+    encoded = payload.get("payload")
+    if not isinstance(encoded, str) or len(encoded) > MAX_JWS_CHARS:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+        return _json_object(raw)
+    except (ValueError, _Refused):
+        return None
 
 
 def _json_object(data: bytes) -> dict[str, Any]:

@@ -27,7 +27,14 @@ import trio
 
 from policies import RateLimiter
 from router.backends.dialer import BackendDialer
-from router.config import MAX_ID, RESERVED_IDS, BackendEntry, Config, StationEntry
+from router.config import (
+    MAX_ID,
+    RESERVED_IDS,
+    BackendEntry,
+    Config,
+    StationEntry,
+    unwraps_signed,
+)
 from router.logs import log_event
 from router.net.handshake import DialFailed, HandshakeFailed, Upgrade, read_upgrade
 from router.net.tls import common_name
@@ -408,6 +415,8 @@ class StationListener:
             self.session_deps, identity, Version.from_subprotocol(virtual.subprotocol or ""),
             station_ws, virtual, f"overlay:{virtual.link.peer_id}",
             station_keeps_signatures=entry.keep_signatures, backend_keeps_signatures=True,
+            station_unwraps_signed=unwraps_signed(entry.signed_messages,
+                                                  virtual.subprotocol or ""),
         )
         try:
             await self._run_session(session, claim, remote)
@@ -471,6 +480,8 @@ class StationListener:
             self.session_deps, identity, Version.from_subprotocol(chosen), station_ws,
             backend_ws, backend.name, station_keeps_signatures=entry.keep_signatures,
             backend_keeps_signatures=backend.keep_signatures,
+            station_unwraps_signed=unwraps_signed(entry.signed_messages, chosen),
+            backend_unwraps_signed=unwraps_signed(backend.signed_messages, chosen),
         )
         if isinstance(backend_ws, FailoverLink):
             backend_ws.on_lost = session.backend_lost

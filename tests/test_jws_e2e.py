@@ -19,6 +19,7 @@ from router.relay.gate import audit_lines
 from tests.nodeproc import NodeProcess, start_node
 from tests.peers import node_env
 from tests.peers.ocpp_csms import Csms
+from tests.peers.ocpp_station import open_station
 from tests.test_policies_jws import Signer
 
 RULE = "resets need an admin certificate"
@@ -125,3 +126,23 @@ def test_signed_resets_end_to_end(
     audit = audit_lines(directory / "state" / "audit.jsonl")
     assert [(a["message_id"], a["outcome"], a["rule"]) for a in audit] == [
         (what, "reject", RULE) for what in refused]
+
+
+def test_a_16_station_gets_the_plain_command_and_its_answer_goes_back(
+        site: tuple[Csms, NodeProcess, Path, dict[str, Signer]]) -> None:
+    """signed_messages defaults to unwrap for OCPP 1.6, which has no Signed Messages: the
+    ``ocpp``-package station (it validates the schema) gets a plain Reset it can act on."""
+    csms, node, _, signers = site
+    signed = signers["ops-es"].sign(json.dumps({"type": "Hard"}).encode(), OCPPAction="Reset",
+                                    OCPPMessageTypedId=2)
+
+    async def scenario() -> list[str]:
+        async with open_station(node.url("JWS-16"), "1.6") as station:
+            await station.boot()
+            await asyncio.to_thread(csms.send_raw, "JWS-16",
+                                    json.dumps([2, "r16", "Reset-Signed", signed]))
+            answer = await asyncio.to_thread(csms.wait_for_answer, "JWS-16", "r16")
+            assert answer == [3, "r16", {"status": "Accepted"}]
+            return [c.action for c in station.commands]
+
+    assert asyncio.run(scenario()) == ["Reset"]

@@ -22,6 +22,7 @@ from typing import Any
 
 from policies.canonical import CanonicalError
 from policies.firewall import Firewall
+from policies.jws import CertificateError, sign_jws
 from policies.policy import MESSAGE_KINDS, PolicyError, check_policy, load_policy
 from policies.schemas import VERSIONS, SchemaUnavailable
 from policies.signatures import (
@@ -68,6 +69,14 @@ def add_commands(subparsers: Any) -> None:
                       help="where the message travels (default to-station)")
     sign.add_argument("--name", help="optional name stored in the signature")
     sign.add_argument("--description", help="optional description stored in the signature")
+    sign.add_argument("--jws", action="store_true",
+                      help="an OCPP 2.1 Signed Message instead: print the flattened JWS "
+                           "payload of <action>-Signed (needs --cert)")
+    sign.add_argument("--cert", help="with --jws: the signer's X.509 certificate (PEM)")
+    sign.add_argument("--alg", choices=("ES256", "RS256", "RS384"),
+                      help="with --jws: the algorithm (default ES256 or RS256 by key type)")
+    sign.add_argument("--message-type", type=int, default=2, choices=(2, 3, 6),
+                      help="with --jws: 2 CALL (default), 3 CALLRESULT, 6 SEND")
 
     policy = subparsers.add_parser("policy", help="check or explain a policy file")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True,
@@ -180,6 +189,8 @@ def _read_json(text: str, what: str) -> dict[str, Any]:
 
 
 def _sign(args: argparse.Namespace) -> int:
+    if args.jws:
+        return _sign_jws(args)
     key = _load_key(args.key)
     payload = _read_json(sys.stdin.read(), "the payload on stdin")
     try:
@@ -190,6 +201,23 @@ def _sign(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _UserError(f"the payload cannot be signed: {exc}") from None
     print(json.dumps(signed, ensure_ascii=False, separators=(",", ":")))
+    return EXIT_OK
+
+
+def _sign_jws(args: argparse.Namespace) -> int:
+    if not args.cert:
+        raise _UserError("--jws needs --cert: the signer's certificate")
+    payload = _read_json(sys.stdin.read(), "the payload on stdin")
+    if not isinstance(payload, dict):
+        raise _UserError("the payload on stdin must be a JSON object")
+    with open(args.cert, "rb") as cert, open(args.key, "rb") as key:
+        cert_pem, key_pem = cert.read(), key.read()
+    try:
+        signed = sign_jws(payload, args.action, args.message_type, cert_pem, key_pem,
+                          args.alg)
+    except (CertificateError, ValueError) as exc:
+        raise _UserError(f"cannot sign: {exc}") from None
+    print(json.dumps(signed, separators=(",", ":")))
     return EXIT_OK
 
 

@@ -27,11 +27,12 @@ from router.config.model import (
     TrustSection,
     env_name,
     peer_env_name,
+    unwraps_signed,
 )
 
 __all__ = [
     "COMPRESSIONS", "DEFAULT_SUBSCRIBE", "MAX_ID", "RESERVED_IDS", "AdminSection",
     "BackendAuth", "BackendEntry", "Config", "ConfigError", "ConfigProblem", "DialSettings",
     "DnsSection", "ListenSection", "NodeSection", "PeerEntry", "PolicySection", "StationEntry",
-    "TrustSection", "env_name", "load", "parse", "peer_env_name",
+    "TrustSection", "env_name", "load", "parse", "peer_env_name", "unwraps_signed",
 ]

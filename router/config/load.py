@@ -213,6 +213,13 @@ def _dialing(c: _Checker, t: dict[str, Any], base: str, root: Path, url: str,
     )
 
 
+def _signed_messages(c: _Checker, t: dict[str, Any], base: str) -> str | None:
+    value = c.string(t, base, "signed_messages")
+    if value is not None and value not in ("keep", "unwrap"):
+        c.fail(f"{base}.signed_messages", f"must be \"keep\" or \"unwrap\", not {value!r}")
+    return value
+
+
 def _ping_interval(c: _Checker, t: dict[str, Any], base: str, default: float) -> float:
     value = c.number(t, base, "ping_interval_s", default, 0.0, 86400.0)
     if 0 < value < 0.1:
@@ -373,7 +380,8 @@ def _backends(
                " (or [[peers]] for a chained node)")
         return ()
     allowed = {"name", "role", "url", "srv", "scheme", "path", "stations", "auth",
-               "subscribe", "keep_signatures", "allow_commands", "answer_timeout_s", "queue",
+               "subscribe", "keep_signatures", "signed_messages", "allow_commands",
+               "answer_timeout_s", "queue",
                "outbox_max_rows", "outbox_max_bytes", "outbox_max_age_s", *_DIALING_KEYS}
     out: list[BackendEntry] = []
     names: set[str] = set()
@@ -395,6 +403,7 @@ def _backends(
             stations=c.strings(t, base, "stations", ("*",)),
             auth=_backend_auth(c, t, base, name),
             keep_signatures=c.boolean(t, base, "keep_signatures", False),
+            signed_messages=_signed_messages(c, t, base),
             subscribe=c.strings(t, base, "subscribe", DEFAULT_SUBSCRIBE if role == "secondary"
                                 else ()),
             allow_commands=c.boolean(t, base, "allow_commands", False),
@@ -448,7 +457,7 @@ def _stations(
     if not isinstance(items, list) or not items:
         c.fail("stations", "at least one [[stations]] entry is required, or no station can connect")
         return ()
-    allowed = {"match", "password_hash", "primary", "keep_signatures"}
+    allowed = {"match", "password_hash", "primary", "keep_signatures", "signed_messages"}
     primaries = {b.name for b in backends if b.role == "primary"}
     out: list[StationEntry] = []
     for i, item in enumerate(items):
@@ -472,5 +481,6 @@ def _stations(
             password_hash=password_hash,
             primary=primary,
             keep_signatures=c.boolean(t, base, "keep_signatures", False),
+            signed_messages=_signed_messages(c, t, base),
         ))
     return tuple(out)

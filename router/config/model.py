@@ -111,6 +111,7 @@ class StationEntry:
     password_hash: str | None = None
     primary: str | None = None
     keep_signatures: bool = False
+    signed_messages: str | None = None  # keep | unwrap; None: by subprotocol
 
     def matches(self, identity: str) -> bool:
         return fnmatch.fnmatchcase(identity, self.match)
@@ -134,6 +135,7 @@ class BackendEntry:
     stations: tuple[str, ...] = ("*",)
     auth: BackendAuth = field(default_factory=BackendAuth)
     keep_signatures: bool = False
+    signed_messages: str | None = None  # keep | unwrap; None: by subprotocol
     # secondaries only
     subscribe: tuple[str, ...] = ()
     allow_commands: bool = False
@@ -269,6 +271,18 @@ class Config:
             elif backend.serves(identity):
                 return backend
         return None
+
+
+SIGNED_MESSAGES = ("keep", "unwrap")
+
+
+def unwraps_signed(setting: str | None, subprotocol: str) -> bool:
+    """Whether a peer gets OCPP 2.1 Signed Messages (``<Action>-Signed``, a JWS payload) as
+    the plain action and payload. By default only OCPP 1.6 peers do: Signed Messages are
+    chapter 7 of Part 4 in 2.0.1 and 2.1; 1.6 has no such chapter."""
+    if setting is not None:
+        return setting == "unwrap"
+    return subprotocol == "ocpp1.6"
 
 
 def env_name(backend_name: str) -> str:

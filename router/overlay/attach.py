@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from router.config import BackendEntry, NodeSection
+from router.config import BackendEntry, NodeSection, unwraps_signed
 from router.logs import log_event
 from router.net.handshake import DialFailed, Upgrade
 from router.net.wslink import Keepalive, LinkClosed, WsLink
@@ -208,7 +208,9 @@ class Attacher:
                                      Version.from_subprotocol(chosen), virtual, backend_ws,
                                      backend.name,
                                      backend_keeps_signatures=backend.keep_signatures,
-                                     station_keeps_signatures=True)
+                                     station_keeps_signatures=True,
+                                     backend_unwraps_signed=unwraps_signed(
+                                         backend.signed_messages, chosen))
             state.held[station] = virtual
             log_event(log, logging.INFO, "overlay_station", station=station,
                       via=link.peer_id, backend=backend.name, subprotocol=chosen)

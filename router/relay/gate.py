@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from policies import Decision, Firewall, Outcome, SigningKey, load_policy, sign_payload
+from policies.jws import inner_action, unwrap
 from policies.signatures import without_signatures
 from router.config import Config
 from router.logs import log_event
@@ -63,6 +64,20 @@ def _strip(frame: Frame, payload: Any) -> Any:
     return without_signatures(payload) if isinstance(payload, dict) else payload
 
 
+def _unwrapped(verdict: Verdict) -> Verdict:
+    frame = verdict.frame
+    if frame.type not in (CALL, SEND, CALLRESULT):
+        return verdict
+    inner = unwrap(frame.payload)
+    if inner is None:
+        return verdict  # not a JWS after all: as it came
+    if frame.type == CALLRESULT:
+        return Verdict(True, frame._replace(payload=inner), None, None, verdict.decision)
+    plain = inner_action(frame.action or "")
+    return Verdict(True, frame._replace(action=plain, payload=inner), None, None,
+                   verdict.decision)
+
+
 class Gate:
     """Applies a policy to a node's frames; one per node, shared by its sessions."""
 
@@ -103,9 +118,24 @@ class Gate:
 
     def check(
         self, frame: Frame, text: str | None, action: str | None, direction: str, source: str,
+        version: str, keep_signatures: bool, unwrap_signed: bool = False,
+    ) -> Verdict:
+        """Decide one frame entering the node and prepare what goes out.
+
+        With ``unwrap_signed`` the receiver does not implement OCPP 2.1 Signed Messages:
+        a ``<Action>-Signed`` CALL (or a signed answer) goes on as the plain action and
+        the original payload."""
+        verdict = self._check(frame, text, action, direction, source, version,
+                              keep_signatures)
+        if unwrap_signed and verdict.forward and action is not None \
+                and inner_action(action) is not None:
+            return _unwrapped(verdict)
+        return verdict
+
+    def _check(
+        self, frame: Frame, text: str | None, action: str | None, direction: str, source: str,
         version: str, keep_signatures: bool,
     ) -> Verdict:
-        """Decide one frame entering the node and prepare what goes out."""
         payload = frame.details if frame.type in (CALLERROR, CALLRESULTERROR) else frame.payload
         decision = None
         if self.firewall is not None and action is not None:

@@ -82,6 +82,7 @@ class Side:
     source: str  # policy source name: the station identity or the backend name
     peer_keeps_signatures: bool  # whether the other side is given signatures
     closed_code: int | None = None
+    peer_unwraps_signed: bool = False  # the other side gets Signed Messages unwrapped
     lost: str = ""  # why the node gave this link up itself (no pong, connection lost)
 
 
@@ -91,7 +92,8 @@ class StationSession:
     def __init__(
         self, deps: SessionDeps, identity: str, version: Version, station_ws: Link,
         backend_ws: Link, backend_name: str, *, station_keeps_signatures: bool = False,
-        backend_keeps_signatures: bool = False,
+        backend_keeps_signatures: bool = False, station_unwraps_signed: bool = False,
+        backend_unwraps_signed: bool = False,
     ) -> None:
         self.deps = deps
         self.identity = identity
@@ -101,9 +103,11 @@ class StationSession:
         # the gate needs, per side: the policy direction, the source name, and whether
         # the *receiving* peer keeps signatures
         self.station = Side("station", station_ws, backend_ws, ledger.up, ledger.down,
-                            "from-station", identity, backend_keeps_signatures)
+                            "from-station", identity, backend_keeps_signatures,
+                            peer_unwraps_signed=backend_unwraps_signed)
         self.backend = Side("backend", backend_ws, station_ws, ledger.down, ledger.up,
-                            "to-station", backend_name, station_keeps_signatures)
+                            "to-station", backend_name, station_keeps_signatures,
+                            peer_unwraps_signed=station_unwraps_signed)
         self._scope = trio.CancelScope()
         self.done = trio.Event()  # set by whoever ran it (the registry), once it has ended
         self._external = 0  # CALLs from other sources, for their rewritten ids
@@ -189,7 +193,9 @@ class StationSession:
                 mtype = frame.type
                 # read per frame: a reload may add or replace the policy
                 gate = deps.gate
-                if gate.firewall is not None or _signed(frame):
+                if gate.firewall is not None or _signed(frame) or (
+                        side.peer_unwraps_signed
+                        and (frame.action is None or frame.action.endswith("-Signed"))):
                     passed = await self._through_gate(gate, side, asker, frame, text)
                     if passed is None:
                         continue
@@ -251,7 +257,8 @@ class StationSession:
                 return None
             action = side.calls.result_action
         verdict = gate.check(frame, text, action, side.direction, side.source,
-                             self.version.value, side.peer_keeps_signatures)
+                             self.version.value, side.peer_keeps_signatures,
+                             side.peer_unwraps_signed)
         if verdict.forward:
             return verdict.frame, verdict.text
         decision = verdict.decision
@@ -401,7 +408,8 @@ class StationSession:
         gate = self.deps.gate
         if gate.firewall is not None or (isinstance(payload, dict) and "signatures" in payload):
             verdict = gate.check(frame, None, action, "to-station", source,
-                                 self.version.value, self.backend.peer_keeps_signatures)
+                                 self.version.value, self.backend.peer_keeps_signatures,
+                                 self.backend.peer_unwraps_signed)
             if not verdict.forward:
                 await reply(error_answer(Problem.SECURITY, self.version, message_id,
                                          verdict.refusal or "refused by policy"))
