@@ -487,6 +487,24 @@ async def test_frames_sent_during_a_failback_reach_the_better_target(
     assert await better_backend.get_message() == '[2,"hb-2","Heartbeat",{}]'
 
 
+async def test_move_to_better_does_not_move_a_link_with_a_call_in_flight(
+    autojump_clock: trio.testing.MockClock, events: Events,
+) -> None:
+    """The failback task checked the session idle, then let other tasks run (DNS, the
+    move lock); a CALL that went out on the old link meanwhile keeps its link, or its
+    answer would be lost with the old link (seen in CI: a CALL unanswered for 10 s)."""
+    node, _backend = ws_pair()
+    better_node, _better_backend = ws_pair()
+    redial = ScriptedRedial((better_node, 1))
+    link = failover_link(node, 5, redial)
+    assert not await link.move_to_better(lambda: False)
+    assert redial.calls == []  # nothing dialled
+    assert link.current is node and link.priority == 5 and not link.moving
+    await link.send_frame(heartbeat(1), None)  # and it still carries frames
+    assert await link.move_to_better(lambda: True)  # once idle, the failback goes ahead
+    assert link.current is better_node
+
+
 async def test_move_to_better_keeps_the_link_when_no_better_target_answers(
     autojump_clock: trio.testing.MockClock, events: Events,
 ) -> None:

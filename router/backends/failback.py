@@ -31,5 +31,5 @@ async def fail_back(sessions: SessionRegistry, dialer: BackendDialer, period_s: 
                     gave_up.add(name)
                     continue
                 best[name] = min(priority for priority, _ in targets)
-            if link.priority > best[name] and not await link.move_to_better():
+            if link.priority > best[name] and not await link.move_to_better(session.idle):
                 gave_up.add(name)  # the better target does not answer yet

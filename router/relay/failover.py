@@ -144,13 +144,20 @@ class FailoverLink:
             frame, text = self._buffer.pop(0)
             await ws.send_frame(frame, text)
 
-    async def move_to_better(self) -> bool:
-        """Failback: move to a target of better priority if one answers (call when idle)."""
+    async def move_to_better(self, idle: Callable[[], bool] = lambda: True) -> bool:
+        """Failback: move to a target of better priority if one answers.
+
+        ``idle`` says whether no CALL is in flight either way. It is asked again once
+        ``_moving`` is set, from when frames wait in the buffer for the new link: a CALL
+        that went out on the old link after the caller's own check (acquiring the lock
+        lets other tasks run) would otherwise lose its answer when the old link closes."""
         if self._moving or self._stopping or self._move_lock.locked():
             return False
         async with self._move_lock:
             self._moving = True
             try:
+                if not idle():
+                    return False
                 ws, priority = await self._redial(self.priority)
                 if ws.subprotocol != self.subprotocol:
                     await ws.aclose(1002, "the station's subprotocol is fixed")
