@@ -673,3 +673,28 @@ def test_an_audit_log_that_cannot_be_opened_is_a_gate_error(tmp_path: Path) -> N
     with pytest.raises(GateError) as info:
         Gate.from_config(config)
     assert "audit" in str(info.value)
+
+
+def test_signed_messages_are_unwrapped_for_a_peer_that_asks() -> None:
+    """signed_messages = "unwrap": the plain action and the original payload go on, and a
+    signed answer's payload likewise; "keep" leaves both as they came."""
+    from tests.test_policies_jws import Signer
+
+    signer = Signer()
+    call = Frame(CALL, "m1", action="Reset-Signed", payload=signer.reset())
+    gate = Gate(None, None, None)
+    kept = gate.check(call, None, "Reset-Signed", "to-station", "csms", "ocpp2.1", False)
+    assert kept.frame == call
+    plain = gate.check(call, None, "Reset-Signed", "to-station", "csms", "ocpp1.6", False,
+                       True)
+    assert (plain.frame.action, plain.frame.payload) == ("Reset", {"type": "Immediate"})
+    answer = Frame(CALLRESULT, "m1", payload=signer.sign(b'{"status":"Accepted"}',
+                                                         OCPPAction="Reset",
+                                                         OCPPMessageTypedId=3))
+    unwrapped = gate.check(answer, None, "Reset-Signed", "from-station", "CS-1", "ocpp2.1",
+                           False, True)
+    assert unwrapped.frame.payload == {"status": "Accepted"}
+    # something that is not a JWS goes on as it came
+    odd = Frame(CALL, "m2", action="Odd-Signed", payload={"a": 1})
+    assert gate.check(odd, None, "Odd-Signed", "to-station", "csms", "ocpp1.6", False,
+                      True).frame == odd

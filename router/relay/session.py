@@ -194,8 +194,7 @@ class StationSession:
                 # read per frame: a reload may add or replace the policy
                 gate = deps.gate
                 if gate.firewall is not None or _signed(frame) or (
-                        side.peer_unwraps_signed
-                        and (frame.action is None or frame.action.endswith("-Signed"))):
+                        side.peer_unwraps_signed and _signed_message(frame, side)):
                     passed = await self._through_gate(gate, side, asker, frame, text)
                     if passed is None:
                         continue
@@ -482,6 +481,15 @@ class StationSession:
                   code=station_code, reason=reason)
         await station.ws.aclose(station_code, reason)
         await backend.ws.aclose(backend_code, reason)
+
+
+def _signed_message(frame: Frame, side: Side) -> bool:
+    """Whether a frame is an OCPP 2.1 Signed Message, or an answer to one."""
+    action = frame.action
+    if action is None:
+        current = side.answers.current
+        action = current.action if current is not None else ""
+    return action.endswith("-Signed")
 
 
 def _signed(frame: Frame) -> bool:
