@@ -261,29 +261,20 @@ def _json_object(data: bytes) -> dict[str, Any]:
     def no_constant(name: str) -> Any:
         raise _Refused(f"the signed payload holds {name}, which is not JSON")
 
+    def finite(text: str) -> float:
+        number = float(text)
+        if not math.isfinite(number):  # 1e999 parses as inf
+            raise _Refused("the signed payload holds a number JSON cannot carry")
+        return number
+
     try:
         value = json.loads(data.decode("utf-8"), object_pairs_hook=unique,
-                           parse_constant=no_constant)
+                           parse_constant=no_constant, parse_float=finite)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise _Refused("the signed payload is not JSON") from None
     if not isinstance(value, dict):
         raise _Refused("the signed payload is not a JSON object")
-    if _has_non_finite(value):
-        raise _Refused("the signed payload holds a number JSON cannot carry")
     return value
-
-
-def _has_non_finite(value: Any) -> bool:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            return True  # 1e999 parses as inf
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
 
 
 def _b64url(raw: bytes) -> str:
