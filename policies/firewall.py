@@ -171,16 +171,19 @@ class Firewall:
         *,
         message: str = "call",
         ocpp_version: str | None = None,
+        message_type: int | None = None,
     ) -> Decision:
         """Decide one message; records its signatures (replay) and its rate-limit token.
 
         ``message`` is ``"call"`` (CALL and SEND), ``"result"`` or ``"error"``; for an
         answer, ``action`` is the action of the CALL it answers. ``ocpp_version`` (the
         link's subprotocol, e.g. ``"ocpp2.0.1"``) enables schema validation where the
-        policy asks for it; without it payloads are not validated.
+        policy asks for it; without it payloads are not validated. ``message_type`` is the
+        frame's MessageTypeId where the caller knows it: a Signed Message binds it (a SEND
+        is 6); by default 2 for a call, 3 for a result.
         """
         return self._evaluate(action, direction, source, payload, now, message, ocpp_version,
-                              True, None)[0]
+                              True, None, message_type)[0]
 
     def explain(
         self,
@@ -192,11 +195,12 @@ class Firewall:
         *,
         message: str = "call",
         ocpp_version: str | None = None,
+        message_type: int | None = None,
     ) -> Explanation:
         """Like :meth:`decide`, without recording anything, and saying which rules were passed."""
         skipped: list[str] = []
         decision, line = self._evaluate(action, direction, source, payload, now, message,
-                                        ocpp_version, False, skipped)
+                                        ocpp_version, False, skipped, message_type)
         return Explanation(decision, line, tuple(skipped))
 
     # --- evaluation ----------------------------------------------------------------------
@@ -212,6 +216,7 @@ class Firewall:
         version: str | None,
         record: bool,
         skipped: list[str] | None,
+        message_type: int | None = None,
     ) -> tuple[Decision, int | None]:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, "
@@ -224,7 +229,7 @@ class Firewall:
             why_not = compiled.mismatch(matched, direction, source, kind)
             if why_not is None:
                 decision = self._apply(compiled, action, direction, source, payload, now, kind,
-                                       version, record)
+                                       version, record, message_type)
                 return decision, compiled.rule.line
             if skipped is not None:
                 where = f" (line {compiled.rule.line})" if compiled.rule.line else ""
@@ -251,6 +256,7 @@ class Firewall:
         kind: str,
         version: str | None,
         record: bool,
+        message_type: int | None = None,
     ) -> Decision:
         rule = compiled.rule
         if compiled.limiter is not None and not compiled.limiter.allow(source, now,
@@ -268,7 +274,8 @@ class Firewall:
         canonical: bytes | None = None
         key_names: tuple[str, ...] = ()
         if rule.require is not None:
-            verdict = self._requirement(rule, action, direction, payload, now, record, kind)
+            verdict = self._requirement(rule, action, direction, payload, now, record, kind,
+                                        message_type)
             if isinstance(verdict, str):
                 return Decision(Outcome.REJECT, rule.name, verdict)
             canonical, key_names = verdict
@@ -324,12 +331,15 @@ class Firewall:
         now: float,
         record: bool,
         kind: str = "call",
+        message_type: int | None = None,
     ) -> tuple[bytes, tuple[str, ...]] | str:
         """The canonical payload and the counted key names, or why ``require`` fails."""
         require = rule.require
         assert require is not None
         if inner_action(action) is not None:
-            return self._jws_requirement(require, action, kind, payload, now, record)
+            if message_type is None:
+                message_type = 3 if kind == "result" else 2
+            return self._jws_requirement(require, action, message_type, payload, now, record)
         entries = signature_entries(payload)
         if isinstance(entries, RejectedSignature):
             return f"needs {require.describe()}; {entries}"
@@ -379,13 +389,13 @@ class Firewall:
                 self._replay.add(digest, stamp + horizon, now)
         return content.canonical_payload, tuple(counted)
 
-    def _jws_requirement(self, require: Requirement, action: str, kind: str, payload: object,
-                         now: float, record: bool) -> tuple[bytes, tuple[str, ...]] | str:
+    def _jws_requirement(self, require: Requirement, action: str, message_type: int,
+                         payload: object, now: float,
+                         record: bool) -> tuple[bytes, tuple[str, ...]] | str:
         """``require`` met by an OCPP 2.1 Signed Message: one JWS, one signer."""
         if require.count > 1:
             return (f"needs {require.describe()}; a signed message (JWS) carries one "
                     "signature")
-        message_type = 3 if kind == "result" else 2
         result = verify_jws(payload, action, message_type, self._certificates, now)
         if isinstance(result, RejectedSignature):
             return f"needs {require.describe()}; {result.reason}"

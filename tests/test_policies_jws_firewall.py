@@ -124,3 +124,22 @@ def test_certificate_keys_are_checked_when_the_policy_loads(
     with pytest.raises(PolicyError, match="same certificate"):
         parse_policy('default = "forward"\n[[keys]]\nid = "a"\ncertificate = "a.pem"\n'
                      '[[keys]]\nid = "b"\ncertificate = "a.pem"\n', "p.toml", tmp_path)
+
+
+def test_a_signed_send_binds_type_6(tmp_path: Path, signers: dict[str, Signer]) -> None:
+    """SEND (2.1) is signed with OCPPMessageTypedId 6; the gate passes the frame's type."""
+    rules = '''[[rules]]
+name = "notifications signed"
+actions = ["NotifyPeriodicEventStream"]
+then = "forward"
+require = { roles = ["dso"] }
+'''
+    fw = policy(tmp_path, signers, rules)
+    send = signers["dso"].sign(b'{"id":1,"pending":0,"basetime":"2026-11-27T12:00:00Z",'
+                               b'"data":[]}', OCPPAction="NotifyPeriodicEventStream",
+                               OCPPMessageTypedId=6)
+    action = "NotifyPeriodicEventStream-Signed"
+    ok = fw.decide(action, "from-station", "CS-1", send, T, message_type=6)
+    assert ok.outcome is Outcome.FORWARD, ok
+    as_call = fw.explain(action, "from-station", "CS-1", send, T).decision
+    assert as_call.outcome is Outcome.REJECT and "message type" in as_call.reason

@@ -143,6 +143,7 @@ class Gate:
             decision = self.firewall.decide(
                 action, direction, source, payload, now,
                 message=_MESSAGE_KIND.get(frame.type, "error"), ocpp_version=version,
+                message_type=frame.type,
             )
             rule = decision.rule or "default"
             self.decisions[(rule, decision.outcome.value)] += 1
