@@ -460,6 +460,8 @@ class StationListener:
         offered: list[str], claim: trio.CancelScope, remote: str, backend_ws: Any,
     ) -> None:
         chosen = backend_ws.subprotocol
+        # Part 4 §3.3: never accept the station on a subprotocol the CSMS did not agree
+        # (None included: a CSMS that agrees none completes the handshake without one)
         if chosen not in offered:
             log_event(log, logging.WARNING, "backend_failed", station=identity,
                       backend=backend.name, reason=f"backend chose subprotocol {chosen!r}")
@@ -470,7 +472,7 @@ class StationListener:
         try:
             listen = self._config().listen
             station_ws = await upgrade.accept(
-                chosen, keepalive=Keepalive.every(listen.ping_interval_s, listen.ping_timeout_s))
+                chosen, keepalive=Keepalive.of(listen))
         except (HandshakeFailed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log_event(log, logging.INFO, "station_rejected", station=identity, status=400,
                       reason=str(exc), remote=remote)

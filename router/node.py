@@ -89,8 +89,7 @@ class Node:
         return self.tls.client(dialing)
 
     def _station_keepalive(self) -> Keepalive | None:
-        listen = self.config.listen
-        return Keepalive.every(listen.ping_interval_s, listen.ping_timeout_s)
+        return Keepalive.of(self.config.listen)
 
     def _backend_for(self, station: str) -> BackendEntry | None:
         config = self.config

@@ -16,7 +16,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
@@ -72,6 +73,9 @@ subscribe = ["Heartbeat"]
 host = "127.0.0.1"
 port = 0
 """
+
+# a peer link in these tests has no socket; the page asks only whether it compresses
+NO_SOCKET: Any = SimpleNamespace(compressed=False)
 
 
 def make_node(tmp_path: Path, backend_url: str = "ws://127.0.0.1:1/ocpp", extra: str = "") -> Node:
@@ -305,7 +309,7 @@ async def test_a_chained_node_is_healthy_while_a_peer_offers_csms(tmp_path: Path
     status, body = await asgi(node, "/healthz")
     assert status == 503
     assert b"no connected peer offers a route to CSMS" in body
-    node.overlay.links["core"] = PeerLink(node.overlay, "core", cast(Any, None), "json",
+    node.overlay.links["core"] = PeerLink(node.overlay, "core", NO_SOCKET, "json",
                                           node.overlay.new_exchange("core"))
     node.overlay.table.learn("core", "CSMS", ("core",), 0, 1, "core", 1, float("inf"))
     app = AdminApp(node)  # a new app: the verdict above is cached for a second
@@ -348,7 +352,7 @@ def _overlay_node(tmp_path: Path) -> Node:
                                      '\n[[peers]]\nid = "spare"\n'
                                      'url = "ws://127.0.0.1:1/ocpp"\n')
     overlay = node.overlay
-    overlay.links["core"] = PeerLink(overlay, "core", cast(Any, None), "msgpack",
+    overlay.links["core"] = PeerLink(overlay, "core", NO_SOCKET, "msgpack",
                                      overlay.new_exchange("core"))
     inf = float("inf")
     table = overlay.table

@@ -76,7 +76,7 @@ def links_view(node: NodeView) -> dict[str, Any]:
         peers.append({
             "id": peer_id,
             "encoding": link.encoding,
-            "compressed": getattr(link.ws, "compressed", None),
+            "compressed": link.ws.compressed,
             "state": PEER_STATES.get(link.exchange.state, link.exchange.state),
             "configured": peer_id in configured,
             "routes_learned": len(overlay.table.routes_via(peer_id)),

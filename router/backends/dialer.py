@@ -20,7 +20,7 @@ from router.logs import log_event
 from router.net.dns import DnsCache, SrvUnavailable
 from router.net.handshake import DialFailed, HandshakeFailed, dial
 from router.net.tls import TlsFor, tls_failure
-from router.net.wslink import Keepalive, WsLink
+from router.net.wslink import WsLink
 
 log = logging.getLogger("router.node")
 
@@ -86,21 +86,10 @@ class BackendDialer:
             try:
                 with trio.fail_after(self._settings().connect_timeout_s):
                     host = urlsplit(url).hostname or ""
-                    secure = url[:4].lower() == "wss:"
                     ws = await dial(url, offered, headers, self.max_message_bytes,
-                                    ssl_context=self._tls(dialing) if secure else None,
+                                    ssl_context=self._tls(dialing),
                                     connect_host=await self.dns.address(host),
-                                    compression=dialing.compression == "deflate",
-                                    keepalive=Keepalive.every(dialing.ping_interval_s,
-                                                              dialing.ping_timeout_s))
-                if ws.subprotocol is None:
-                    # Part 4 §3.3: a station is only accepted on a subprotocol the CSMS agreed
-                    await ws.aclose(1002, "no subprotocol agreed")
-                    reason, failure = "the backend agreed no subprotocol", DialFailed(
-                        502, "backend agreed no OCPP subprotocol")
-                    log_event(log, logging.WARNING, "backend_failed", station=identity,
-                              backend=backend.name, target=url.rsplit("/", 1)[0], reason=reason)
-                    break
+                                    dialing=dialing)
                 return ws, priority
             except HandshakeFailed as exc:
                 status = exc.status if exc.status is not None and 400 <= exc.status <= 599 else 502

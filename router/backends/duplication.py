@@ -34,7 +34,7 @@ from router.config import BackendEntry, NodeSection
 from router.logs import log_event
 from router.net.handshake import HandshakeFailed, dial
 from router.net.tls import TlsFor, tls_failure
-from router.net.wslink import Keepalive, LinkClosed, WsLink
+from router.net.wslink import LinkClosed, WsLink
 from router.relay.registry import SessionRegistry
 from router.wire.frames import (
     CALL,
@@ -361,11 +361,7 @@ class Secondary:
             with trio.fail_after(self.context.settings().connect_timeout_s):
                 dialing = self.entry.dialing
                 ws = await dial(url, [subprotocol], {}, self.context.max_message_bytes,
-                                ssl_context=self.context.tls(dialing) if url[:4].lower() == "wss:"
-                                else None,
-                                compression=dialing.compression == "deflate",
-                                keepalive=Keepalive.every(dialing.ping_interval_s,
-                                                          dialing.ping_timeout_s))
+                                ssl_context=self.context.tls(dialing), dialing=dialing)
         except (HandshakeFailed, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             log_event(log, logging.INFO, "secondary_unreachable", subscriber=self.name,
                       station=station, reason=tls_failure(exc) or repr(exc))

@@ -227,7 +227,9 @@ def _ping_interval(c: _Checker, t: dict[str, Any], base: str, default: float) ->
     return value
 
 
-def _no_password() -> str:
+def no_key_password() -> str:
+    """The ``password`` callback of every ``load_cert_chain``: OpenSSL would prompt on the
+    terminal for an encrypted key, stalling the node; refuse instead."""
     raise ValueError("the private key is encrypted: give the node an unencrypted key "
                      "file and protect it with file permissions")
 
@@ -238,7 +240,7 @@ def _check_tls_files(c: _Checker, base: str, cert: Path | None, key: Path | None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if cert is not None and key is not None:
         try:
-            context.load_cert_chain(str(cert), str(key), password=_no_password)
+            context.load_cert_chain(str(cert), str(key), password=no_key_password)
         except (ssl.SSLError, OSError, ValueError) as exc:
             c.fail(f"{base}.tls_cert", f"cannot load {cert} and {key} as a certificate chain "
                    f"and its private key: {_ssl_reason(exc)}")

@@ -20,6 +20,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from router.config import DialSettings
 from router.net.compression import client_extensions, server_extensions
 from router.net.tls import tls_failure
 from router.net.wslink import RECEIVE_BYTES, Keepalive, WsLink
@@ -167,13 +168,13 @@ async def dial(
     ssl_context: ssl.SSLContext | None = None,
     keep_headers: tuple[str, ...] = (),
     connect_host: str | None = None,
-    compression: bool = False,
-    keepalive: Keepalive | None = None,
+    dialing: DialSettings | None = None,
 ) -> WsLink:
     """Open a client WebSocket; HandshakeFailed carries the HTTP status of a refusal.
 
-    With ``compression`` the request offers permessage-deflate (used if the server agrees).
-    ``ssl_context`` verifies a wss:// server (default: the system's trust store).
+    ``dialing`` (a backend's or peer's settings) says whether to offer permessage-deflate
+    (used if the server agrees) and how to ping; without it, neither. ``ssl_context``
+    verifies a wss:// server (default: the system's trust store); a ws:// URL ignores it.
 
     Response headers named in ``keep_headers`` are kept in the link's ``headers``.
     ``connect_host`` is the address to connect to when it was resolved elsewhere (an SRV
@@ -189,7 +190,8 @@ async def dial(
                                     server_hostname=parts.hostname, https_compatible=True)
         proto = ClientProtocol(uri, subprotocols=[Subprotocol(p) for p in subprotocols],
                                max_size=max_message_bytes,
-                               extensions=client_extensions(compression))
+                               extensions=client_extensions(
+                                   dialing is not None and dialing.compression == "deflate"))
         request = proto.connect()
         for name, value in headers.items():
             request.headers[name] = value
@@ -223,7 +225,8 @@ async def dial(
                         raise HandshakeFailed(str(exc), exc.response.status_code)
                     if exc is not None:
                         raise HandshakeFailed(f"bad upgrade response: {exc}")
-                    link = WsLink(stream, proto, keepalive)
+                    link = WsLink(stream, proto,
+                                  Keepalive.of(dialing) if dialing is not None else None)
                     for name in keep_headers:
                         kept = event.headers.get(name)
                         if kept is not None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from router.config import Config, DialSettings, ListenSection
+from router.config.load import no_key_password
 
 # TLS 1.2 suites. OCPP 2.x Part 2 A00.FR.318 has a CSMS support the ECDHE-ECDSA and the
 # RSA-key-exchange AES-GCM pairs, and A00.FR.319 a station one pair or the other, so all
@@ -38,17 +39,12 @@ def server_context(listen: ListenSection) -> ssl.SSLContext | None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(OCPP_TLS12_CIPHERS)
-    ctx.load_cert_chain(str(listen.tls_cert), str(listen.tls_key), password=_no_password)
+    ctx.load_cert_chain(str(listen.tls_cert), str(listen.tls_key), password=no_key_password)
     if listen.security_profile == 3:
         assert listen.tls_ca is not None
         ctx.load_verify_locations(str(listen.tls_ca))
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
-
-
-def _no_password() -> str:
-    # OpenSSL would prompt on the terminal for an encrypted key, stalling the node
-    raise ValueError("the private key is encrypted; give the node an unencrypted key file")
 
 
 def client_context(dialing: DialSettings) -> ssl.SSLContext:
@@ -60,7 +56,7 @@ def client_context(dialing: DialSettings) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(OCPP_TLS12_CIPHERS)
     if dialing.tls_cert is not None and dialing.tls_key is not None:
-        ctx.load_cert_chain(str(dialing.tls_cert), str(dialing.tls_key), password=_no_password)
+        ctx.load_cert_chain(str(dialing.tls_cert), str(dialing.tls_key), password=no_key_password)
     return ctx
 
 

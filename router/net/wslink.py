@@ -46,6 +46,21 @@ class Keepalive(NamedTuple):
         """None for an interval of 0: no pings of our own."""
         return cls(interval_s, timeout_s) if interval_s > 0 else None
 
+    @classmethod
+    def of(cls, settings: PingSettings) -> Keepalive | None:
+        """From a config section's ``ping_interval_s`` and ``ping_timeout_s``."""
+        return cls.every(settings.ping_interval_s, settings.ping_timeout_s)
+
+
+class PingSettings(Protocol):
+    """``[listen]``, or a backend's or peer's dial settings."""
+
+    @property
+    def ping_interval_s(self) -> float: ...
+
+    @property
+    def ping_timeout_s(self) -> float: ...
+
 
 class LinkClosed(Exception):
     """The WebSocket is closed; ``code`` is the peer's close code, or ours if we failed it."""

@@ -165,12 +165,10 @@ class Overlay:
                         dialing = entry.dialing
                         ws = await dial(url, [OVERLAY_SUBPROTOCOL], headers,
                                         PEER_MAX_MESSAGE_BYTES,
-                                        ssl_context=self.config.tls(dialing)
-                                        if url[:4].lower() == "wss:" else None,
+                                        ssl_context=self.config.tls(dialing),
                                         keep_headers=(ENCODING_HEADER, NODE_ID_HEADER),
                                         connect_host=address,
-                                        compression=dialing.compression == "deflate",
-                                        keepalive=_keepalive(entry))
+                                        dialing=dialing)
                     break
                 except (HandshakeFailed, OSError, trio.TooSlowError,
                         trio.BrokenResourceError) as exc:
@@ -218,7 +216,8 @@ class Overlay:
         entry = next((p for p in self.config.peers if p.id == peer_id), None)
         ws = await upgrade.accept(OVERLAY_SUBPROTOCOL if OVERLAY_SUBPROTOCOL in offered else None,
                                   {ENCODING_HEADER: encoding, NODE_ID_HEADER: self.node_id},
-                                  keepalive=_keepalive(entry) if entry is not None else None)
+                                  keepalive=Keepalive.of(entry.dialing) if entry is not None
+                                  else None)
         await self._serve_link(peer_id, ws, encoding, "in")
 
     async def _serve_link(self, peer_id: str, ws: WsLink, encoding: str, direction: str) -> None:
@@ -294,7 +293,3 @@ class Overlay:
             return
         await self.forwarder.route(link, frame)
 
-
-def _keepalive(entry: PeerEntry) -> Keepalive | None:
-    """The node's own pings on a peer link (dialled or accepted), per the peer's entry."""
-    return Keepalive.every(entry.dialing.ping_interval_s, entry.dialing.ping_timeout_s)
