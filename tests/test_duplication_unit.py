@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import logging
 import os
 import ssl
 import threading
@@ -29,39 +28,13 @@ from router.backends.duplication import DuplicationContext, Duplicator, Secondar
 from router.backends.outbox import OutboxError, OutboxItem
 from router.config import BackendEntry, ConfigError, NodeSection, parse
 from router.relay.registry import SessionRegistry
-
-
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
-class Events(logging.Handler):
-    """The structured events of the ``router.fanout`` logger."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.events.append((record.getMessage(), dict(getattr(record, "fields", {}))))
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [fields for name, fields in self.events if name == event]
+from tests.log_events import Events, events_of
 
 
 @pytest.fixture
 def events() -> Iterator[Events]:
-    # our own handler: logs.setup() may have set propagate=False, which caplog misses
-    logger = logging.getLogger("router.fanout")
-    handler, level = Events(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
+    with events_of("router.fanout") as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def context(state_dir: Path) -> DuplicationContext:

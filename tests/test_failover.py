@@ -10,9 +10,7 @@ on trio's MockClock.
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import trio
@@ -23,6 +21,7 @@ from router.net.handshake import DialFailed
 from router.net.wslink import LinkClosed, WsLink
 from router.relay.failover import BUFFER, RETRY_S, FailoverLink
 from router.wire.frames import CALL, CALLRESULT, Frame, encode_frame
+from tests.log_events import Events, events_of
 from tests.memory_ws import ws_pair
 
 BACKEND = BackendEntry(name="csms", role="primary", url="", srv="_ocpp._tcp.csms.test")
@@ -30,35 +29,9 @@ LOST = "backend link lost; moving to another target"
 
 
 @pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
-class Events(logging.Handler):
-    """Collects the structured events of the ``router.failover`` logger."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.events.append((record.getMessage(), dict(getattr(record, "fields", {}))))
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [fields for name, fields in self.events if name == event]
-
-
-@pytest.fixture
 def events() -> Iterator[Events]:
-    logger = logging.getLogger("router.failover")
-    handler, level = Events(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
+    with events_of("router.failover") as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 FAIL = None  # a scripted dial that fails with DialFailed(502)

@@ -57,6 +57,20 @@ auth = "none"
         await trio.to_thread.run_sync(backend.stop)
 
 
+@pytest.fixture
+def checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every password the node checks from now on, in order (the check still runs)."""
+    checked: list[str] = []
+    real = router.listener.verify_password
+
+    def counting(password: str, encoded: str) -> bool:
+        checked.append(password)
+        return real(password, encoded)
+
+    monkeypatch.setattr(router.listener, "verify_password", counting)
+    return checked
+
+
 async def _upgrade(node: Node, identity: str, headers: dict[str, str]) -> int:
     """The HTTP status of an upgrade attempt (101 when it succeeds; the link is closed)."""
     url = f"ws://127.0.0.1:{node.port}/ocpp/{identity}"
@@ -95,17 +109,10 @@ async def test_past_max_handshakes_a_connection_gets_503_at_once(node: Node) -> 
 
 
 async def test_repeated_wrong_passwords_get_429_without_more_checks(
-    node: Node, monkeypatch: pytest.MonkeyPatch
+    node: Node, checks: list[str]
 ) -> None:
     assert await _upgrade(node, "HS-2", _auth("HS-2", PASSWORD)) == 101  # verified once
-    checks: list[str] = []
-    real = router.listener.verify_password
-
-    def counting(password: str, encoded: str) -> bool:
-        checks.append(password)
-        return real(password, encoded)
-
-    monkeypatch.setattr(router.listener, "verify_password", counting)
+    checks.clear()  # count the guesses only
     for attempt in range(3):
         assert await _upgrade(node, "HS-3", _auth("HS-3", f"guess-{attempt}")) == 401
     assert len(checks) == 3
@@ -117,16 +124,8 @@ async def test_repeated_wrong_passwords_get_429_without_more_checks(
 
 
 async def test_an_unknown_identity_costs_a_check_like_a_known_one(
-    node: Node, monkeypatch: pytest.MonkeyPatch
+    node: Node, checks: list[str]
 ) -> None:
-    checks: list[str] = []
-    real = router.listener.verify_password
-
-    def counting(password: str, encoded: str) -> bool:
-        checks.append(password)
-        return real(password, encoded)
-
-    monkeypatch.setattr(router.listener, "verify_password", counting)
     assert await _upgrade(node, "NOBODY-1", _auth("NOBODY-1", "x")) == 401  # no entry
     assert await _upgrade(node, "HS-4", _auth("HS-5", PASSWORD)) == 401  # wrong user name
     assert await _upgrade(node, "HS-4", _auth("HS-4", "wrong")) == 401  # wrong password
@@ -134,18 +133,10 @@ async def test_an_unknown_identity_costs_a_check_like_a_known_one(
 
 
 async def test_a_burst_of_wrong_passwords_cannot_queue_more_checks_than_allowed(
-    node: Node, monkeypatch: pytest.MonkeyPatch
+    node: Node, checks: list[str]
 ) -> None:
     """Ten at once, with max_auth_failures = 3: checks still running count, so at most
     three password checks are made and the others get 429 at once."""
-    checks: list[str] = []
-    real = router.listener.verify_password
-
-    def counting(password: str, encoded: str) -> bool:
-        checks.append(password)
-        return real(password, encoded)
-
-    monkeypatch.setattr(router.listener, "verify_password", counting)
     # room for all ten handshakes at once (the fixture's max_handshakes is 3)
     node.config = replace(node.config, listen=replace(node.config.listen, max_handshakes=100))
     statuses: list[int] = []
