@@ -10,6 +10,10 @@ Measured in one run, per frame, on a ~700-byte OCPP 2.0.1 TransactionEvent paylo
 * ``decide + schema``: a rule with ``validate_schema = true`` (compiled validator);
 * canonicalization of the payload: the fast path, the reference serializer and the
   pure-Python ``rfc8785`` package, with and without floats that force the slow path;
+* ``decide + verify JWS``: a rule requiring an admin certificate met by an OCPP 2.1 Signed
+  Message (Part 4 chapter 7, ES256), each frame signed afresh;
+* one JWS verified by the node's verifier (``cryptography``) and by joserfc, a maintained
+  JOSE library, on the same messages: the faster of two correct verifiers is kept;
 * the raw ECDSA P-256 verify and sign, for scale.
 
     .venv/bin/python bench/firewall.py               # ~10 s
@@ -17,7 +21,9 @@ Measured in one run, per frame, on a ~700-byte OCPP 2.0.1 TransactionEvent paylo
     .venv/bin/python bench/firewall.py --json out.json
 
 Figures are medians over ``--repeats`` runs of ``--frames`` frames each, in microseconds
-per frame. Aim (issue 4): verifying one signature adds <= 100 us per frame.
+per frame. Aim (issues 4 and 14): verifying one signature, in either form, adds <= 100 us
+per frame on the machine where an ECDSA P-256 verify took 65 us; on a slower or faster
+machine the aim scales with that verify (both are printed).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +54,7 @@ from policies import (
 from policies.jws import Certificate, load_certificate, verify_jws
 
 AIM_VERIFY_US = 100.0
+AIM_ECDSA_US = 65.0  # the ECDSA P-256 verify on the machine the aim was set on
 NOW = 1_795_341_600.0
 
 
@@ -77,7 +85,20 @@ def transaction_event(seq: int, integral_floats: bool = False) -> dict[str, Any]
     }
 
 
-def policy_text(admin: SigningKey) -> str:
+def policy_text(admin: SigningKey, certificate: str = "") -> str:
+    jws = (f"""
+[[keys]]
+id = "ops-cert"
+certificate = "{certificate}"
+roles = ["admin"]
+
+[[rules]]
+name = "jws"
+actions = ["TransactionEvent"]
+sources = ["CS-jws"]
+require = {{ roles = ["admin"], count = 1, max_age_s = 300 }}
+then = "forward"
+""" if certificate else "")
     return f"""
 default = "reject"
 
@@ -85,7 +106,7 @@ default = "reject"
 id = "ops"
 public_key = "{admin.key_id}"
 roles = ["admin"]
-
+{jws}
 [[rules]]
 name = "secondaries are read-only"
 sources = ["analytics"]
@@ -122,21 +143,33 @@ then = "forward"
 """
 
 
-def per_frame_us(run: Callable[[], None], frames: int, repeats: int,
-                 setup: Callable[[], None] | None = None) -> float:
-    """Median over ``repeats`` of the mean time per frame of ``run`` (which does ``frames``)."""
-    samples = []
+Scenario = tuple[Callable[[], None], Callable[[], None] | None]  # (run, setup)
+
+
+def per_frame_us(scenarios: dict[str, Scenario], frames: int,
+                 repeats: int) -> dict[str, list[float]]:
+    """The mean time per frame of each scenario's ``run`` (which does ``frames``), once per
+    round for ``repeats`` rounds. Rounds interleave the scenarios, so that a slow spell of a
+    shared machine lands on all of them and differences within a round stay fair."""
+    samples: dict[str, list[float]] = {name: [] for name in scenarios}
     for _ in range(repeats):
-        if setup is not None:
-            setup()
-        start = time.perf_counter_ns()
-        run()
-        samples.append((time.perf_counter_ns() - start) / frames / 1000.0)
-    return statistics.median(samples)
+        for name, (run, setup) in scenarios.items():
+            if setup is not None:
+                setup()
+            start = time.perf_counter_ns()
+            run()
+            samples[name].append((time.perf_counter_ns() - start) / frames / 1000.0)
+    return samples
+
+
+def paired(samples: dict[str, list[float]], name: str, baseline: str) -> float:
+    """Median over rounds of ``name`` minus ``baseline`` measured in the same round."""
+    return statistics.median(a - b for a, b in zip(samples[name], samples[baseline],
+                                                   strict=True))
 
 
 def _jws_frames(payload: dict[str, Any], frames: int) -> tuple[list[dict[str, str]],
-                                                               dict[str, Certificate]]:
+                                                               Certificate, bytes]:
     """Signed Messages of Part 4 chapter 7 (ES256, a certificate of its own), made with
     ``cryptography`` directly, as a station or CSMS would send them."""
     import base64
@@ -168,8 +201,28 @@ def _jws_frames(payload: dict[str, Any], frames: int) -> tuple[list[dict[str, st
                                              ec.ECDSA(hashes.SHA256())))
         out.append({"protected": protected, "payload": body,
                     "signature": b64u(r.to_bytes(32, "big") + s.to_bytes(32, "big"))})
-    loaded = load_certificate(cert.public_bytes(serialization.Encoding.PEM))
-    return out, {loaded.x5t: loaded}
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    return out, load_certificate(pem), pem
+
+
+def _joserfc_verifier(certs: dict[str, Certificate]) -> Callable[[dict[str, str]], Any]:
+    """joserfc's verify of a flattened JWS with the chapter 7 header (the payload back)."""
+    from joserfc import jws
+    from joserfc.registry import HeaderParameter
+
+    registry = jws.JWSRegistry(header_registry={
+        "OCPPAction": HeaderParameter("action", "str", required=True),
+        "OCPPMessageTypedId": HeaderParameter("message type", "int")}, algorithms=["ES256"])
+
+    def resolve(member: Any) -> Any:
+        return certs[member.headers()["x5t#S256"]].jwk
+
+    def verify(signed: dict[str, str]) -> Any:
+        member = jws.deserialize_json(signed, resolve,  # type: ignore[arg-type]
+                                      algorithms=["ES256"], registry=registry)
+        return json.loads(member.payload)
+
+    return verify
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,8 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     frames, repeats = args.frames, args.repeats
 
     admin, node_key = SigningKey.generate(), SigningKey.generate()
-    policy = parse_policy(policy_text(admin), "bench-policy.toml")
     payload = transaction_event(1)
+    jws_payloads, signer_cert, signer_pem = _jws_frames(payload, frames)
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / "ops.pem").write_bytes(signer_pem)
+        policy = parse_policy(policy_text(admin, "ops.pem"), "bench-policy.toml",
+                              Path(directory))
     content_bytes = len(json.dumps(payload, separators=(",", ":")))
     frame = json.dumps([2, "19223201", "TransactionEvent", payload])
     # fresh signatures for every frame: replay protection sees each one once per firewall
@@ -220,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
             sign_payload(message, "TransactionEvent", "from-station", node_key, NOW,
                          canonical_payload=d.canonical_payload)
 
+    def decide_jws() -> None:
+        decide = state["fw"].decide
+        for message in jws_payloads:
+            if not decide("TransactionEvent-Signed", "from-station", "CS-jws", message,
+                          NOW).forwarded:
+                raise SystemExit("bench: a JWS-signed frame was not forwarded")
+
     def decide_schema() -> None:
         decide = state["fw"].decide
         for _ in range(frames):
@@ -231,13 +295,14 @@ def main(argv: list[str] | None = None) -> int:
                               ocpp_version="ocpp2.0.1").forwarded:
         raise SystemExit("bench: the payload does not pass its schema")
 
-    results: dict[str, float] = {}
-    results["frame json (loads + dumps)"] = per_frame_us(frame_json, frames, repeats)
-    results["decide, no signatures"] = per_frame_us(decide_plain, frames, repeats, fresh)
-    results["decide + verify 1 sig"] = per_frame_us(decide_signed, frames, repeats, fresh)
-    results["decide + verify + countersign"] = per_frame_us(decide_countersign, frames, repeats,
-                                                            fresh)
-    results["decide + schema validation"] = per_frame_us(decide_schema, frames, repeats, fresh)
+    scenarios: dict[str, Scenario] = {
+        "frame json (loads + dumps)": (frame_json, None),
+        "decide, no signatures": (decide_plain, fresh),
+        "decide + verify 1 sig": (decide_signed, fresh),
+        "decide + verify JWS (ES256)": (decide_jws, fresh),
+        "decide + verify + countersign": (decide_countersign, fresh),
+        "decide + schema validation": (decide_schema, fresh),
+    }
 
     floats = transaction_event(1, integral_floats=True)
     canon: dict[str, Callable[[Any], bytes]] = {"fast path": canonicalize,
@@ -254,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                     document: Any = document) -> None:
                 for _ in range(frames):
                     function(document)
-            results[f"canonicalize: {name}{label}"] = per_frame_us(run, frames, repeats)
+            scenarios[f"canonicalize: {name}{label}"] = (run, None)
 
     raw = canonicalize(payload)
     p256 = ec.generate_private_key(ec.SECP256R1())
@@ -269,37 +334,55 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(frames):
             p256.sign(raw, ec.ECDSA(hashes.SHA256()))
 
-    jws_payloads, certs = _jws_frames(payload, frames)
+    certs = {signer_cert.x5t: signer_cert}
+    by_joserfc = _joserfc_verifier(certs)
+    if by_joserfc(jws_payloads[0]) != payload:
+        raise SystemExit("bench: joserfc does not read the JWS as the node does")
 
     def jws_verify() -> None:
         for signed_jws in jws_payloads:
             verify_jws(signed_jws, "TransactionEvent-Signed", 2, certs, NOW)
 
-    results["ECDSA P-256 verify alone"] = per_frame_us(ecdsa_verify, frames, repeats)
-    results["OCPP 2.1 JWS verify (ES256, joserfc)"] = per_frame_us(jws_verify, frames, repeats)
-    results["ECDSA P-256 sign alone"] = per_frame_us(ecdsa_sign, frames, repeats)
+    def jws_verify_joserfc() -> None:
+        for signed_jws in jws_payloads:
+            by_joserfc(signed_jws)
 
-    added = results["decide + verify 1 sig"] - results["decide, no signatures"]
+    scenarios["ECDSA P-256 verify alone"] = (ecdsa_verify, None)
+    scenarios["JWS verify: node (cryptography)"] = (jws_verify, None)
+    scenarios["JWS verify: joserfc"] = (jws_verify_joserfc, None)
+    scenarios["ECDSA P-256 sign alone"] = (ecdsa_sign, None)
+
+    samples = per_frame_us(scenarios, frames, repeats)
+    results = {name: statistics.median(values) for name, values in samples.items()}
+    added = paired(samples, "decide + verify 1 sig", "decide, no signatures")
+    jws_added = paired(samples, "decide + verify JWS (ES256)", "decide, no signatures")
+    ecdsa = results["ECDSA P-256 verify alone"]
+    aim = AIM_VERIFY_US * ecdsa / AIM_ECDSA_US
     print(f"firewall cost per frame: payload {content_bytes} bytes ({signed_bytes} signed), "
-          f"{frames} frames x {repeats} runs, median, Python {sys.version.split()[0]}")
+          f"{frames} frames x {repeats} interleaved rounds, median, "
+          f"Python {sys.version.split()[0]}")
     width = max(len(k) for k in results)
     for name, value in results.items():
         print(f"  {name:<{width}}  {value:8.1f} us")
-    jws_added = results["OCPP 2.1 JWS verify (ES256, joserfc)"]
-    print(f"verifying one OCPP 2.1 JWS costs {jws_added:.1f} us per frame, "
-          f"{jws_added - results['ECDSA P-256 verify alone']:.1f} us over the ECDSA verify "
-          f"(aim <= {AIM_VERIFY_US:.0f} us added)")
-    verdict = "ok" if added <= AIM_VERIFY_US else "OVER"
-    print(f"verifying one signature adds {added:.1f} us per frame "
-          f"(aim <= {AIM_VERIFY_US:.0f} us: {verdict})")
+    print(f"the ECDSA P-256 verify takes {ecdsa:.1f} us here ({AIM_ECDSA_US:.0f} us where the "
+          f"aim of {AIM_VERIFY_US:.0f} us added was set): the aim here is {aim:.0f} us added")
+    for form, cost in (("a WWCP signature", added), ("an OCPP 2.1 JWS", jws_added)):
+        verdict = "ok" if cost <= aim else "OVER"
+        print(f"verifying {form} adds {cost:.1f} us per frame, {cost - ecdsa:.1f} us over the "
+              f"ECDSA verify ({cost / ecdsa:.2f}x it; aim <= {aim:.0f} us: {verdict})")
+    jose = paired(samples, "JWS verify: joserfc", "ECDSA P-256 verify alone")
+    mine = paired(samples, "JWS verify: node (cryptography)", "ECDSA P-256 verify alone")
+    print(f"JWS checks beside the ECDSA verify: node {mine:.1f} us, joserfc {jose:.1f} us")
     speedup = results["canonicalize: rfc8785 package"] / results["canonicalize: fast path"] \
         if "canonicalize: rfc8785 package" in results else float("nan")
     print(f"canonical form: fast path {speedup:.1f}x faster than the rfc8785 package")
     if args.json:
         Path(args.json).write_text(json.dumps({"us_per_frame": results,
                                                "verify_adds_us": added,
+                                               "jws_verify_adds_us": jws_added,
+                                               "aim_us": aim,
                                                "payload_bytes": content_bytes}, indent=1))
-    return 0 if added <= AIM_VERIFY_US else 1
+    return 0 if max(added, jws_added) <= aim else 1
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ def _fast_compiler() -> Callable[[Mapping[str, Any]], _Check] | None:
         return None
 
     def compile_schema(schema: Mapping[str, Any]) -> _Check:
-        validate = fastjsonschema.compile(dict(schema))
+        # use_default=False: by default the validator writes a schema's defaults into the
+        # payload it checks, and the node forwards payloads unchanged
+        validate = fastjsonschema.compile(dict(schema), use_default=False)
         failure = fastjsonschema.JsonSchemaException
 
         def check(payload: Any) -> str | None:

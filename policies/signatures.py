@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -237,6 +238,15 @@ def without_signatures(payload: Mapping[str, Any]) -> Mapping[str, Any]:
     return {k: v for k, v in payload.items() if k != _FIELD}
 
 
+_PURPOSE_PART = b',"purpose":' + canonicalize(PURPOSE) + b',"signature":'
+
+
+@functools.lru_cache(maxsize=512)
+def _action_part(action: str) -> bytes:
+    # a handful of actions signed over and over; the cache is bounded for the rest
+    return b'{"action":' + canonicalize(action) + b',"direction":'
+
+
 @dataclass(frozen=True, slots=True)
 class SignedContent:
     """A payload bound to its action and direction: the part every signature shares.
@@ -251,10 +261,8 @@ class SignedContent:
     _head: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        head = b"".join((b'{"action":', canonicalize(self.action),
-                         b',"direction":', canonicalize(self.direction),
-                         b',"payload":', self.canonical_payload,
-                         b',"purpose":', canonicalize(PURPOSE), b',"signature":'))
+        head = b"".join((_action_part(self.action), canonicalize(self.direction),
+                         b',"payload":', self.canonical_payload, _PURPOSE_PART))
         object.__setattr__(self, "_head", head)
 
     def signing_input(self, entry: Mapping[str, Any]) -> bytes:

@@ -19,13 +19,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from policies.values import MAX_DEPTH, MAX_INT, MIN_INT, value_flaw
 from router.overlay.codec import ENCODINGS, PeerCodec
 from router.wire.frames import (
     CALL,
     CALLRESULT,
-    MAX_DEPTH,
-    MAX_INT,
-    MIN_INT,
     Frame,
     FrameError,
     Problem,
@@ -33,7 +31,6 @@ from router.wire.frames import (
     decode,
     encode_frame,
     error_answer,
-    value_flaw,
 )
 from router.wire.overlay_frames import (
     OverlayFrame,

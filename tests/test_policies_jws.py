@@ -1,6 +1,7 @@
-"""OCPP 2.1 Signed Messages (policies/jws.py), verified against JWS made here by hand with
-``cryptography``: a different implementation from the node's (joserfc), so these tests
-show interoperability as well as the refusals Part 4 chapter 7 calls for."""
+"""OCPP 2.1 Signed Messages (policies/jws.py), verified against JWS made by two other
+implementations than the node's verifier: by hand with ``cryptography`` (which can also
+forge what a library would refuse to make) and by joserfc, a maintained JOSE library. So
+these tests show interoperability as well as the refusals Part 4 chapter 7 calls for."""
 
 from __future__ import annotations
 
@@ -37,11 +38,12 @@ def b64u(raw: bytes) -> str:
 
 
 class Signer:
-    """A key and its self-signed certificate, signing JWS the long way."""
+    """A key and its self-signed certificate, signing JWS the long way or with joserfc."""
 
     def __init__(self, alg: str = "ES256", cn: str = "admin", days: int = 30,
-                 starts: datetime = NOW - timedelta(days=1)) -> None:
-        self.alg = alg
+                 starts: datetime = NOW - timedelta(days=1), library: str = "cryptography"
+                 ) -> None:
+        self.alg, self.library = alg, library
         if alg == "ES256":
             self.key: Any = ec.generate_private_key(ec.SECP256R1())
         else:
@@ -55,6 +57,8 @@ class Signer:
         self.x5t = b64u(hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest())
 
     def sign(self, payload: bytes, **header: Any) -> dict[str, str]:
+        if self.library == "joserfc":
+            return self._sign_joserfc(payload, header)
         protected = b64u(json.dumps({"alg": self.alg, "x5t#S256": self.x5t, **header}).encode())
         signing_input = f"{protected}.{b64u(payload)}".encode()
         if self.alg == "ES256":
@@ -64,6 +68,22 @@ class Signer:
             digest = hashes.SHA256() if self.alg == "RS256" else hashes.SHA384()
             raw = self.key.sign(signing_input, padding.PKCS1v15(), digest)
         return {"protected": protected, "payload": b64u(payload), "signature": b64u(raw)}
+
+    def _sign_joserfc(self, payload: bytes, header: dict[str, Any]) -> dict[str, str]:
+        from joserfc import jws
+        from joserfc.jwk import ECKey, RSAKey
+        from joserfc.registry import HeaderParameter
+
+        pem = self.key.private_bytes(serialization.Encoding.PEM,
+                                     serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+        key = ECKey.import_key(pem) if self.alg == "ES256" else RSAKey.import_key(pem)
+        extensions = {name: HeaderParameter(name, lambda _: None) for name in header}
+        registry = jws.JWSRegistry(header_registry=extensions, algorithms=[self.alg])
+        signed = jws.serialize_json({"protected": {"alg": self.alg, "x5t#S256": self.x5t,
+                                                   **header}},
+                                    payload, key, algorithms=[self.alg], registry=registry)
+        return {name: str(value) for name, value in signed.items()}
 
     def reset(self, **header: Any) -> dict[str, str]:
         header = {"OCPPAction": "Reset", "OCPPMessageTypedId": CALL, **header}
@@ -84,9 +104,10 @@ def admin() -> Signer:
     return Signer()
 
 
+@pytest.mark.parametrize("library", ["cryptography", "joserfc"])
 @pytest.mark.parametrize("alg", ["ES256", "RS256", "RS384"])
-def test_each_allowed_algorithm_verifies(alg: str) -> None:
-    signer = Signer(alg)
+def test_each_allowed_algorithm_verifies(alg: str, library: str) -> None:
+    signer = Signer(alg, library=library)
     result = verify(signer.reset(), known(signer))
     assert isinstance(result, VerifiedJws), result
     assert (result.action, result.payload, result.algorithm) == ("Reset", RESET, alg)
@@ -196,3 +217,73 @@ def test_inner_action_and_certificate_errors() -> None:
             .sign(small, hashes.SHA384()))
     with pytest.raises(CertificateError, match="P-256"):
         load_certificate(cert.public_bytes(serialization.Encoding.PEM))
+
+
+# --- one signed message, one spelling: what replay protection relies on -------------------
+
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def _unb64u(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def test_the_other_ecdsa_spelling_of_a_signature_has_the_same_digest(admin: Signer) -> None:
+    # (r, n - s) verifies as well as (r, s): a replay keyed on the signature's text would
+    # let the same command through twice
+    signed = admin.reset()
+    raw = _unb64u(signed["signature"])
+    s = int.from_bytes(raw[32:], "big")
+    twin = dict(signed, signature=b64u(raw[:32] + (P256_ORDER - s).to_bytes(32, "big")))
+    first, second = verify(signed, known(admin)), verify(twin, known(admin))
+    assert isinstance(first, VerifiedJws) and isinstance(second, VerifiedJws)
+    assert first.digest == second.digest
+
+
+def test_a_signature_is_exactly_as_long_as_its_algorithm_says() -> None:
+    for signer in (Signer("ES256"), Signer("RS256")):
+        signed = signer.reset()
+        padded = dict(signed, signature=b64u(b"\0" + _unb64u(signed["signature"])))
+        assert "octets" in refusal(verify(padded, known(signer))) or \
+            "as long as the modulus" in refusal(verify(padded, known(signer)))
+
+
+@pytest.mark.parametrize("respell", [
+    lambda t: t + "=" * (-len(t) % 4) if len(t) % 4 else t + "==",  # padding
+    lambda t: t.replace("-", "+").replace("_", "/") + "+",  # the other alphabet
+    lambda t: t[:-1] + {"A": "B", "Q": "R", "g": "h", "w": "x"}.get(t[-1], t[-1]),  # stray bits
+    lambda t: t[:10] + "\n" + t[10:],  # a character outside the alphabet
+])
+def test_base64url_has_one_spelling(admin: Signer, respell: Any) -> None:
+    signed = admin.reset()
+    changed = dict(signed, signature=respell(signed["signature"]))
+    if changed["signature"] == signed["signature"]:
+        pytest.skip("this signature's text has no such variant")
+    assert "base64url" in refusal(verify(changed, known(admin)))
+
+
+def test_header_names_appear_once_and_interpreted_ones_are_protected(admin: Signer) -> None:
+    signed = admin.reset()
+    header = json.loads(_unb64u(signed["protected"]))
+    text = json.dumps(header)[:-1] + ', "OCPPAction": "UnlockConnector"}'
+    twice = dict(signed, protected=b64u(text.encode()))
+    assert "twice" in refusal(verify(twice, known(admin)))
+    for name in ("alg", "x5t#S256", "OCPPAction", "crit"):
+        assert "unprotected header" in refusal(verify(dict(signed, header={name: "x"}),
+                                                      known(admin)))
+    assert isinstance(verify(dict(signed, header={"kid": "ops"}), known(admin)), VerifiedJws)
+
+
+def test_crit_may_name_only_the_chapter_7_parameters(admin: Signer) -> None:
+    assert isinstance(verify(admin.reset(crit=["OCPPAction"]), known(admin)), VerifiedJws)
+    for crit in ([], ["OCPPAction", "OCPPAction"], ["b64"], "OCPPAction"):
+        assert "crit" in refusal(verify(admin.reset(crit=crit), known(admin)))
+
+
+def test_an_unencoded_payload_and_a_key_of_another_type_are_refused(admin: Signer) -> None:
+    assert "b64" in refusal(verify(admin.reset(b64=False), known(admin)))
+    rsa_signer = Signer("RS256")
+    mixed = rsa_signer.reset()
+    header = dict(json.loads(_unb64u(mixed["protected"])), alg="ES256")
+    mixed["protected"] = b64u(json.dumps(header).encode())
+    assert "RSA certificate" in refusal(verify(mixed, known(rsa_signer)))

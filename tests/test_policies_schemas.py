@@ -38,3 +38,15 @@ def test_missing_package_is_a_clear_error(tmp_path: Path) -> None:
     assert empty.validate("ocpp2.0.1", "Reset", "call", {}) == \
         "Reset is not an action of ocpp2.0.1"
     assert issubclass(SchemaUnavailable, RuntimeError)
+
+
+def test_validation_leaves_the_payload_as_it_came() -> None:
+    # TransactionEventRequest gives "offline" a default; fastjsonschema writes defaults into
+    # the payload unless told not to, and the node forwards payloads unchanged (a WWCP
+    # signature over the payload would no longer verify after an inserted member)
+    payload = {"eventType": "Started", "timestamp": "2026-11-27T10:00:00Z",
+               "triggerReason": "Authorized", "seqNo": 0,
+               "transactionInfo": {"transactionId": "T1"}}
+    before = repr(payload)
+    assert SchemaValidator().validate("ocpp2.0.1", "TransactionEvent", "call", payload) is None
+    assert repr(payload) == before

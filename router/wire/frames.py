@@ -6,18 +6,18 @@ and which kind of problem it was. The error code depends on the OCPP version of 
 link (see :func:`error_code`), because OCPP 1.6 and 2.x name the same faults differently.
 
 A decoded frame holds only values that JSON and msgpack both carry unchanged, so any link
-can send it on: no duplicate object keys, no NaN or infinities, no lone surrogates, no
-integers beyond 64 bits, no nesting deeper than :data:`MAX_DEPTH`. A frame that breaks one
-of these rules but is otherwise well formed is refused as a format error with its message
-id (see :func:`refusal`).
+can send it on (the rules are :mod:`policies.values`). A frame that breaks one of these
+rules but is otherwise well formed is refused as a format error with its message id (see
+:func:`refusal`).
 """
 
 from __future__ import annotations
 
 import enum
 import json
-import math
 from typing import Any, NamedTuple
+
+from policies.values import encodable, parse_json
 
 CALL = 2
 CALLRESULT = 3
@@ -120,156 +120,6 @@ class Frame(NamedTuple):
     details: Any = None
 
 
-# -- values both encodings carry -------------------------------------------------------------
-
-#: The integers msgpack holds (int64 and uint64); JSON itself sets no limit.
-MIN_INT = -(2**63)
-MAX_INT = 2**64 - 1
-_MAX_INT_DIGITS = len(str(MIN_INT))  # the sign included
-#: How deep arrays and objects may nest in a frame, its own array included. msgpack packs
-#: no deeper than 511 levels and JSON encoding recurses, so a value nested 600 deep would
-#: decode, then fail in the writer of the link it goes out on. OCPP payloads nest less than
-#: 10 deep; the limit is generous so that texts up to 512 characters need no count.
-MAX_DEPTH = 256
-
-
-class UnfitValue(Exception):
-    """Well-formed JSON or msgpack holding a value the node must not pass on; raised while
-    parsing, turned into a :class:`FrameError` by the decoders."""
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    """An object from its key-value pairs (a parser's hook), refusing a key that appears
-    twice: a receiver that keeps the first sees another value than one that keeps the last."""
-    obj = dict(pairs)
-    if len(obj) < len(pairs):
-        seen = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise UnfitValue(f"an object holds the key {_short(key)} twice")
-            seen.add(key)
-    return obj
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # Python reads NaN and Infinity unless told not to
-
-
-def _json_int(digits: str) -> int:
-    if len(digits) < _MAX_INT_DIGITS - 1:  # up to 18 digits: no need to compare
-        return int(digits)
-    # the length first: converting thousands of digits takes quadratic time
-    if len(digits) <= _MAX_INT_DIGITS:
-        value = int(digits)
-        if MIN_INT <= value <= MAX_INT:
-            return value
-    raise UnfitValue(f"the integer {_short(digits)[1:-1]} does not fit in 64 bits")
-
-
-def _json_float(digits: str) -> float:
-    value = float(digits)
-    if math.isinf(value):  # 1e400 would travel on as Infinity, which is not JSON
-        raise UnfitValue(f"the number {_short(digits)[1:-1]} is too large for a float")
-    return value
-
-
-def _stand_in_int(digits: str) -> int:
-    # the value is refused anyway; this spares converting thousands of digits
-    if len(digits) <= _MAX_INT_DIGITS:
-        return int(digits)
-    return MIN_INT - 1 if digits.startswith("-") else MAX_INT + 1
-
-
-# The checks run inside the C parser, as hooks. On a 300-byte MeterValues (4 objects, 2
-# integers) they add about 18,000 instructions to the parse; a walk over the decoded value
-# would add 30,000, a regex scan of the text for long runs of digits 50,000 (callgrind).
-_STRICT_JSON = json.JSONDecoder(object_pairs_hook=unique_keys, parse_constant=_no_constant,
-                                parse_int=_json_int, parse_float=_json_float)
-# Reads an unfit text once more, for the message id and type to answer with.
-_LENIENT_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_int=_stand_in_int)
-
-
-def _encodes(text: str) -> bool:
-    """Whether a str holds no lone surrogate, so that it encodes to UTF-8."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def value_flaw(value: Any) -> str | None:
-    """Why ``value`` cannot travel unchanged as both JSON and msgpack, or None if it can.
-
-    A dict cannot show a duplicate key any more: parsers refuse those with
-    :func:`unique_keys` as their object hook.
-    """
-    level = [value]
-    for _ in range(MAX_DEPTH):  # one level of nesting at a time
-        deeper: list[Any] = []
-        for item in level:
-            kind = type(item)
-            if kind is str:
-                # isascii() costs nothing; only a non-ASCII str can hold a surrogate
-                if not item.isascii() and not _encodes(item):
-                    return f"the string {_short(item)} holds a lone surrogate"
-            elif kind is dict:
-                for key in item:
-                    if type(key) is not str:
-                        return f"an object key must be a string, not {type(key).__name__}"
-                    if not key.isascii() and not _encodes(key):
-                        return f"the key {_short(key)} holds a lone surrogate"
-                deeper.extend(item.values())
-            elif kind is list:
-                deeper.extend(item)
-            elif kind is int:
-                if not MIN_INT <= item <= MAX_INT:
-                    return f"the integer {_short(item)} does not fit in 64 bits"
-            elif kind is float:
-                if not math.isfinite(item):
-                    return f"the number {item} is not JSON"
-            elif item is not None and kind is not bool:
-                return f"a value of type {kind.__name__} is not JSON"
-        if not deeper:
-            return None
-        level = deeper
-    return f"arrays and objects nest deeper than {MAX_DEPTH} levels"
-
-
-def _parse(text: str) -> Any:
-    try:
-        value, end = _STRICT_JSON.raw_decode(text)
-    except json.JSONDecodeError:
-        return _STRICT_JSON.decode(text)  # space before the value, or not JSON: decode() says
-    if end != len(text):
-        return _STRICT_JSON.decode(text)  # space after the value, or something else
-    return value
-
-
-def _may_hold_surrogate(text: str) -> bool:
-    # Text that is valid UTF-8 (all a link delivers) makes one only from an escape, and
-    # "\u00e9" and its kind need no walk.
-    if "\\" in text and ("\\ud" in text or "\\uD" in text):
-        return True
-    if text.isascii():
-        return False
-    try:
-        text.encode("latin-1")  # a copy, when all characters are Latin-1 (é, ü, ß...)
-    except UnicodeEncodeError:
-        return not _encodes(text)
-    return False
-
-
-def _may_nest_too_deep(text: str) -> bool:
-    # Each level takes two characters at least, so most frames skip counting brackets.
-    return len(text) > 2 * MAX_DEPTH and text.count("[") + text.count("{") > MAX_DEPTH
-
-
 def _text(data: bytes) -> str:
     try:
         # strict, unlike json.loads, which lets encoded surrogates through
@@ -284,26 +134,15 @@ def load_json(text: str | bytes) -> tuple[Any, str | None]:
     if not isinstance(text, str):
         text = _text(text)
     try:
-        value = _parse(text)
-    except UnfitValue as exc:
-        try:
-            return _LENIENT_JSON.decode(text), str(exc)
-        except (ValueError, RecursionError) as again:
-            raise FrameError(Problem.RPC, f"not valid JSON: {again}") from None
+        return parse_json(text)
     except (ValueError, RecursionError) as exc:
         raise FrameError(Problem.RPC, f"not valid JSON: {exc}") from None
-    # most frames are short ASCII text without a backslash: the first line settles them
-    if ("\\" in text or not text.isascii() or len(text) > 2 * MAX_DEPTH) and (
-        _may_hold_surrogate(text) or _may_nest_too_deep(text)
-    ):
-        return value, value_flaw(value)
-    return value, None
 
 
 def refusal(flaw: str, message_id: str, message_type: int) -> FrameError:
     """The error for a well-formed frame that holds an unfit value: a format violation,
     answered with the frame's id unless the id itself cannot be sent back."""
-    if not _encodes(message_id):
+    if not encodable(message_id):
         return FrameError(Problem.RPC, flaw, None, message_type)
     return FrameError(Problem.FORMAT, flaw, message_id, message_type)
 

@@ -24,21 +24,18 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from policies.values import MAX_DEPTH, UnfitValue, unique_keys, value_flaw
 from router.wire.frames import (
     CALL,
     CALLERROR,
     CALLRESULT,
     CALLRESULTERROR,
-    MAX_DEPTH,
     MAX_MESSAGE_ID,
     SEND,
     FrameError,
     Problem,
-    UnfitValue,
     load_json,
     refusal,
-    unique_keys,
-    value_flaw,
 )
 
 #: A frame that has passed this many nodes is dropped: no route may loop forever.
