@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from policies.canonical import CanonicalError, canonicalize
-from policies.jws import Certificate, inner_action, verify_jws
+from policies.jws import Certificate, inner_action, unwrap, verify_jws
 from policies.policy import KeyEntry, Outcome, Policy, Requirement, Rule
 from policies.ratelimit import RateLimiter
 from policies.replay import ReplayCache
@@ -73,6 +73,9 @@ class Explanation:
     skipped: tuple[str, ...]
 
 
+_UNREAD = object()  # the payload a rule's fields are read from, before it is needed
+
+
 class _Globs:
     """A list of shell-style patterns, matched fast: exact names by set, the rest by one regex."""
 
@@ -97,6 +100,7 @@ class _Compiled:
     """A rule with its matchers built and its rate limiter (the rule's only state)."""
 
     __slots__ = ("actions", "directions", "kinds", "limiter", "rule", "sources", "validate")
+    _MISSING = object()
 
     def __init__(self, rule: Rule, policy: Policy, max_sources: int) -> None:
         self.rule = rule
@@ -119,6 +123,27 @@ class _Compiled:
         if not self.sources.match(source):
             return f"source {source} is not in [{self.sources}]"
         return None
+
+    def payload_mismatch(self, body: object) -> str | None:
+        """Why ``body`` (the payload, or a Signed Message's signed payload) does not hold
+        the rule's ``payload`` values; None when it does."""
+        for steps, values in self.rule.payload:
+            found: object = body
+            for step in steps:
+                found = found.get(step, self._MISSING) if isinstance(found, dict) else \
+                    self._MISSING
+            name = ".".join(steps)
+            if found is self._MISSING:
+                return f"the payload has no {name}"
+            # 1 is not true, nor "1" 1: types must agree as well as values
+            if not any(type(found) is type(v) and found == v for v in values):
+                return f"the payload's {name} is {_short_value(found)}, not one of the rule's"
+        return None
+
+
+def _short_value(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class Firewall:
@@ -224,9 +249,17 @@ class Firewall:
         if kind not in _KINDS:
             raise ValueError(f"message must be one of {', '.join(_KINDS)}, not {kind!r}")
         # rules name the plain action: "Reset" covers "Reset-Signed" (Part 4 chapter 7)
-        matched = inner_action(action) or action
+        signed = inner_action(action)
+        matched = signed or action
+        body: object = _UNREAD
         for compiled in self._rules:
             why_not = compiled.mismatch(matched, direction, source, kind)
+            if why_not is None and compiled.rule.payload:
+                if body is _UNREAD:
+                    # a Signed Message's rules look at what was signed; the rule's require
+                    # then verifies the signature over these very bytes
+                    body = unwrap(payload) if signed is not None else payload
+                why_not = compiled.payload_mismatch(body)
             if why_not is None:
                 decision = self._apply(compiled, action, direction, source, payload, now, kind,
                                        version, record, message_type)

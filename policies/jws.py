@@ -31,6 +31,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
@@ -53,6 +54,7 @@ __all__ = [
     "VerifiedJws",
     "inner_action",
     "load_certificate",
+    "self_signed_certificate",
     "sign_jws",
     "unwrap",
     "verify_jws",
@@ -112,6 +114,27 @@ def load_certificate(pem: bytes) -> Certificate:
         jwk=key,
         public_key=public,
     )
+
+
+def self_signed_certificate(private_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+                            common_name: str, now: float, days: int) -> bytes:
+    """A self-signed X.509 certificate (PEM) for a signer's key, valid from ``now`` (POSIX
+    seconds, less a minute for clocks behind) for ``days``: for trying Signed Messages out.
+    Production signers get theirs from the operator's PKI."""
+    if days < 1:
+        raise ValueError("a certificate must be valid for at least one day")
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, common_name)])
+    start = datetime.fromtimestamp(now - 60, UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(private_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(start + timedelta(days=days))
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .sign(private_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 @dataclass(frozen=True, slots=True)

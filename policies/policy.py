@@ -125,6 +125,13 @@ class Rule:
     rate: RateLimit | None = None
     validate_schema: bool | None = None  # None: the policy's setting
     line: int | None = None
+    #: ``payload = { "a.b" = value or [values] }``: each dotted path through the payload's
+    #: objects must hold one of its values (for a Signed Message: the signed payload)
+    payload: tuple[tuple[tuple[str, ...], tuple[PayloadValue, ...]], ...] = ()
+
+
+PayloadValue = str | int | float | bool
+MAX_PAYLOAD_PATH = 8  # objects deep: OCPP payloads nest less
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,7 +484,8 @@ def _rules(c: _Checker, raw: Any, keys: tuple[KeyEntry, ...],
     for i, item in enumerate(_array(c, raw, "rules")):
         path: _Path = ("rules", i)
         t = c.table(item, path, ("name", "actions", "direction", "sources", "messages",
-                                 "require", "then", "sign", "rate", "validate_schema"))
+                                 "require", "then", "sign", "rate", "validate_schema",
+                                 "payload"))
         if t is None:
             continue
         name = c.string(t, path, "name", required=True)
@@ -498,6 +506,7 @@ def _rules(c: _Checker, raw: Any, keys: tuple[KeyEntry, ...],
         require = (_requirement(c, t.get("require"), (*path, "require"), keys, keys_complete)
                    if "require" in t else None)
         rate = _rate(c, t.get("rate"), (*path, "rate")) if "rate" in t else None
+        fields = _payload_fields(c, t["payload"], (*path, "payload")) if "payload" in t else ()
         if then is not None and then != Outcome.FORWARD:
             if require is not None:
                 c.fail((*path, "require"), f"only a rule that forwards can require signatures "
@@ -508,8 +517,28 @@ def _rules(c: _Checker, raw: Any, keys: tuple[KeyEntry, ...],
         if name is None or then is None:
             continue
         rules.append(Rule(name, Outcome(then), actions, direction, sources, messages, require,
-                          sign, rate, validate, c.lines.find(path)))
+                          sign, rate, validate, c.lines.find(path), fields))
     return tuple(rules)
+
+
+def _payload_fields(c: _Checker, raw: Any, path: _Path) -> tuple[
+        tuple[tuple[str, ...], tuple[PayloadValue, ...]], ...]:
+    if not isinstance(raw, dict) or not raw:
+        c.fail(path, 'must be a table of dotted paths and values, e.g. { "chargingProfile.'
+                     'chargingProfilePurpose" = "ChargingStationExternalConstraints" }')
+        return ()
+    fields = []
+    for dotted, value in raw.items():
+        steps = tuple(dotted.split("."))
+        if not all(steps) or len(steps) > MAX_PAYLOAD_PATH:
+            c.fail(path, f"{dotted!r} is not a dotted path of 1 to {MAX_PAYLOAD_PATH} names")
+            continue
+        values = tuple(value) if isinstance(value, list) else (value,)
+        if not values or not all(isinstance(v, str | int | float | bool) for v in values):
+            c.fail(path, f"{dotted!r} must be a string, number or boolean, or a list of them")
+            continue
+        fields.append((steps, values))
+    return tuple(fields)
 
 
 def _requirement(c: _Checker, raw: Any, path: _Path, keys: tuple[KeyEntry, ...],

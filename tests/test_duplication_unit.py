@@ -44,7 +44,8 @@ def context(state_dir: Path) -> DuplicationContext:
 
 def entry(**options: Any) -> BackendEntry:
     options.setdefault("subscribe", ("MeterValues",))
-    return BackendEntry(name="sec", role="secondary", url="ws://127.0.0.1:9/ocpp", **options)
+    options.setdefault("name", "sec")
+    return BackendEntry(role="secondary", url="ws://127.0.0.1:9/ocpp", **options)
 
 
 def meter(seq: int, pad: int = 0) -> OutboxItem:
@@ -463,3 +464,41 @@ def test_outbox_max_bytes_config() -> None:
         [problem] = info.value.problems
         assert problem.key == "backends[1].outbox_max_bytes", problem
         assert problem.line == 18
+
+
+def test_signed_messages_are_copied_by_their_plain_action_signed_or_plain(
+        tmp_path: Path) -> None:
+    """An OCPP 2.1 Signed Message matches a subscription by its plain action; each secondary
+    gets it as its signed_messages says (default: kept for 2.x, unwrapped for 1.6)."""
+    from tests.test_policies_jws import Signer
+
+    notice = {"chargingLimit": {"chargingLimitSource": "SO", "isGridCritical": True}}
+    signed = Signer().sign(json.dumps(notice).encode(), OCPPAction="NotifyChargingLimit",
+                           OCPPMessageTypedId=2)
+    dup = Duplicator([entry(name="keeps", subscribe=("NotifyChargingLimit",)),
+                      entry(name="plain", subscribe=("NotifyChargingLimit",),
+                            signed_messages="unwrap"),
+                      entry(name="other", subscribe=("MeterValues",))], context(tmp_path))
+    try:
+        # kept signed for the primary: the copy starts from the Signed Message
+        dup.offer("CS-1", "ocpp2.1", "NotifyChargingLimit-Signed", signed)
+        # unwrapped for the primary by the gate: the Signed Message comes along
+        dup.offer("CS-1", "ocpp2.1", "NotifyChargingLimit", notice,
+                  ("NotifyChargingLimit-Signed", signed))
+        keeps, plain, other = (sub._recv for sub in dup.secondaries)
+        for _ in range(2):
+            copy = keeps.receive_nowait()
+            assert (copy.action, json.loads(copy.payload)) == ("NotifyChargingLimit-Signed",
+                                                               signed)
+            copy = plain.receive_nowait()
+            assert (copy.action, json.loads(copy.payload)) == ("NotifyChargingLimit", notice)
+        with pytest.raises(trio.WouldBlock):
+            other.receive_nowait()
+        # a JWS with nothing inside: the secondary that wants it plain gets no copy, counted
+        dup.offer("CS-1", "ocpp2.1", "NotifyChargingLimit-Signed", {"payload": "!"})
+        assert keeps.receive_nowait().action == "NotifyChargingLimit-Signed"
+        with pytest.raises(trio.WouldBlock):
+            plain.receive_nowait()
+        assert dup.secondaries[1].stats.dropped == 1
+    finally:
+        dup.close()

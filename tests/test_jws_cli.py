@@ -76,3 +76,33 @@ def test_sign_jws_makes_what_the_firewall_and_cryptography_accept(tmp_path: Path
     wrong = cli("sign", "--jws", "--cert", str(tmp_path / "ops.crt"), "--key", str(other),
                 "--action", "Reset", stdin="{}")
     assert wrong.returncode == 2 and "does not belong" in wrong.stderr
+
+
+def test_keys_certificate_makes_a_signer_the_policy_and_the_cli_accept(tmp_path: Path) -> None:
+    """keys new + keys certificate: what examples/policies/make-14a-certs.sh runs."""
+    key, crt = tmp_path / "dso.key.pem", tmp_path / "dso.crt.pem"
+    assert cli("keys", "new", "--out", str(key)).returncode == 0
+    made = cli("keys", "certificate", "--key", str(key), "--cn", "DSO Netz", "--days", "30",
+               "--out", str(crt))
+    assert made.returncode == 0, made.stderr
+    cert = load_certificate(crt.read_bytes())
+    assert made.stdout.strip() == cert.x5t and cert.subject == "CN=DSO Netz"
+    assert cert.not_before <= time.time() <= cert.not_after <= time.time() + 30 * 86400
+    done = cli("sign", "--jws", "--cert", str(crt), "--key", str(key), "--action",
+               "SetChargingProfile", stdin='{"evseId":0}')
+    assert done.returncode == 0, done.stderr
+    result = verify_jws(json.loads(done.stdout), "SetChargingProfile-Signed", 2,
+                        {cert.x5t: cert}, time.time())
+    assert isinstance(result, VerifiedJws) and result.payload == {"evseId": 0}
+    # refusals: an existing file, a key chapter 7 has no algorithm for, no such key
+    again = cli("keys", "certificate", "--key", str(key), "--cn", "x", "--out", str(crt))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    ed = tmp_path / "ed.key.pem"
+    cli("keys", "new", "--algorithm", "ed25519", "--out", str(ed))
+    refused = cli("keys", "certificate", "--key", str(ed), "--cn", "x",
+                  "--out", str(tmp_path / "ed.crt"))
+    assert refused.returncode == 2 and "P-256" in refused.stderr
+    missing = cli("keys", "certificate", "--key", str(tmp_path / "nope"), "--cn", "x",
+                  "--out", str(tmp_path / "n.crt"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+

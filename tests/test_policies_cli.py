@@ -90,7 +90,7 @@ def test_sign_refuses_bad_input_in_one_sentence(tmp_path: Path) -> None:
 
 def test_policy_check_examples_and_a_broken_file(tmp_path: Path) -> None:
     examples = sorted((ROOT / "examples" / "policies").glob("*.toml"))
-    assert len(examples) == 3
+    assert len(examples) == 4
     for example in examples:
         done = cli("policy", "check", str(example))
         assert done.returncode == 0, done.stderr

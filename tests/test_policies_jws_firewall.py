@@ -143,3 +143,69 @@ require = { roles = ["dso"] }
     assert ok.outcome is Outcome.FORWARD, ok
     as_call = fw.explain(action, "from-station", "CS-1", send, T).decision
     assert as_call.outcome is Outcome.REJECT and "message type" in as_call.reason
+
+
+CURTAIL_RULES = '''[[rules]]
+name = "curtailments need the dso"
+actions = ["SetChargingProfile"]
+direction = "to-station"
+payload = { "chargingProfile.chargingProfilePurpose" = "ChargingStationExternalConstraints" }
+require = { roles = ["dso"] }
+then = "forward"
+
+[[rules]]
+name = "other profiles need an admin"
+actions = ["SetChargingProfile"]
+direction = "to-station"
+require = { roles = ["admin", "dso"] }
+then = "forward"
+'''
+
+
+def profile(purpose: object) -> dict[str, object]:
+    return {"evseId": 0, "chargingProfile": {"id": 7, "stackLevel": 0,
+                                             "chargingProfilePurpose": purpose}}
+
+
+def test_a_rule_can_match_a_field_of_the_signed_payload(
+        tmp_path: Path, signers: dict[str, Signer]) -> None:
+    """``payload = {...}`` reads the payload, for a Signed Message the one it signs: a
+    curtailment (ChargingStationExternalConstraints) needs the DSO; other profiles an admin."""
+    import json
+
+    fw = policy(tmp_path, signers, CURTAIL_RULES)
+
+    def signed(by: str, purpose: object) -> dict[str, str]:
+        return signers[by].sign(json.dumps(profile(purpose)).encode(),
+                                OCPPAction="SetChargingProfile", OCPPMessageTypedId=2)
+
+    def decide(by: str, purpose: object) -> tuple[Outcome, str | None]:
+        d = fw.decide("SetChargingProfile-Signed", "to-station", "csms", signed(by, purpose), T)
+        return d.outcome, d.rule
+
+    curtail = "ChargingStationExternalConstraints"
+    assert decide("dso", curtail) == (Outcome.FORWARD, "curtailments need the dso")
+    assert decide("admin", curtail) == (Outcome.REJECT, "curtailments need the dso")
+    assert decide("admin", "TxDefaultProfile") == (Outcome.FORWARD,
+                                                   "other profiles need an admin")
+    # types must agree; a missing field does not match; unsigned curtailments are refused
+    assert decide("admin", ["ChargingStationExternalConstraints"])[1] == \
+        "other profiles need an admin"
+    unsigned = fw.decide("SetChargingProfile", "to-station", "csms", profile(curtail), T)
+    assert (unsigned.outcome, unsigned.rule) == (Outcome.REJECT, "curtailments need the dso")
+    why = fw.explain("SetChargingProfile", "to-station", "csms", {"evseId": 0}, T).skipped
+    assert "the payload has no chargingProfile.chargingProfilePurpose" in why[0]
+
+
+@pytest.mark.parametrize("payload", ['{ }', '"x"', '{ "" = 1 }', '{ "a..b" = 1 }',
+                                     '{ "a" = [] }', '{ "a" = { b = 1 } }',
+                                     '{ "a.b.c.d.e.f.g.h.i" = 1 }'])
+def test_payload_conditions_are_checked(payload: str) -> None:
+    text = f'''default = "forward"
+[[rules]]
+name = "r"
+payload = {payload}
+then = "forward"
+'''
+    with pytest.raises(PolicyError, match="payload"):
+        parse_policy(text, "p.toml")

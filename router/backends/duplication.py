@@ -28,9 +28,10 @@ from urllib.parse import quote
 
 import trio
 
+from policies.jws import inner_action, unwrap
 from router.backends.boots import BootCache
 from router.backends.outbox import Outbox, OutboxError, OutboxItem
-from router.config import BackendEntry, NodeSection
+from router.config import BackendEntry, NodeSection, unwraps_signed
 from router.logs import log_event
 from router.net.handshake import HandshakeFailed, dial
 from router.net.tls import TlsFor, tls_failure
@@ -190,6 +191,13 @@ class Secondary:
     @property
     def queued(self) -> int:
         return self._send.statistics().current_buffer_used
+
+    def unwrap_failed(self, station: str, action: str) -> None:
+        """A Signed Message this secondary takes plain held nothing to unwrap: no copy."""
+        self.stats.offered += 1
+        self.stats.dropped += 1
+        log_event(log, logging.WARNING, "fanout_unwrap_failed", subscriber=self.name,
+                  station=station, action=action[:64])
 
     def offer(self, item: OutboxItem) -> None:
         """Never waits: the primary path calls this."""
@@ -416,18 +424,36 @@ class Duplicator:
     def active(self) -> bool:
         return bool(self.secondaries)
 
-    def offer(self, station: str, subprotocol: str, action: str, payload: Any) -> None:
+    def offer(self, station: str, subprotocol: str, action: str, payload: Any,
+              signed: tuple[str, Any] | None = None) -> None:
         """A station CALL reached the primary path: copy it to whoever subscribed. Never
-        waits and does no I/O (inboxes and the boot cache are in memory)."""
-        text: str | None = None
+        waits and does no I/O (inboxes and the boot cache are in memory).
+
+        An OCPP 2.1 Signed Message (``<Action>-Signed``; ``signed`` holds it when the gate
+        unwrapped it for the primary) is matched by its plain action and goes to each
+        secondary as its ``signed_messages`` says: signed, verifiable end to end, or plain.
+        """
+        plain = inner_action(action)
+        if plain is not None:
+            signed = (action, payload)
+        subject = plain or action
+        forms: dict[bool, tuple[str, str] | None] = {}  # unwrap? -> (action, payload text)
         for sub in self.secondaries:
-            if sub.entry.subscribes(action) and sub.entry.serves(station):
-                if text is None:
-                    text = payload_text(payload)
-                sub.offer(OutboxItem(station, subprotocol, action, text, time.time()))
-        if action == "BootNotification" and self.boots is not None:
-            self.boots.remember(station, subprotocol,
-                                text if text is not None else payload_text(payload))
+            if not (sub.entry.subscribes(subject) and sub.entry.serves(station)):
+                continue
+            unwrap_it = signed is None or unwraps_signed(sub.entry.signed_messages,
+                                                         subprotocol)
+            if unwrap_it not in forms:
+                forms[unwrap_it] = _copy_form(action, payload, signed, unwrap_it)
+            form = forms[unwrap_it]
+            if form is None:
+                sub.unwrap_failed(station, action)
+                continue
+            sub.offer(OutboxItem(station, subprotocol, form[0], form[1], time.time()))
+        if subject == "BootNotification" and self.boots is not None:
+            form = forms.get(True) or _copy_form(action, payload, signed, True)
+            if form is not None:
+                self.boots.remember(station, subprotocol, form[1])
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -452,6 +478,19 @@ class Duplicator:
             self.boots.close()
         for sub in self.secondaries:
             sub.outbox.close()
+
+
+def _copy_form(action: str, payload: Any, signed: tuple[str, Any] | None,
+               plain: bool) -> tuple[str, str] | None:
+    """A copy's action and payload text: the Signed Message, or the plain action and
+    payload (None when a signed payload holds no JSON object to unwrap)."""
+    if not plain and signed is not None:
+        return signed[0], payload_text(signed[1])
+    inner = inner_action(action)
+    if inner is None:
+        return action, payload_text(payload)
+    unwrapped = unwrap(payload)
+    return None if unwrapped is None else (inner, payload_text(unwrapped))
 
 
 def payload_text(payload: Any) -> str:

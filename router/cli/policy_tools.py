@@ -20,9 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 from policies.canonical import CanonicalError
 from policies.firewall import Firewall
-from policies.jws import CertificateError, sign_jws
+from policies.jws import CertificateError, load_certificate, self_signed_certificate, sign_jws
 from policies.policy import MESSAGE_KINDS, PolicyError, check_policy, load_policy
 from policies.schemas import VERSIONS, SchemaUnavailable
 from policies.signatures import (
@@ -60,6 +64,15 @@ def add_commands(subparsers: Any) -> None:
                                                 "for a policy's [[keys]]")
     public.add_argument("--key", required=True, help="the private key (PEM)")
     public.add_argument("--out", help="write the PEM here instead of stdout")
+
+    cert = keys_sub.add_parser("certificate",
+                               help="write a self-signed X.509 certificate for a P-256 or "
+                                    "RSA key (OCPP 2.1 Signed Messages), print its x5t#S256")
+    cert.add_argument("--key", required=True, help="the private key (PEM), e.g. from keys new")
+    cert.add_argument("--cn", required=True, help="the subject's common name")
+    cert.add_argument("--days", type=int, default=365, help="validity (default 365 days)")
+    cert.add_argument("--out", required=True, help="where to write the certificate (PEM)")
+    cert.add_argument("--force", action="store_true", help="overwrite an existing file")
 
     sign = subparsers.add_parser("sign", help="sign a payload read from stdin, print it "
                                               "with its signatures")
@@ -104,6 +117,8 @@ def run_command(args: argparse.Namespace) -> int:
         if args.command == "keys":
             if args.keys_command == "new":
                 return _keys_new(args.out, args.algorithm, args.force)
+            if args.keys_command == "certificate":
+                return _keys_certificate(args)
             return _keys_public(args.key, args.out)
         if args.command == "sign":
             return _sign(args)
@@ -172,6 +187,35 @@ def _keys_public(key_path: str, out: str | None) -> int:
     except OSError as exc:
         raise _UserError(f"{out}: cannot write: {exc.strerror or exc}") from None
     print(key.key_id)
+    return EXIT_OK
+
+
+def _keys_certificate(args: argparse.Namespace) -> int:
+    try:
+        private = serialization.load_pem_private_key(Path(args.key).read_bytes(), None)
+    except OSError as exc:
+        raise _UserError(f"{args.key}: cannot read the key: {exc.strerror or exc}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise _UserError(f"{args.key}: not an unencrypted PEM private key ({exc})") from None
+    if not ((isinstance(private, ec.EllipticCurvePrivateKey)
+            and isinstance(private.curve, ec.SECP256R1))
+            or (isinstance(private, rsa.RSAPrivateKey) and private.key_size >= 2048)):
+        raise _UserError(f"{args.key}: Signed Messages take a P-256 key (ES256) or an RSA "
+                         "key of 2048 bits or more (RS256, RS384)")
+    try:
+        pem = self_signed_certificate(private, args.cn, time.time(), args.days)
+    except ValueError as exc:
+        raise _UserError(str(exc)) from None
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
+    try:
+        fd = os.open(args.out, flags, 0o644)
+    except FileExistsError:
+        raise _UserError(f"{args.out} already exists (use --force to overwrite it)") from None
+    except OSError as exc:
+        raise _UserError(f"{args.out}: cannot write: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "wb") as file:
+        file.write(pem)
+    print(load_certificate(pem).x5t)
     return EXIT_OK
 
 

@@ -53,8 +53,10 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 
-DuplicateFn = Callable[[str, str, str, Any], None]
-"""``(station, subprotocol, action, payload)``: a station's CALL, for the secondaries."""
+DuplicateFn = Callable[[str, str, str, Any, "tuple[str, Any] | None"], None]
+"""``(station, subprotocol, action, payload, signed)``: a station's CALL as it goes to the
+primary, for the secondaries; ``signed`` is the ``(action, payload)`` of the Signed Message
+it was before the gate unwrapped it for the primary, else None."""
 
 
 @dataclass(slots=True, eq=False)
@@ -193,6 +195,7 @@ class StationSession:
                 mtype = frame.type
                 # read per frame: a reload may add or replace the policy
                 gate = deps.gate
+                received = frame
                 if gate.firewall is not None or _signed(frame) or (
                         side.peer_unwraps_signed and _signed_message(frame, side)):
                     passed = await self._through_gate(gate, side, asker, frame, text)
@@ -201,8 +204,11 @@ class StationSession:
                     frame, text = passed
                 if mtype == CALL:
                     if duplicate is not None:
+                        unwrapped = frame.action != received.action
                         duplicate(self.identity, version.value, frame.action or "",
-                                  frame.payload)
+                                  frame.payload,
+                                  (received.action or "", received.payload) if unwrapped
+                                  else None)
                     await self._offer(side, Call(frame, text), t0)
                 elif mtype == SEND:
                     # not answered
