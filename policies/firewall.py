@@ -398,7 +398,7 @@ class Firewall:
                              f"{' or '.join(sorted(require.roles))}")
                 continue
             result = check_signature(entry, index, content, now, public_key=key.public_key,
-                                     max_age_s=require.max_age_s,
+                                     key_algorithm=key.algorithm, max_age_s=require.max_age_s,
                                      max_skew_s=self.policy.clock_skew_s)
             if isinstance(result, RejectedSignature):
                 notes.append(f"signature {index} (key {key.id}): {result.reason}")

@@ -425,7 +425,9 @@ def _keys(c: _Checker, raw: Any, root: Path) -> tuple[KeyEntry, ...]:
             public = certificate.public_key
             wwcp = public if isinstance(public, ec.EllipticCurvePublicKey) else None
             entries.append(KeyEntry(key_name, key_id_of(wwcp) if wwcp else certificate.x5t,
-                                    frozenset(roles), "JWS", wwcp, c.lines.find(path),
+                                    frozenset(roles),
+                                    algorithm_of(wwcp) if wwcp else "JWS", wwcp,
+                                    c.lines.find(path),
                                     certificate))
             continue
         source = c.string(t, path, "public_key", required=True, max_len=4096)

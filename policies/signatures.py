@@ -242,9 +242,10 @@ _PURPOSE_PART = b',"purpose":' + canonicalize(PURPOSE) + b',"signature":'
 
 
 @functools.lru_cache(maxsize=512)
-def _action_part(action: str) -> bytes:
+def _head_part(action: str, direction: str) -> bytes:
     # a handful of actions signed over and over; the cache is bounded for the rest
-    return b'{"action":' + canonicalize(action) + b',"direction":'
+    return (b'{"action":' + canonicalize(action) + b',"direction":' + canonicalize(direction)
+            + b',"payload":')
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,8 +262,8 @@ class SignedContent:
     _head: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        head = b"".join((_action_part(self.action), canonicalize(self.direction),
-                         b',"payload":', self.canonical_payload, _PURPOSE_PART))
+        head = b"".join((_head_part(self.action, self.direction), self.canonical_payload,
+                         _PURPOSE_PART))
         object.__setattr__(self, "_head", head)
 
     def signing_input(self, entry: Mapping[str, Any]) -> bytes:
@@ -360,7 +361,7 @@ class RejectedSignature:
 
 def signature_entries(payload: object) -> list[Any] | RejectedSignature:
     """The raw ``signatures`` array of a payload (empty when absent), or why it is unusable."""
-    if not isinstance(payload, Mapping):
+    if type(payload) is not dict and not isinstance(payload, Mapping):
         return RejectedSignature(None, "the payload is not a JSON object")
     entries = payload.get(_FIELD, [])
     if not isinstance(entries, list):
@@ -394,22 +395,25 @@ def check_signature(
     now: float,
     *,
     public_key: PublicKey | None = None,
+    key_algorithm: str | None = None,
     max_age_s: float | None = None,
     max_skew_s: float = 60.0,
 ) -> VerifiedSignature | RejectedSignature:
     """Verify one signature entry against ``content``; never raises for a peer's input.
 
     ``public_key``, when given, is the key the caller already resolved from the entry's
-    ``keyId`` (a policy's key registry); otherwise the key is decoded from ``keyId``.
+    ``keyId`` (a policy's key registry), with its ``key_algorithm`` when known; otherwise
+    the key is decoded from ``keyId``.
     A timestamp more than ``max_skew_s`` ahead of ``now``, or older than ``max_age_s``,
     is refused.
     """
     key_id: str | None = None
     try:
-        if not isinstance(entry, Mapping):
+        if type(entry) is not dict and not isinstance(entry, Mapping):
             raise _Refused("is not a JSON object")
         key_id = _text(entry, "keyId", _MAX_KEY_ID)
-        return _check(entry, index, key_id, content, now, public_key, max_age_s, max_skew_s)
+        return _check(entry, index, key_id, content, now, public_key, key_algorithm,
+                      max_age_s, max_skew_s)
     except _Refused as refused:
         return RejectedSignature(index, str(refused), key_id)
     except Exception as exc:  # a peer's bytes must never take the node down
@@ -423,6 +427,7 @@ def _check(
     content: SignedContent,
     now: float,
     public_key: PublicKey | None,
+    key_algorithm: str | None,
     max_age_s: float | None,
     max_skew_s: float,
 ) -> VerifiedSignature:
@@ -446,10 +451,12 @@ def _check(
             public_key = public_key_from_key_id(key_id)
         except KeyFormatError as exc:
             raise _Refused(f"keyId is unusable: {exc}") from None
-    try:
-        key_algorithm = algorithm_of(public_key)
-    except KeyFormatError as exc:
-        raise _Refused(str(exc)) from None
+        key_algorithm = None
+    if key_algorithm is None:
+        try:
+            key_algorithm = algorithm_of(public_key)
+        except KeyFormatError as exc:
+            raise _Refused(str(exc)) from None
     if key_algorithm != algorithm:
         raise _Refused(f"algorithm {algorithm} does not match the key ({key_algorithm})")
     try:

@@ -209,3 +209,19 @@ then = "forward"
 '''
     with pytest.raises(PolicyError, match="payload"):
         parse_policy(text, "p.toml")
+
+
+def test_a_p256_certificate_verifies_the_wwcp_form_too(
+        tmp_path: Path, signers: dict[str, Signer]) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from policies import SigningKey, sign_payload
+
+    fw = policy(tmp_path, signers, RESET_RULE)
+    key = signers["admin"].key
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    signed = sign_payload({"type": "Immediate"}, "Reset", "to-station",
+                          SigningKey.from_private_key(key), T)
+    decision = fw.decide("Reset", "to-station", "csms", signed, T)
+    assert decision.outcome is Outcome.FORWARD, decision
+    assert decision.key_ids == ("admin",)
