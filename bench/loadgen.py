@@ -59,6 +59,30 @@ def make_frame(message_id: str) -> str:
     return f'[2,"{message_id}",{FRAME_TAIL}'
 
 
+HEARTBEAT_TAIL = '"Heartbeat",{}]'
+STATUS_TAIL = '"StatusNotification",{"connectorId":1,"errorCode":"NoError","status":"Charging"}]'
+
+
+class FleetSchedule:
+    """``--mix fleet``: a Heartbeat every ``interval`` seconds, and a StatusNotification and a
+    MeterValues each every 10 to 60 s (uniform), as a charging station in use sends them."""
+
+    def __init__(self, interval: float, now: float, rng: random.Random) -> None:
+        self.rng = rng
+        self.interval = interval
+        self.due = {HEARTBEAT_TAIL: now + rng.uniform(0.0, interval),
+                    STATUS_TAIL: now + rng.uniform(0.0, 60.0),
+                    FRAME_TAIL: now + rng.uniform(0.0, 60.0)}
+
+    def next(self) -> tuple[float, str]:
+        """When the next CALL is due, and its frame tail; books the one after it."""
+        tail = min(self.due, key=self.due.__getitem__)
+        at = self.due[tail]
+        gap = self.interval if tail is HEARTBEAT_TAIL else self.rng.uniform(10.0, 60.0)
+        self.due[tail] = at + gap
+        return at, tail
+
+
 # struct tcp_info (linux/tcp.h): __u64 tcpi_bytes_acked at offset 120, then
 # tcpi_bytes_received at 128 (both since Linux 4.1).
 _TCP_INFO_BYTES = struct.Struct("=QQ")
@@ -113,12 +137,20 @@ class Run:
     disconnects: int = 0
 
 
-async def station_loop(ws: ClientConnection, name: str, run: Run, interval: float) -> None:
+async def station_loop(ws: ClientConnection, name: str, run: Run, interval: float,
+                       fleet: FleetSchedule | None = None, tail: str = FRAME_TAIL) -> None:
     seq = 0
     next_at = time.perf_counter() + random.uniform(0.0, interval)
     try:
         while run.running:
-            if interval > 0.0:
+            if fleet is not None:
+                next_at, tail = fleet.next()
+                delay = next_at - time.perf_counter()
+                if delay > 0.0:
+                    await asyncio.sleep(delay)
+                    if not run.running:
+                        break
+            elif interval > 0.0:
                 delay = next_at - time.perf_counter()
                 if delay > 0.0:
                     await asyncio.sleep(delay)
@@ -129,7 +161,7 @@ async def station_loop(ws: ClientConnection, name: str, run: Run, interval: floa
             seq += 1
             message_id = f"{name}.{seq}"
             sent = time.perf_counter()
-            await ws.send(make_frame(message_id))
+            await ws.send(f'[2,"{message_id}",{tail}')
             reply = await ws.recv()
             done = time.perf_counter()
             run.total_calls += 1
@@ -207,7 +239,13 @@ async def main(args: argparse.Namespace) -> None:
     gc.freeze()  # keep the collector from rescanning the long-lived connection objects
     run = Run()
     interval = len(links) / args.rate if args.rate > 0 else 0.0
-    tasks = [asyncio.create_task(station_loop(ws, name, run, interval)) for name, ws in links]
+    rng = random.Random(args.seed)
+    now = time.perf_counter()
+    tasks = [asyncio.create_task(station_loop(
+        ws, name, run, interval,
+        FleetSchedule(interval, now, rng) if args.mix == "fleet" else None,
+        HEARTBEAT_TAIL if args.mix == "heartbeat" else FRAME_TAIL))
+        for name, ws in links]
     emit("running")
 
     await expect(reader, "mark")
@@ -247,6 +285,20 @@ async def main(args: argparse.Namespace) -> None:
     if links:
         await asyncio.wait([asyncio.create_task(ws.close()) for _, ws in links], timeout=10.0)
     emit("closed")
+    if args.storm:
+        # every station dials again at once, as after a node restart or a carrier outage
+        await expect(reader, "storm")
+        began = time.perf_counter()
+        again = await asyncio.gather(
+            *(open_station(args.url + name, limit, compression) for name, _ in links))
+        seconds = time.perf_counter() - began
+        back = [ws for ws in again if not isinstance(ws, str)]
+        errors = [err for err in again if isinstance(err, str)]
+        emit("stormed", stations=len(back), failed=len(errors),
+             first_error=errors[0] if errors else None, seconds=round(seconds, 3))
+        if back:
+            await asyncio.wait([asyncio.create_task(ws.close()) for ws in back], timeout=30.0)
+        emit("storm_closed")
 
 
 if __name__ == "__main__":
@@ -256,6 +308,13 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=0.0, help="total calls/s; 0 = closed loop")
     parser.add_argument("--prefix", default="BENCH")
     parser.add_argument("--connect-concurrency", type=int, default=64)
+    parser.add_argument("--mix", choices=("meter", "heartbeat", "fleet"), default="meter",
+                        help="meter: MeterValues only; heartbeat: Heartbeats only; fleet: a "
+                             "Heartbeat every N/rate s plus StatusNotification and MeterValues "
+                             "every 10-60 s")
+    parser.add_argument("--seed", type=int, default=1, help="random seed of --mix fleet")
+    parser.add_argument("--storm", action="store_true",
+                        help="after 'closed', wait for 'storm' and reconnect every station")
     parser.add_argument("--compression", choices=("none", "deflate"), default="none",
                         help="deflate: offer websockets' default permessage-deflate")
     raise_nofile_limit()

@@ -1,0 +1,190 @@
+"""Fleet benchmark: thousands of mostly idle stations through the node, against direct.
+
+For each scenario (``direct``: stations straight to the bench CSMS; ``node``: through the
+node, one socket per station upstream as a Local Controller opens them) it starts fresh
+processes and measures, in one run:
+
+* **connect**: all ``--stations`` dial at once, ``--connect-concurrency`` at a time
+  (a connect storm after a node restart): stations per second;
+* **RSS per station** of the middle process once they are connected;
+* **steady load**: each station sends a Heartbeat every ``--heartbeat`` seconds
+  (``--mix heartbeat``), or that plus a StatusNotification and a MeterValues every 10-60 s
+  each (``--mix fleet``), for ``--seconds`` after a warm-up: p50/p99/max of every CALL's
+  round trip, CPU % of the middle process, CALLs answered and lost;
+* **reconnect storm**: every station's link closed, then all dial again at once.
+
+The load generator (bench/loadgen.py) and CSMS (bench/csms.py) are the forwarding
+benchmark's; so is the way the node is started (bench/forwarding.py). The machine caps a
+process at 20,000 open files, two per station through the node: N = 9,000 is the default.
+
+    .venv/bin/python bench/fleet.py                              # N = 9000, ~6 minutes
+    .venv/bin/python bench/fleet.py --stations 1000 --seconds 20 # quicker
+
+Aims (issue 15): node p99 <= direct p99 + 20 ms; connect rate >= 0.5x direct; RSS <= 25 KiB
+per station; every CALL answered. No aim is asserted: the figures are printed (and written
+to bench/results/fleet-<time>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil  # type: ignore[import-untyped, unused-ignore]
+from benchutil import raise_nofile_limit
+from forwarding import (
+    BENCH_DIR,
+    BenchError,
+    LineProcess,
+    Middle,
+    cpu_seconds,
+    cpu_seconds_sum,
+    csms_argv,
+    rss_bytes_sum,
+    start_middle,
+)
+
+SCENARIOS = ("direct", "node")
+AIM_P99_EXTRA_MS = 20.0
+AIM_CONNECT_RATIO = 0.5
+AIM_KIB_PER_STATION = 25.0
+
+
+def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
+    """One scenario with fresh processes; the figures as a dict."""
+    n = opts.stations
+    with tempfile.TemporaryDirectory(prefix=f"fleet-{kind}-") as tmp:
+        workdir = Path(tmp)
+        csms = LineProcess.spawn("csms", csms_argv("none"), workdir)
+        middle: Middle | None = None
+        loadgen: LineProcess | None = None
+        try:
+            csms_port = int(csms.wait_for("listening", 20.0)["port"])
+            middle = start_middle(kind, csms_port, workdir, n, "none", opts)
+            time.sleep(0.5)
+            rss_before = rss_bytes_sum(middle.procs)
+            loadgen = LineProcess.spawn("loadgen", [
+                str(BENCH_DIR / "loadgen.py"), "--url", middle.url, "--stations", str(n),
+                "--rate", str(n / opts.heartbeat), "--mix", opts.mix, "--storm",
+                "--connect-concurrency", str(opts.connect_concurrency)], workdir)
+            connected = loadgen.wait_for("connected", 900.0)
+            if connected["failed"]:
+                raise BenchError(f"{connected['failed']} of {n} stations failed to connect "
+                                 f"(first: {connected['first_error']})")
+            time.sleep(1.0)
+            rss_connected = rss_bytes_sum(middle.procs)
+            loadgen.send("start")
+            loadgen.wait_for("running", 60.0)
+            time.sleep(opts.warmup)
+            cpu0 = cpu_seconds_sum(middle.procs)
+            csms_ps = psutil.Process(csms.proc.pid)
+            csms0 = cpu_seconds(csms_ps)
+            wall0 = time.perf_counter()
+            loadgen.send("mark")
+            loadgen.wait_for("marked", 30.0)
+            time.sleep(max(0.0, opts.seconds - (time.perf_counter() - wall0)))
+            loadgen.send("end")
+            cpu1 = cpu_seconds_sum(middle.procs)
+            csms1 = cpu_seconds(csms_ps)
+            wall = time.perf_counter() - wall0
+            summary = loadgen.wait_for("summary", 120.0)
+            loadgen.wait_for("closed", 120.0)
+            time.sleep(1.0)  # the middle sees every station leave
+            loadgen.send("storm")
+            stormed = loadgen.wait_for("stormed", 900.0)
+            loadgen.wait_for("storm_closed", 120.0)
+            checks = middle.checks()
+        finally:
+            if loadgen is not None:
+                loadgen.stop()
+            if middle is not None:
+                middle.stop()
+            csms.stop()
+    measured = bool(middle.procs)
+    return {
+        "scenario": kind,
+        "stations": n,
+        "mix": opts.mix,
+        "heartbeat_s": opts.heartbeat,
+        "connect_s": connected["seconds"],
+        "connect_per_s": n / connected["seconds"] if connected["seconds"] else None,
+        "storm_s": stormed["seconds"],
+        "storm_per_s": stormed["stations"] / stormed["seconds"] if stormed["seconds"] else None,
+        "storm_failed": stormed["failed"],
+        "calls": summary["window_calls"],
+        "calls_per_s": summary["calls_per_s"],
+        "p50_ms": summary["p50_ms"],
+        "p99_ms": summary["p99_ms"],
+        "max_ms": summary["max_ms"],
+        "unanswered": summary["stuck_stations"] + summary["disconnects"],
+        "call_errors": summary["call_errors"] + summary["bad_answers"],
+        "middle_cpu_pct": (cpu1 - cpu0) / wall * 100 if measured else None,
+        "csms_cpu_pct": (csms1 - csms0) / wall * 100,
+        "kib_per_station": (rss_connected - rss_before) / 1024 / n if measured else None,
+        "middle_checks": checks,
+    }
+
+
+def report(results: list[dict[str, Any]]) -> list[str]:
+    by = {r["scenario"]: r for r in results}
+    lines = [f"fleet: {results[0]['stations']} stations, --mix {results[0]['mix']}, heartbeat "
+             f"every {results[0]['heartbeat_s']:g} s",
+             f"{'scenario':<8} {'connect/s':>9} {'storm/s':>8} {'calls/s':>8} {'p50 ms':>7} "
+             f"{'p99 ms':>7} {'max ms':>7} {'CPU %':>6} {'KiB/st':>7} {'lost':>5} {'errors':>6}"]
+    for r in results:
+        cpu = "-" if r["middle_cpu_pct"] is None else f"{r['middle_cpu_pct']:.0f}"
+        kib = "-" if r["kib_per_station"] is None else f"{r['kib_per_station']:.1f}"
+        lines.append(f"{r['scenario']:<8} {r['connect_per_s']:9.0f} {r['storm_per_s']:8.0f} "
+                     f"{r['calls_per_s']:8.0f} {r['p50_ms']:7.1f} {r['p99_ms']:7.1f} "
+                     f"{r['max_ms']:7.0f} {cpu:>6} {kib:>7} {r['unanswered']:5d} "
+                     f"{r['call_errors']:6d}")
+    if "direct" in by and "node" in by:
+        d, n = by["direct"], by["node"]
+        extra = n["p99_ms"] - d["p99_ms"]
+        ratio = n["connect_per_s"] / d["connect_per_s"]
+        storm = n["storm_per_s"] / d["storm_per_s"]
+        lines.append(f"node p99 - direct p99: {extra:+.1f} ms (aim <= {AIM_P99_EXTRA_MS:g}); "
+                     f"connect rate {ratio:.2f}x direct, storm {storm:.2f}x "
+                     f"(aim >= {AIM_CONNECT_RATIO:g}); "
+                     f"{n['kib_per_station']:.1f} KiB per station "
+                     f"(aim <= {AIM_KIB_PER_STATION:g}); "
+                     f"{n['unanswered']} CALLs unanswered")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stations", type=int, default=9000)
+    parser.add_argument("--heartbeat", type=float, default=5.0,
+                        help="seconds between a station's Heartbeats (default 5)")
+    parser.add_argument("--mix", choices=("heartbeat", "fleet"), default="heartbeat")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured window")
+    parser.add_argument("--warmup", type=float, default=15.0)
+    parser.add_argument("--connect-concurrency", type=int, default=256)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--json", default=None, help="results file (default bench/results/...)")
+    opts = parser.parse_args()
+    # what bench/forwarding.start_middle reads
+    opts.pin_plan, opts.compression_explicit, opts.nginx_binary = None, False, None
+    raise_nofile_limit(4 * opts.stations + 1024)
+    results = []
+    for kind in opts.scenarios.split(","):
+        print(f"running {kind} ...", file=sys.stderr, flush=True)
+        results.append(run_one(kind, opts))
+    for line in report(results):
+        print(line)
+    out = Path(opts.json) if opts.json else (
+        BENCH_DIR / "results" / f"fleet-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
