@@ -594,7 +594,7 @@ async def test_duplicate_sees_station_calls_and_signatures_are_stripped(
         await settle()
         frame, text = r.backend.sent[0]
         assert (frame.payload, text) == ({"vendorId": "v"}, None)  # re-encoded by the link
-        assert copies == [("CS-1", "ocpp2.0.1", "DataTransfer", {"vendorId": "v"})]  # as sent
+        assert copies == [("CS-1", "ocpp2.0.1", "DataTransfer", {"vendorId": "v"}, None)]  # as sent
         r.backend.push(result("zzz", {"signatures": []}))  # signed and unmatched: dropped
         await settle()
         assert r.station.take() == [[CALL, "b1", "Reset", {}]]
