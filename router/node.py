@@ -25,6 +25,7 @@ from router.config import (
     StationEntry,
 )
 from router.config import load as load_config
+from router.gcwatch import GcWatch
 from router.listener import StationListener
 from router.logs import log_event
 from router.net.dns import DnsCache
@@ -48,6 +49,7 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stats = Stats()
+        self.gc = GcWatch()
         self.gate = Gate.from_config(config)  # raises GateError / PolicyError: config mistakes
         self.sessions = SessionRegistry()
         self.timer = CallTimer(config.node.call_timeout_s)
@@ -121,23 +123,28 @@ class Node:
         listeners: list[Any] = list(await trio.open_tcp_listeners(listen.port, host=listen.host))
         self.listener.port = listeners[0].socket.getsockname()[1]
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await nursery.start(self.dns.run)
-                nursery.start_soon(self.timer.run, nursery)
-                await self.overlay.run(nursery)
-                nursery.start_soon(self.duplicator.run)
-                if any(b.srv for b in self.config.backends):
-                    nursery.start_soon(fail_back, self.sessions, self.dialer,
-                                       max(self.config.dns.ttl_floor_s, 1.0))
-                nursery.start_soon(self.listener.serve, listeners, nursery)
-                log_event(log, logging.INFO, "listening", host=listen.host, port=self.port,
-                          path=listen.path, tls=self.tls.server is not None,
-                          security_profile=listen.security_profile, node=self.config.node.id)
-                task_status.started(self)
+            with self.gc:
+                await self._serve(listeners, task_status)
         finally:
             self.duplicator.close()
             self.gate.close()
+
+    async def _serve(self, listeners: list[Any], task_status: trio.TaskStatus[Node]) -> None:
+        listen = self.config.listen
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.dns.run)
+            nursery.start_soon(self.timer.run, nursery)
+            await self.overlay.run(nursery)
+            nursery.start_soon(self.duplicator.run)
+            if any(b.srv for b in self.config.backends):
+                nursery.start_soon(fail_back, self.sessions, self.dialer,
+                                   max(self.config.dns.ttl_floor_s, 1.0))
+            nursery.start_soon(self.listener.serve, listeners, nursery)
+            log_event(log, logging.INFO, "listening", host=listen.host, port=self.port,
+                      path=listen.path, tls=self.tls.server is not None,
+                      security_profile=listen.security_profile, node=self.config.node.id)
+            task_status.started(self)
 
     def reload(self) -> tuple[bool, str]:
         """Re-read the config file and its policy; keep the old ones if either is invalid.

@@ -186,6 +186,9 @@ async def test_metrics_count_the_frames_stations_and_copies(running: Running) ->
     assert buckets[-1] == (float("inf"), 2 * calls)
     assert all(a[1] <= b[1] for a, b in itertools.pairwise(buckets))
     assert 15 <= len(buckets) <= 40
+    # the collector's pauses, by generation (a full collection surely ran by now)
+    assert {dict(labels)["generation"] for (name, labels) in m
+            if name == "ocpp_router_gc_pause_seconds_count"} == {"0", "1", "2"}
 
     await ws.aclose()
     # openmetrics for a Prometheus server that asks for it

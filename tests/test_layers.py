@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("router.overlay", "router.backends"),  # peers and forwarding; dialer and duplication
     ("router.relay",),  # one station's traffic
     ("router.net",),  # WebSocket links, handshakes, TLS, DNS
-    ("router.config",),  # validated config objects
+    ("router.config", "router.gcwatch"),  # validated config objects; GC pause timing
     ("router.wire", "router.logs", "router.stats", "router.passwords", "router"),  # base
     ("topology", "policies"),  # the sans-IO cores
 )

@@ -17,7 +17,7 @@ from prometheus_client.exposition import choose_encoder
 
 from router import __version__
 from router.admin.view import PEER_STATES, NodeView
-from router.stats import BOUNDS_NS
+from router.stats import BOUNDS_NS, Histogram
 
 # The exported residence buckets: every 5th bound of router/stats.py's from ~10 us (2.5x
 # apart, like Prometheus' defaults, 18 of them up to ~57 s); being stats bounds, exact.
@@ -140,6 +140,7 @@ class NodeCollector:
             yield from self._srv()
             yield PAUSE
         yield self._residence()
+        yield self._gc()
 
     def _stations(self) -> Iterator[Metric]:
         node = self.node
@@ -303,20 +304,33 @@ class NodeCollector:
         yield cached
 
     def _residence(self) -> Metric:
-        hist = self.node.stats.residence
-        counts = hist.snapshot()
-        buckets: list[tuple[str, float]] = []
-        running = 0
-        for i, count in enumerate(counts[:-1]):
-            running += count
-            if i in _EXPORTED_BOUNDS:
-                buckets.append((_float_text(BOUNDS_NS[i] / 1e9), running))
-        buckets.append(("+Inf", running + counts[-1]))
         family = HistogramMetricFamily(
             "ocpp_router_frame_residence_seconds",
-            "Time a forwarded frame spends in the node, from arrival to sent on.",
-            buckets=buckets, sum_value=hist.sum_ns / 1e9)
+            "Time a forwarded frame spends in the node, from arrival to sent on.")
+        family.add_metric([], *_buckets(self.node.stats.residence))
         return family
+
+    def _gc(self) -> Metric:
+        family = HistogramMetricFamily(
+            "ocpp_router_gc_pause_seconds",
+            "How long each cyclic garbage collection stopped the node, by generation "
+            "(2: a full collection).", labels=["generation"])
+        for generation, hist in enumerate(self.node.gc.pauses):
+            family.add_metric([str(generation)], *_buckets(hist))
+        return family
+
+
+def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:
+    """A histogram's exported cumulative buckets and its sum in seconds."""
+    counts = hist.snapshot()
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for i, count in enumerate(counts[:-1]):
+        running += count
+        if i in _EXPORTED_BOUNDS:
+            buckets.append((_float_text(BOUNDS_NS[i] / 1e9), running))
+    buckets.append(("+Inf", running + counts[-1]))
+    return buckets, hist.sum_ns / 1e9
 
 
 def _float_text(value: float) -> str:

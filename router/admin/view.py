@@ -6,6 +6,7 @@ from typing import Protocol
 
 from router.backends.duplication import Duplicator
 from router.config import Config
+from router.gcwatch import GcWatch
 from router.net.dns import DnsCache
 from router.overlay.mesh import Overlay
 from router.relay.gate import Gate
@@ -39,6 +40,9 @@ class NodeView(Protocol):
 
     @property
     def dns(self) -> DnsCache: ...
+
+    @property
+    def gc(self) -> GcWatch: ...
 
     def listener_problem(self) -> str | None:
         """Why stations cannot connect now, or None."""
