@@ -143,6 +143,10 @@ def report(results: list[dict[str, Any]]) -> list[str]:
                      f"{r['calls_per_s']:8.0f} {r['p50_ms']:7.1f} {r['p99_ms']:7.1f} "
                      f"{r['max_ms']:7.0f} {cpu:>6} {kib:>7} {r['unanswered']:5d} "
                      f"{r['call_errors']:6d}")
+        checks = r["middle_checks"]
+        if "gc_long_pauses" in checks:
+            lines.append(f"  {r['scenario']}: {checks['gc_long_pauses']} GC pauses >= 20 ms, "
+                         f"longest logged {checks['gc_pause_max_ms']:.0f} ms")
     if "direct" in by and "node" in by:
         d, n = by["direct"], by["node"]
         extra = n["p99_ms"] - d["p99_ms"]

@@ -290,6 +290,9 @@ def start_middle(kind: str, csms_port: int, workdir: Path, stations: int, mode: 
             names = ("station_connected", "station_rejected", "backend_failed", "frame_error",
                      "frame_dropped", "call_timeout", "station_disconnected")
             counts: dict[str, Any] = {name: len(node.events(name)) for name in names}
+            pauses = node.events("gc_pause")  # >= 20 ms, at most one line a second
+            counts["gc_long_pauses"] = max((p.get("long_pauses", 0) for p in pauses), default=0)
+            counts["gc_pause_max_ms"] = max((p.get("ms", 0.0) for p in pauses), default=0.0)
             counts["alive"] = node.alive()
             return counts
 
