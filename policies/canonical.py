@@ -64,6 +64,10 @@ def canonicalize(value: object) -> bytes:
     """The RFC 8785 canonical UTF-8 bytes of a JSON value."""
     if type(value) is str:
         return _encode_utf8(encode_basestring(value))
+    if type(value) is dict and len(value) <= _FLAT_MAX:
+        flat = _flat_strings(value)
+        if flat is not None:
+            return flat
     if not isinstance(value, (dict, list)):
         return canonicalize_reference(value)
     try:
@@ -78,6 +82,25 @@ def canonicalize(value: object) -> bytes:
     if (b".0," in raw.translate(_CLOSERS) or b"0e-" in shape or _SIXTEEN_DIGITS in shape):
         return _fix_numbers(text, value)
     return raw
+
+
+_FLAT_MAX = 8
+
+
+def _flat_strings(value: dict[object, object]) -> bytes | None:
+    """A small object of plain strings, written out directly (a signature's metadata is
+    one per message): printable ASCII without quote or backslash needs no escape, and
+    ASCII keys sort the same by code unit and by UTF-16 unit. None for anything else."""
+    parts = []
+    for key in sorted(value, key=str):
+        item = value[key]
+        if type(key) is not str or type(item) is not str:
+            return None
+        text = key + item
+        if not (text.isascii() and text.isprintable()) or '"' in text or "\\" in text:
+            return None
+        parts.append(f'"{key}":"{item}"')
+    return ("{" + ",".join(parts) + "}").encode("ascii")
 
 
 def _fix_numbers(text: str, value: object) -> bytes:

@@ -214,13 +214,21 @@ def parse_timestamp(text: str) -> float | None:
     match = _TIMESTAMP.fullmatch(text)
     if match is None:
         return None
-    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    year, month, day, hour, minute, second, fraction = match.groups()
+    midnight = _midnight(year, month, day)
+    if midnight is None or int(hour) > 23 or int(minute) > 59 or int(second) > 59:
+        return None
+    return (midnight + int(hour) * 3600 + int(minute) * 60 + int(second)
+            + (float(fraction) if fraction else 0.0))
+
+
+@functools.lru_cache(maxsize=64)
+def _midnight(year: str, month: str, day: str) -> float | None:
+    # signatures of one day share their date: the calendar check runs once for it
     try:
-        moment = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+        return datetime(int(year), int(month), int(day), tzinfo=UTC).timestamp()
     except ValueError:
         return None
-    fraction = match.group(7)
-    return moment.timestamp() + (float(fraction) if fraction else 0.0)
 
 
 # --- what is signed --------------------------------------------------------------------

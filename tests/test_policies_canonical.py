@@ -162,3 +162,16 @@ def test_integral_floats_next_to_tricky_strings() -> None:
         b'{"a":":1.0,","n":[5,0,10000000000000000,1e-7],"q":"say \\"2.0,\\" ok","z":3}')
     plain = {"a": ':1.0,', "n": [5.0, 2e-9], "b": "[7.0]"}
     assert canonicalize(plain) == rfc8785.dumps(plain)
+
+
+_FLAT_ALPHABET = [*'aZ09 _-:.+/="\\', "\x7f", "\x1f", "é", "\U0001f600"]
+_flat_text = st.text(alphabet=st.sampled_from(_FLAT_ALPHABET), max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_flat_text, _flat_text | st.integers(-3, 3), max_size=9))
+def test_small_objects_of_strings_equal_the_library(value: dict[str, Any]) -> None:
+    """The direct path for a signature's metadata: printable ASCII strings only, anything
+    else (a quote, a backslash, a control character, DEL, non-ASCII, a number, more than 8
+    members) takes the encoder, and the bytes are the same either way."""
+    assert canonicalize(value) == rfc8785.dumps(value)

@@ -353,6 +353,12 @@ def test_timestamps_round_trip() -> None:
     assert parse_timestamp("2026-11-22T10:00:00.250Z") == NOW + 0.25
     assert parse_timestamp("2026-11-22t10:00:00+00:00") == NOW
     assert parse_timestamp("2026-11-22 10:00:00Z") is None
+    # the calendar and the clock are checked: no 29 February 2026, no 24:00, no leap second
+    for impossible in ("2026-02-29T10:00:00Z", "2026-11-22T24:00:00Z",
+                       "2026-11-22T23:60:00Z", "2026-12-31T23:59:60Z", "2026-13-01T00:00:00Z",
+                       "2026-00-10T00:00:00Z"):
+        assert parse_timestamp(impossible) is None, impossible
+    assert parse_timestamp("2024-02-29T00:00:00Z") == 1709164800.0
 
 
 def test_signing_refuses_what_it_cannot_sign() -> None:
