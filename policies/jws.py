@@ -38,7 +38,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from joserfc import jws
 from joserfc.jwk import ECKey, RSAKey
 from joserfc.registry import HeaderParameter
@@ -201,7 +201,9 @@ _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 _REGISTERED_TYPES: dict[str, type] = {"kid": str, "typ": str, "cty": str, "x5u": str,
                                       "jku": str, "x5t": str, "x5c": list, "jwk": dict}
 _HASHES = {"ES256": hashes.SHA256(), "RS256": hashes.SHA256(), "RS384": hashes.SHA384()}
-_ES256 = ec.ECDSA(hashes.SHA256())  # made once: building one per message costs a few us
+# made once (building one per message costs a few us); ES256 verifies the hash the replay
+# digest is made from, so the signed bytes are hashed once
+_ES256_PREHASHED = ec.ECDSA(Prehashed(hashes.SHA256()))
 _PKCS1 = padding.PKCS1v15()
 
 
@@ -281,12 +283,13 @@ def _verify(payload: object, action: str, message_type: int,
         raise _Refused(f"the signing certificate ({cert.subject}) is outside its validity "
                        "period")
     signing_input = f"{protected_text}.{body_text}".encode("ascii")
-    canonical_signature = _check_signature(cert, algorithm, signing_input,
+    signed_hash = hashlib.sha256(signing_input).digest()
+    canonical_signature = _check_signature(cert, algorithm, signing_input, signed_hash,
                                            _b64url_decode(signature_text, "signature"))
     inner = _json_object(_b64url_decode(body_text, "payload"), "signed payload")
     # what replay protection remembers: the signed bytes and the signature in the one
     # spelling that verifies them (an ECDSA (r, s) also verifies as (r, n - s))
-    digest = hashlib.sha256(signing_input + b"." + canonical_signature).digest()
+    digest = hashlib.sha256(signed_hash + b"." + canonical_signature).digest()
     return VerifiedJws(plain, inner, algorithm, cert.x5t, digest)
 
 
@@ -303,8 +306,9 @@ def _check_critical(header: Mapping[str, Any]) -> None:
 
 
 def _check_signature(cert: Certificate, algorithm: str, signing_input: bytes,
-                     signature: bytes) -> bytes:
-    """Check the signature; its canonical bytes (ECDSA: the low-s form) on success."""
+                     signed_hash: bytes, signature: bytes) -> bytes:
+    """Check the signature (``signed_hash``: the SHA-256 of ``signing_input``); its
+    canonical bytes (ECDSA: the low-s form) on success."""
     key = cert.public_key
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
@@ -313,7 +317,7 @@ def _check_signature(cert: Certificate, algorithm: str, signing_input: bytes,
             if len(signature) != 64:  # RFC 7518 §3.4: R and S, 32 octets each
                 raise _Refused("JWS refused: an ES256 signature is 64 octets")
             r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-            key.verify(encode_dss_signature(r, s), signing_input, _ES256)
+            key.verify(encode_dss_signature(r, s), signed_hash, _ES256_PREHASHED)
             return signature[:32] + min(s, _P256_ORDER - s).to_bytes(32, "big")
         if algorithm == "ES256":
             raise _Refused("JWS refused: alg ES256 with an RSA certificate")

@@ -26,6 +26,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from policies.canonical import CanonicalError, canonicalize
 
@@ -77,6 +78,7 @@ _HASHES: dict[str, ec.ECDSA] = {
     "secp256r1": ec.ECDSA(hashes.SHA256()),
     "secp384r1": ec.ECDSA(hashes.SHA384()),
 }
+_P256_PREHASHED = ec.ECDSA(Prehashed(hashes.SHA256()))
 # Generous bounds on the text of one entry; real values are far smaller (a P-384 key id
 # is 160 characters, a P-384 signature at most 140). They keep a hostile entry cheap.
 _MAX_KEY_ID = 512
@@ -475,15 +477,17 @@ def _check(
         message = content.signing_input(entry)
     except CanonicalError as exc:
         raise _Refused(f"signature metadata has no canonical form: {exc}") from None
+    digest = hashlib.sha256(message).digest()  # what replay memory keys on
     try:
-        if isinstance(public_key, ed25519.Ed25519PublicKey):
+        if algorithm == "secp256r1":  # the digest is the hash ECDSA signs: hash once
+            public_key.verify(signature, digest, _P256_PREHASHED)  # type: ignore[call-arg]
+        elif isinstance(public_key, ed25519.Ed25519PublicKey):
             public_key.verify(signature, message)
         else:
             public_key.verify(signature, message, _HASHES[algorithm])
     except (InvalidSignature, ValueError):
         raise _Refused("does not verify") from None
-    return VerifiedSignature(index, key_id, algorithm, stamp, name,
-                             hashlib.sha256(message).digest())
+    return VerifiedSignature(index, key_id, algorithm, stamp, name, digest)
 
 
 def verify_signatures(
