@@ -21,9 +21,9 @@ Measured in one run, per frame, on a ~700-byte OCPP 2.0.1 TransactionEvent paylo
     .venv/bin/python bench/firewall.py --json out.json
 
 Figures are medians over ``--repeats`` interleaved rounds of ``--frames`` frames each, in
-microseconds of CPU time per frame. Aim (issues 4 and 14): verifying one signature, in either form, adds <= 100 us
-per frame on the machine where an ECDSA P-256 verify took 65 us; on a slower or faster
-machine the aim scales with that verify (both are printed).
+microseconds of CPU time per frame. Aim (issues 4 and 14): verifying one signature, in
+either form, adds <= 100 us per frame on the machine where an ECDSA P-256 verify took
+65 us; on a slower or faster machine the aim scales with that verify (both are printed).
 """
 
 from __future__ import annotations

@@ -146,7 +146,8 @@ def report(results: list[dict[str, Any]]) -> list[str]:
         checks = r["middle_checks"]
         if "gc_long_pauses" in checks:
             lines.append(f"  {r['scenario']}: {checks['gc_long_pauses']} GC pauses >= 20 ms, "
-                         f"longest logged {checks['gc_pause_max_ms']:.0f} ms")
+                         f"longest logged {checks['gc_pause_max_ms']:.0f} ms "
+                         f"({checks['gc_pause_max_cpu_ms']:.0f} ms of CPU)")
     if "direct" in by and "node" in by:
         d, n = by["direct"], by["node"]
         extra = n["p99_ms"] - d["p99_ms"]

@@ -293,6 +293,8 @@ def start_middle(kind: str, csms_port: int, workdir: Path, stations: int, mode: 
             pauses = node.events("gc_pause")  # >= 20 ms, at most one line a second
             counts["gc_long_pauses"] = max((p.get("long_pauses", 0) for p in pauses), default=0)
             counts["gc_pause_max_ms"] = max((p.get("ms", 0.0) for p in pauses), default=0.0)
+            counts["gc_pause_max_cpu_ms"] = max((p.get("cpu_ms", 0.0) for p in pauses),
+                                                default=0.0)
             counts["alive"] = node.alive()
             return counts
 

@@ -26,12 +26,12 @@ LONG_PAUSE_NS = 20_000_000
 class GcWatch:
     """Times garbage collections while installed (``with GcWatch() as watch:``)."""
 
-    __slots__ = ("_last_log", "_started", "long_pauses", "pauses")
+    __slots__ = ("_cpu_started", "_last_log", "_started", "long_pauses", "pauses")
 
     def __init__(self) -> None:
         self.pauses = [Histogram() for _ in range(3)]  # by generation
         self.long_pauses = 0
-        self._started = 0
+        self._started = self._cpu_started = 0
         self._last_log = 0.0
 
     def __enter__(self) -> GcWatch:
@@ -45,6 +45,7 @@ class GcWatch:
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = time.perf_counter_ns()
+            self._cpu_started = time.thread_time_ns()
             return
         pause = time.perf_counter_ns() - self._started
         generation = info.get("generation", 2)
@@ -54,6 +55,9 @@ class GcWatch:
             now = time.monotonic()
             if now - self._last_log >= 1.0:
                 self._last_log = now
+                # cpu_ms: the collector's own work; the rest of ms, time the machine gave
+                # to other processes or other guests
+                cpu = time.thread_time_ns() - self._cpu_started
                 log_event(log, logging.INFO, "gc_pause", generation=generation,
-                          ms=round(pause / 1e6, 1), collected=info.get("collected"),
-                          long_pauses=self.long_pauses)
+                          ms=round(pause / 1e6, 1), cpu_ms=round(cpu / 1e6, 1),
+                          collected=info.get("collected"), long_pauses=self.long_pauses)
