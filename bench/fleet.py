@@ -72,7 +72,9 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
                 str(BENCH_DIR / "loadgen.py"), "--url", middle.url, "--stations", str(n),
                 "--rate", str(n / opts.heartbeat), "--mix", opts.mix, "--storm",
                 "--connect-concurrency", str(opts.connect_concurrency)], workdir)
+            phases = {"dial": _now()}
             connected = loadgen.wait_for("connected", 900.0)
+            phases["connected"] = _now()
             if connected["failed"]:
                 raise BenchError(f"{connected['failed']} of {n} stations failed to connect "
                                  f"(first: {connected['first_error']})")
@@ -85,6 +87,7 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             csms_ps = psutil.Process(csms.proc.pid)
             csms0 = cpu_seconds(csms_ps)
             wall0 = time.perf_counter()
+            phases["window"] = _now()
             loadgen.send("mark")
             loadgen.wait_for("marked", 30.0)
             time.sleep(max(0.0, opts.seconds - (time.perf_counter() - wall0)))
@@ -95,8 +98,10 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             summary = loadgen.wait_for("summary", 120.0)
             loadgen.wait_for("closed", 120.0)
             time.sleep(1.0)  # the middle sees every station leave
+            phases["window_end"] = _now()
             loadgen.send("storm")
             stormed = loadgen.wait_for("stormed", 900.0)
+            phases["storm_done"] = _now()
             loadgen.wait_for("storm_closed", 120.0)
             checks = middle.checks()
         finally:
@@ -127,7 +132,14 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
         "csms_cpu_pct": (csms1 - csms0) / wall * 100,
         "kib_per_station": (rss_connected - rss_before) / 1024 / n if measured else None,
         "middle_checks": checks,
+        "phases": phases,
     }
+
+
+def _now() -> str:
+    """UTC wall time as the node's log lines write it, to place its events in the run."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
 def report(results: list[dict[str, Any]]) -> list[str]:
@@ -147,7 +159,8 @@ def report(results: list[dict[str, Any]]) -> list[str]:
         if "gc_long_pauses" in checks:
             lines.append(f"  {r['scenario']}: {checks['gc_long_pauses']} GC pauses >= 20 ms, "
                          f"longest logged {checks['gc_pause_max_ms']:.0f} ms "
-                         f"({checks['gc_pause_max_cpu_ms']:.0f} ms of CPU)")
+                         f"({checks['gc_pause_max_cpu_ms']:.0f} ms of CPU); logged pauses by "
+                         f"generation (ms): {checks['gc_logged_by_generation']}")
     if "direct" in by and "node" in by:
         d, n = by["direct"], by["node"]
         extra = n["p99_ms"] - d["p99_ms"]
