@@ -1,10 +1,21 @@
-"""How long the cyclic garbage collector stops the node, by generation.
+"""The cyclic garbage collector and the node: its pauses timed, long-lived objects kept out
+of its way.
 
-Every collection stops the whole process: each station's frames wait for it. A full
-collection walks every tracked object, and a node holding thousands of stations holds
-millions, so its pauses are what a station sees as tail latency. :class:`GcWatch` times
-each collection through ``gc.callbacks`` into per-generation histograms (exported as
-``ocpp_router_gc_pause_seconds``) and logs the long ones (``gc_pause``, rate-limited).
+Every collection stops the whole process: each station's frames wait for it. A station
+session holds some fifty objects the collector tracks (its tasks' coroutines, cancel
+scopes, sets), alive for as long as the station stays. When thousands of stations connect
+within seconds, hundreds of thousands of such objects pile up in the young generations;
+and when old sessions end, their freed objects count against the young generation's
+allocation count, so the next young collection can find 200,000 objects to walk and stop
+the node for 100-450 ms (bench/fleet.py, 9,000 stations, 2026-11-27).
+
+:class:`GcWatch` times each collection through ``gc.callbacks`` into per-generation
+histograms (``ocpp_router_gc_pause_seconds``) and logs the long ones (``gc_pause``).
+:class:`GcHousekeeper` freezes (``gc.freeze()``) what the sessions that arrived in the last
+second allocated, so the collector never walks long-lived session objects; and, because a
+frozen object that becomes cyclic garbage is only freed once unfrozen, it sweeps (unfreeze,
+one full collection, freeze) once enough sessions have come and gone, preferably while the
+population is quiet.
 """
 
 from __future__ import annotations
@@ -61,3 +72,72 @@ class GcWatch:
                 log_event(log, logging.INFO, "gc_pause", generation=generation,
                           ms=round(pause / 1e6, 1), cpu_ms=round(cpu / 1e6, 1),
                           collected=info.get("collected"), long_pauses=self.long_pauses)
+
+
+class GcHousekeeper:
+    """Keeps the young generations small by freezing survivors, sweeps after churn.
+
+    :meth:`tick` runs about once a second and freezes what survived the young
+    collections of that second, so no collection ever walks more than a second's
+    survivors: neither the objects of sessions
+    that arrived, nor the long-lived objects a running session replaces now and then
+    (a replaced object frees an old one, which lowers the young generation's allocation
+    count, so without this its list grows unseen until one collection walks it all).
+    Frozen objects are still freed by reference counting; only those that end up in a
+    reference cycle wait for a sweep (unfreeze, one full collection, freeze), which runs
+    once enough sessions have ended, while the population is quiet or after ``max_wait_s``.
+    Sans clock: ``now`` is an argument.
+    """
+
+    __slots__ = ("_arrivals", "_changed_at", "_departures", "_population",
+                 "_sweep_due_since", "max_wait_s", "quiet_s", "sweep_fraction", "sweep_min",
+                 "sweeps")
+
+    def __init__(self, *, sweep_min: int = 1000, sweep_fraction: float = 0.5,
+                 quiet_s: float = 30.0, max_wait_s: float = 3600.0) -> None:
+        self.sweep_min = sweep_min
+        self.sweep_fraction = sweep_fraction
+        self.quiet_s = quiet_s
+        self.max_wait_s = max_wait_s
+        self.sweeps = 0
+        self._arrivals = 0
+        self._population = 0
+        self._departures = 0  # sessions ended since the last sweep
+        self._changed_at = 0.0
+        self._sweep_due_since: float | None = None
+
+    def tick(self, now: float, arrivals: int, population: int) -> str:
+        """One look: ``arrivals`` is the number of sessions ever started, ``population``
+        the number running; returns ``"freeze"`` or ``"sweep"``."""
+        new = arrivals - self._arrivals
+        # sessions that ended since the last tick: the running count fell short of arrivals
+        ended = max(0, self._population + new - population)
+        self._arrivals, self._population = arrivals, population
+        if new or ended:
+            self._changed_at = now
+        self._departures += ended
+        due = self._departures >= max(self.sweep_min, self.sweep_fraction * population)
+        if due:
+            if self._sweep_due_since is None:
+                self._sweep_due_since = now
+            if (now - self._changed_at >= self.quiet_s
+                    or now - self._sweep_due_since >= self.max_wait_s):
+                self._sweep(now - self._changed_at)
+                return "sweep"
+        # the young survivors out of every later collection's walk; young garbage cycles
+        # were (mostly) collected by the threshold collections of the last second
+        gc.freeze()
+        return "freeze"
+
+    def _sweep(self, quiet_for: float) -> None:
+        started = time.perf_counter_ns()
+        gc.unfreeze()
+        collected = gc.collect()
+        gc.freeze()
+        self.sweeps += 1
+        log_event(log, logging.INFO, "gc_sweep",
+                  ms=round((time.perf_counter_ns() - started) / 1e6, 1), collected=collected,
+                  sessions_ended=self._departures, quiet_s=round(quiet_for, 1),
+                  sweeps=self.sweeps)
+        self._departures = 0
+        self._sweep_due_since = None

@@ -25,7 +25,7 @@ from router.config import (
     StationEntry,
 )
 from router.config import load as load_config
-from router.gcwatch import GcWatch
+from router.gcwatch import GcHousekeeper, GcWatch
 from router.listener import StationListener
 from router.logs import log_event
 from router.net.dns import DnsCache
@@ -46,10 +46,14 @@ log = logging.getLogger("router.node")
 class Node:
     """One router node: its listener, sessions, backends, overlay and admin endpoint."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, keep_gc: bool = False) -> None:
+        """``keep_gc``: run the GC housekeeper (router/gcwatch.py), which freezes objects
+        process-wide; the command line turns it on, a node embedded in a test or another
+        program leaves the process's collector alone."""
         self.config = config
         self.stats = Stats()
         self.gc = GcWatch()
+        self.gc_keeper = GcHousekeeper() if keep_gc else None
         self.gate = Gate.from_config(config)  # raises GateError / PolicyError: config mistakes
         self.sessions = SessionRegistry()
         self.timer = CallTimer(config.node.call_timeout_s)
@@ -135,6 +139,8 @@ class Node:
             self._nursery = nursery
             await nursery.start(self.dns.run)
             nursery.start_soon(self.timer.run, nursery)
+            if self.gc_keeper is not None:
+                nursery.start_soon(self._keep_gc, self.gc_keeper)
             await self.overlay.run(nursery)
             nursery.start_soon(self.duplicator.run)
             if any(b.srv for b in self.config.backends):
@@ -145,6 +151,13 @@ class Node:
                       path=listen.path, tls=self.tls.server is not None,
                       security_profile=listen.security_profile, node=self.config.node.id)
             task_status.started(self)
+
+    async def _keep_gc(self, keeper: GcHousekeeper) -> None:
+        """Once a second: freeze new sessions' objects, sweep after churn (router/gcwatch.py)."""
+        sessions = self.sessions
+        while True:
+            await trio.sleep(1.0)
+            keeper.tick(trio.current_time(), sessions.started, len(sessions))
 
     def reload(self) -> tuple[bool, str]:
         """Re-read the config file and its policy; keep the old ones if either is invalid.

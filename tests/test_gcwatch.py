@@ -32,3 +32,63 @@ def test_a_long_pause_is_logged_once_a_second(monkeypatch: pytest.MonkeyPatch) -
     lines = events.named("gc_pause")
     assert len(lines) == 1  # rate-limited
     assert lines[0]["generation"] == 2 and lines[0]["ms"] >= 0
+
+
+class _FakeGc:
+    """Stands in for the gc module's freeze/unfreeze/collect (a test must not freeze the
+    test process)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def freeze(self) -> None:
+        self.calls.append("freeze")
+
+    def unfreeze(self) -> None:
+        self.calls.append("unfreeze")
+
+    def collect(self, generation: int = 2) -> int:
+        self.calls.append("collect")
+        return 7
+
+
+@pytest.fixture
+def fake_gc(monkeypatch: pytest.MonkeyPatch) -> _FakeGc:
+    fake = _FakeGc()
+    for name in ("freeze", "unfreeze", "collect"):
+        monkeypatch.setattr(gcwatch.gc, name, getattr(fake, name))
+    return fake
+
+
+def test_each_tick_freezes_the_survivors(fake_gc: _FakeGc) -> None:
+    keeper = gcwatch.GcHousekeeper(sweep_min=1000)
+    assert keeper.tick(1.0, arrivals=300, population=300) == "freeze"
+    assert keeper.tick(2.0, arrivals=300, population=300) == "freeze"
+    assert fake_gc.calls == ["freeze", "freeze"]
+
+
+def test_a_sweep_waits_for_enough_departures_and_a_quiet_spell(fake_gc: _FakeGc) -> None:
+    keeper = gcwatch.GcHousekeeper(sweep_min=100, sweep_fraction=0.5, quiet_s=30.0,
+                                   max_wait_s=3600.0)
+    keeper.tick(0.0, arrivals=1000, population=1000)  # arrivals alone never sweep
+    assert keeper.tick(100.0, arrivals=1000, population=1000) == "freeze"
+    keeper.tick(101.0, arrivals=1000, population=400)  # 600 left: due, not quiet
+    with events_of("router.gc") as events:
+        assert keeper.tick(130.0, arrivals=1000, population=400) == "freeze"
+        assert keeper.tick(131.0, arrivals=1000, population=400) == "sweep"
+    assert fake_gc.calls[-3:] == ["unfreeze", "collect", "freeze"]
+    [sweep] = events.named("gc_sweep")
+    assert sweep["collected"] == 7 and sweep["sessions_ended"] == 600
+    assert keeper.tick(200.0, arrivals=1000, population=400) == "freeze"  # counted afresh
+
+
+def test_constant_churn_still_gets_a_sweep_after_max_wait(fake_gc: _FakeGc) -> None:
+    keeper = gcwatch.GcHousekeeper(sweep_min=100, sweep_fraction=0.5, quiet_s=30.0,
+                                   max_wait_s=600.0)
+    keeper.tick(0.0, arrivals=1000, population=1000)
+    arrivals, results = 1000, []
+    for second in range(1, 701):
+        arrivals += 5  # five stations leave and five others come every second: never quiet
+        results.append(keeper.tick(float(second), arrivals=arrivals, population=1000))
+    # due once 500 sessions ended (second 100), forced 600 s later (second 700)
+    assert results.count("sweep") == 1 and results[699] == "sweep"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import getpass
+import os
 import signal
 import ssl
 import sys
@@ -162,10 +163,9 @@ def tune_gc() -> None:
 
     Almost everything the hot path allocates is freed by reference counting; the
     collector is only needed for rare cycles. Startup objects are frozen out of its
-    scans, and young collections run less often. See docs/architecture.md for figures.
+    scans, and young collections run less often; the node's GC housekeeper freezes what
+    stations bring (router/gcwatch.py). See docs/architecture.md for figures.
     """
-    import os
-
     if os.environ.get("OCPP_ROUTER_GC") == "default":
         return
     gc.freeze()
@@ -177,7 +177,7 @@ async def serve_until_signalled(cfg: config_mod.Config) -> None:
     from router.admin import serve_admin
     from router.node import Node
 
-    node = Node(cfg)
+    node = Node(cfg, keep_gc=os.environ.get("OCPP_ROUTER_GC") != "default")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)

@@ -19,6 +19,10 @@ class SessionRegistry:
     def __init__(self) -> None:
         self.local: dict[str, StationSession] = {}
         self.held: dict[str, StationSession] = {}
+        self.started = 0  # sessions ever added: how much the population has churned
+
+    def __len__(self) -> int:
+        return len(self.local) + len(self.held)
 
     def get(self, station: str) -> StationSession | None:
         """The station's session, wherever the station is connected."""
@@ -32,6 +36,7 @@ class SessionRegistry:
     def add(self, session: StationSession, *, held: bool = False) -> None:
         """Register a session that is about to run (it replaces any older one's entry)."""
         (self.held if held else self.local)[session.identity] = session
+        self.started += 1
 
     def ended(self, session: StationSession, *, held: bool = False) -> None:
         """A session has finished running: forget it (if still its entry), set ``done``.
