@@ -47,6 +47,7 @@ from forwarding import (
     csms_argv,
     rss_bytes_sum,
     start_middle,
+    stop_all,
 )
 
 SCENARIOS = ("direct", "node")
@@ -105,11 +106,7 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             loadgen.wait_for("storm_closed", 120.0)
             checks = middle.checks()
         finally:
-            if loadgen is not None:
-                loadgen.stop()
-            if middle is not None:
-                middle.stop()
-            csms.stop()
+            stop_all(loadgen, middle, csms)
     measured = bool(middle.procs)
     return {
         "scenario": kind,

@@ -197,6 +197,13 @@ answer_timeout_s = 2
 {compression}"""
 
 
+def stop_all(*parts: LineProcess | Middle | None) -> None:
+    """Stop a run's processes, the load generator first (those that were started)."""
+    for part in parts:
+        if part is not None:
+            part.stop()
+
+
 def compression_line(opts: argparse.Namespace, mode: str) -> str:
     """The node's ``compression`` key, written only when --compression was given."""
     return f'compression = "{mode}"\n' if opts.compression_explicit else ""
@@ -374,11 +381,7 @@ def run_one(kind: str, stations: int, mode: str, opts: argparse.Namespace) -> di
             loadgen.wait_for("closed", 30.0)
             checks = middle.checks()
         finally:
-            if loadgen is not None:
-                loadgen.stop()
-            if middle is not None:
-                middle.stop()
-            csms.stop()
+            stop_all(loadgen, middle, csms)
 
     frames = 2 * summary["window_calls"]
     mid_cpu = cpu1[0] - cpu0[0]
