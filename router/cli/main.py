@@ -135,7 +135,7 @@ def _run(path: str, log_level: str) -> int:
     cfg = _load_or_explain(path)
     if cfg is None:
         return EXIT_USAGE
-    logs.setup(log_level)
+    logs.setup(log_level, buffered=True)
     tune_gc()
     from router.admin import AdminBindError
     from router.backends.outbox import OutboxError
@@ -172,6 +172,16 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
+async def _flush_logs(every_s: float = 0.1) -> None:
+    """Buffered info lines reach the log at most ``every_s`` late."""
+    try:
+        while True:
+            await trio.sleep(every_s)
+            logs.flush()
+    finally:
+        logs.flush()
+
+
 async def serve_until_signalled(cfg: config_mod.Config) -> None:
     """Run a node until SIGINT or SIGTERM, then shut it down cleanly."""
     from router.admin import serve_admin
@@ -180,6 +190,7 @@ async def serve_until_signalled(cfg: config_mod.Config) -> None:
     node = Node(cfg, keep_gc=os.environ.get("OCPP_ROUTER_GC") != "default")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_flush_logs)
             await nursery.start(node.run)
             await nursery.start(serve_admin, node)  # [admin]: returns at once without it
             async for signum in signals:
