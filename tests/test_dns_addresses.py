@@ -123,8 +123,28 @@ async def test_a_host_never_resolved_falls_back_to_the_system_resolver(
     assert len(fake.calls) == 1
 
 
-async def test_addresses_and_literals_without_own_nameservers() -> None:
+async def test_an_address_literal_needs_no_lookup() -> None:
     fake = FakeAddresses([(["10.0.0.1"], 30.0)])
-    assert await make(fake).address("192.0.2.7") is None  # an address needs no lookup
-    assert await DnsCache().address("csms.example") is None  # no [dns] nameservers: system's
+    assert await make(fake).address("192.0.2.7") is None
+    assert await make(fake).address("::1") is None
     assert fake.calls == []
+
+
+async def test_without_own_nameservers_the_system_resolver_answers_once_per_ttl(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No [dns] nameservers: getaddrinfo (a thread each time) is asked once per host and
+    TTL, not once per dial, so a reconnect storm does not queue dials behind threads."""
+    asked: list[str] = []
+    real = trio.socket.getaddrinfo
+
+    async def counting(host: str, *args: object, **kwargs: object) -> object:
+        asked.append(host)
+        return await real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.socket, "getaddrinfo", counting)
+    cache = DnsCache()
+    first = [await cache.address("localhost") for _ in range(5)]
+    assert first[0] in ("127.0.0.1", "::1") and first == [first[0]] * 5
+    assert asked == ["localhost"]
+    assert cache.knows_address("localhost")

@@ -38,6 +38,8 @@ logger = logging.getLogger("router.srv")
 NOT_OFFERED = "."
 """The host of the RFC 2782 target ``"."``: the service is decidedly not offered."""
 
+#: How long a system resolver's answer (getaddrinfo: no TTL of its own) is kept.
+SYSTEM_ADDRESS_TTL_S = 30.0
 BACKOFF_INITIAL_S = 1.0
 BACKOFF_MAX_S = 60.0
 
@@ -184,6 +186,12 @@ class DnspythonQuery:
             answer.chaining_result.minimum_ttl)
 
 
+async def _system_address(host: str) -> tuple[list[str], float]:
+    """The system resolver's addresses of ``host``, in its order of preference."""
+    infos = await trio.socket.getaddrinfo(host, None, type=trio.socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos], SYSTEM_ADDRESS_TTL_S
+
+
 def failure_reason(exc: BaseException) -> str:
     """A short, operator-readable reason for a failed SRV query."""
     if isinstance(exc, dns.resolver.NXDOMAIN):
@@ -243,9 +251,12 @@ class DnsCache:
         self._rng = rng or random.Random()
         dnspython = DnspythonQuery(nameservers, timeout_s)
         self._query: SrvQuery = query or dnspython
-        self._address_query: AddressQuery = address_query or dnspython.address
-        # addresses come from the [dns] nameservers only; otherwise the system resolves
-        self._own_addresses = bool(nameservers) or address_query is not None
+        # addresses come from the [dns] nameservers, or else from the system's resolver
+        # (getaddrinfo, which trio runs in a thread); either way each host is looked up
+        # once per TTL, not once per dial: in a reconnect storm thousands of dials would
+        # otherwise each take a thread, forty at a time
+        self._address_query: AddressQuery = address_query or (
+            dnspython.address if nameservers else _system_address)
         self._entries: dict[str, _Entry] = {}
         self._addresses: dict[str, _Entry] = {}
         self._nursery: trio.Nursery | None = None
@@ -299,14 +310,17 @@ class DnsCache:
         return max(entry.expires_at, entry.retry_at)
 
     async def address(self, host: str) -> str | None:
-        """An SRV target's address from the ``[dns]`` nameservers (None: use the system's).
+        """The address to dial for ``host``: from the ``[dns]`` nameservers, or else the
+        system resolver's first answer (kept :data:`SYSTEM_ADDRESS_TTL_S`). None for an
+        address literal, or while no lookup of the host has succeeded (the dial then
+        resolves the name itself).
 
         Only the first lookup of a host waits for DNS. After that the known address is
         used at once and, once its TTL has passed, refreshed by one background query, so
         a DNS outage neither delays stations nor floods the resolver; a failed refresh
         keeps the last good address and is retried with back-off.
         """
-        if not self._own_addresses or dns.inet.is_address(host):
+        if not host or dns.inet.is_address(host):
             return None
         key = _key(host)
         entry = self._addresses.setdefault(key, _Entry())
