@@ -288,7 +288,8 @@ def start_middle(kind: str, csms_port: int, workdir: Path, stations: int, mode: 
             config += SECONDARY.format(name=f"sec-{index}", port=port, compression=compression)
         node = start_node(config.replace('id = "bench-edge"',
                                          f'id = "bench-edge"\nstate_dir = "{workdir}/state"'),
-                          workdir, env={"PYTHONPATH": pythonpath})
+                          workdir, env={"PYTHONPATH": pythonpath,
+                                        "OCPP_ROUTER_LOG_BUFFER": "1"})
         proc = psutil.Process(node.proc.pid)
         if pin:
             proc.cpu_affinity(pin)

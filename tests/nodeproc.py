@@ -104,7 +104,9 @@ def start_node(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})},
+        # log lines at once, so that a test sees them as they happen (a benchmark passes
+        # OCPP_ROUTER_LOG_BUFFER=1 to measure the node as it runs in production)
+        env={"OCPP_ROUTER_LOG_BUFFER": "0", **os.environ, **(env or {})},
     )
     node = NodeProcess(proc=proc, config_path=config_path)
     threading.Thread(target=_pump, args=(node,), daemon=True).start()

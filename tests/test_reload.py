@@ -72,6 +72,7 @@ file = "policy.toml"
             asyncio.run(scenario())
             # one link for the whole test, closed only by the station itself at the end
             assert len(csms.connections(identity)) == 1
+            node.wait_for_event("station_disconnected")
             assert [(e["code"], e["reason"]) for e in node.events("station_disconnected")] == [
                 (1000, "station link closed")]
         finally:

@@ -135,7 +135,9 @@ def _run(path: str, log_level: str) -> int:
     cfg = _load_or_explain(path)
     if cfg is None:
         return EXIT_USAGE
-    logs.setup(log_level, buffered=True)
+    # OCPP_ROUTER_LOG_BUFFER=0: every line written at once (a test reading the log as it
+    # happens, an operator tailing a quiet node); the default buffers info lines
+    logs.setup(log_level, buffered=os.environ.get("OCPP_ROUTER_LOG_BUFFER") != "0")
     tune_gc()
     from router.admin import AdminBindError
     from router.backends.outbox import OutboxError
