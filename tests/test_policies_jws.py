@@ -260,6 +260,9 @@ def test_base64url_has_one_spelling(admin: Signer, respell: Any) -> None:
     if changed["signature"] == signed["signature"]:
         pytest.skip("this signature's text has no such variant")
     assert "base64url" in refusal(verify(changed, known(admin)))
+    # a non-ASCII character in the payload member is refused as such, not as a crash
+    accented = dict(signed, payload=signed["payload"][:-1] + "é")
+    assert "base64url" in refusal(verify(accented, known(admin)))
 
 
 def test_header_names_appear_once_and_interpreted_ones_are_protected(admin: Signer) -> None:
