@@ -84,12 +84,14 @@ class GcHousekeeper:
     (a replaced object frees an old one, which lowers the young generation's allocation
     count, so without this its list grows unseen until one collection walks it all).
     Frozen objects are still freed by reference counting; only those that end up in a
-    reference cycle wait for a sweep (unfreeze, one full collection, freeze), which runs
-    once enough sessions have ended, while the population is quiet or after ``max_wait_s``.
-    Sans clock: ``now`` is an argument.
+    reference cycle wait for a sweep (unfreeze, one full collection, freeze). A sweep is
+    due once enough sessions have ended, or ``max_wait_s`` after the last one (cycles
+    also come from traffic: a quiet node's young collections are rare, so most of its
+    young cycles get frozen); it runs while the population is quiet, or ``max_wait_s``
+    after it became due. Sans clock: ``now`` is an argument.
     """
 
-    __slots__ = ("_arrivals", "_changed_at", "_departures", "_population",
+    __slots__ = ("_arrivals", "_changed_at", "_departures", "_last_sweep", "_population",
                  "_sweep_due_since", "max_wait_s", "quiet_s", "sweep_fraction", "sweep_min",
                  "sweeps")
 
@@ -104,6 +106,7 @@ class GcHousekeeper:
         self._population = 0
         self._departures = 0  # sessions ended since the last sweep
         self._changed_at = 0.0
+        self._last_sweep: float | None = None  # the first tick counts as one
         self._sweep_due_since: float | None = None
 
     def tick(self, now: float, arrivals: int, population: int) -> str:
@@ -116,13 +119,17 @@ class GcHousekeeper:
         if new or ended:
             self._changed_at = now
         self._departures += ended
-        due = self._departures >= max(self.sweep_min, self.sweep_fraction * population)
+        if self._last_sweep is None:
+            self._last_sweep = now
+        due = (self._departures >= max(self.sweep_min, self.sweep_fraction * population)
+               or now - self._last_sweep >= self.max_wait_s)
         if due:
             if self._sweep_due_since is None:
                 self._sweep_due_since = now
             if (now - self._changed_at >= self.quiet_s
                     or now - self._sweep_due_since >= self.max_wait_s):
                 self._sweep(now - self._changed_at)
+                self._last_sweep = now
                 return "sweep"
         # the young survivors out of every later collection's walk; young garbage cycles
         # were (mostly) collected by the threshold collections of the last second

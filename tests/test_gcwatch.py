@@ -92,3 +92,12 @@ def test_constant_churn_still_gets_a_sweep_after_max_wait(fake_gc: _FakeGc) -> N
         results.append(keeper.tick(float(second), arrivals=arrivals, population=1000))
     # due once 500 sessions ended (second 100), forced 600 s later (second 700)
     assert results.count("sweep") == 1 and results[699] == "sweep"
+
+
+def test_a_steady_node_is_swept_once_an_hour_when_quiet(fake_gc: _FakeGc) -> None:
+    """No one leaves, yet traffic makes cycles a rarely collected young generation hands
+    to the freezer: they are collected at the latest an hour after the last sweep."""
+    keeper = gcwatch.GcHousekeeper(sweep_min=1000, quiet_s=30.0, max_wait_s=3600.0)
+    results = [keeper.tick(float(second), arrivals=10, population=10)
+               for second in range(0, 7201)]
+    assert [i for i, r in enumerate(results) if r == "sweep"] == [3600, 7200]
