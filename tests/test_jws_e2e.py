@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect
 
 from router.relay.gate import audit_lines
 from tests.nodeproc import NodeProcess, start_node
-from tests.peers import node_env
+from tests.peers import edge_config, node_env
 from tests.peers.ocpp_csms import Csms
 from tests.peers.ocpp_station import open_station
 from tests.test_policies_jws import Signer
@@ -48,21 +48,8 @@ require = {{ roles = ["admin"] }}
 then = "forward"
 ''')
     with Csms() as csms:
-        config = f'''
-[node]
-id = "jws-node"
-call_timeout_s = 10
-[listen]
-port = 0
-security_profile = 0
-[[stations]]
-match = "*"
-[[backends]]
-name = "main"
-url = "{csms.url}"
-[policy]
-file = "policy.toml"
-'''
+        config = edge_config(csms.url, node_id="jws-node", call_timeout_s=10) + (
+            '\n[policy]\nfile = "policy.toml"\n')
         node = start_node(config, directory, env=node_env())
         try:
             yield csms, node, directory, signers
