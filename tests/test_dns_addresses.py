@@ -17,11 +17,6 @@ import trio.testing
 from router.net.dns import DnsCache
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 class FakeAddresses:
     """Answers A queries from a script; records when each query was made."""
 

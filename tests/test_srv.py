@@ -4,7 +4,6 @@ responder on loopback."""
 
 from __future__ import annotations
 
-import logging
 import random
 import socket
 from collections import Counter
@@ -28,6 +27,7 @@ from router.net.dns import (
     parse_nameserver,
     rfc2782_order,
 )
+from tests.log_events import Events, events_of
 
 DRAWS = 10_000
 
@@ -109,32 +109,9 @@ def test_order_is_repeatable_with_a_seed() -> None:
 
 
 @pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
-@pytest.fixture
-def srv_log() -> Iterator[list[logging.LogRecord]]:
-    # Our own handler: caplog misses records once logs.setup() has set propagate=False.
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    srv_logger = logging.getLogger("router.srv")
-    handler, old_level = Collect(), srv_logger.level
-    srv_logger.addHandler(handler)
-    srv_logger.setLevel(logging.DEBUG)
-    try:
-        yield records
-    finally:
-        srv_logger.removeHandler(handler)
-        srv_logger.setLevel(old_level)
-
-
-def events(records: list[logging.LogRecord], name: str) -> list[dict[str, object]]:
-    return [getattr(r, "fields", {}) for r in records if r.getMessage() == name]
+def srv_log() -> Iterator[Events]:
+    with events_of("router.srv") as collected:
+        yield collected
 
 
 Step = tuple[list[SrvTarget], float] | Exception | None  # None: never answers
@@ -231,7 +208,7 @@ async def test_each_call_gives_a_fresh_weighted_order(
 
 
 async def test_dot_target_means_not_offered(
-    autojump_clock: trio.testing.MockClock, srv_log: list[logging.LogRecord]
+    autojump_clock: trio.testing.MockClock, srv_log: Events
 ) -> None:
     fake = FakeDns([([t(NOT_OFFERED, 0, 0, 0)], 60.0), (GOOD, 60.0)])
     resolver = make(fake)
@@ -240,8 +217,8 @@ async def test_dot_target_means_not_offered(
             await resolver.targets(NAME)
         assert "not offered" in caught.value.reason
     assert len(fake.calls) == 1  # an explicit "no" is an answer, cached for its TTL
-    assert events(srv_log, "srv_not_offered") == [{"name": NAME, "ttl_s": 60.0}]
-    assert not events(srv_log, "srv_failed")
+    assert srv_log.named("srv_not_offered") == [{"name": NAME, "ttl_s": 60.0}]
+    assert not srv_log.named("srv_failed")
     await trio.sleep(60)
     assert await hosts(resolver) == ["a.example", "b.example"]
 
@@ -260,7 +237,7 @@ async def test_dot_replaces_a_previous_good_answer(autojump_clock: trio.testing.
 
 
 async def test_failures_keep_the_last_good_answer_and_back_off(
-    autojump_clock: trio.testing.MockClock, srv_log: list[logging.LogRecord]
+    autojump_clock: trio.testing.MockClock, srv_log: Events
 ) -> None:
     steps: list[Step] = [(GOOD, 10.0), *[SERVFAIL] * 9, (OTHER, 10.0), SERVFAIL]
     fake = FakeDns(steps)
@@ -275,7 +252,7 @@ async def test_failures_keep_the_last_good_answer_and_back_off(
         assert got == (["a.example", "b.example"] if len(fake.calls) < 11 else ["c.example"])
     offsets = [call - start for call in fake.calls]
     assert offsets == [0, 10, 11, 13, 17, 25, 41, 73, 133, 193, 253]  # 1,2,4,...,60,60
-    failed = events(srv_log, "srv_failed")
+    failed = srv_log.named("srv_failed")
     assert len(failed) == 9
     assert failed[0]["name"] == NAME
     assert failed[0]["using"] == "last good answer"
@@ -299,7 +276,7 @@ async def test_cached_until_covers_the_back_off(autojump_clock: trio.testing.Moc
 
 
 async def test_nothing_ever_resolved_raises_and_backs_off(
-    autojump_clock: trio.testing.MockClock, srv_log: list[logging.LogRecord]
+    autojump_clock: trio.testing.MockClock, srv_log: Events
 ) -> None:
     fake = FakeDns([NXDOMAIN, NXDOMAIN, (GOOD, 60.0)])
     resolver = make(fake)
@@ -311,14 +288,14 @@ async def test_nothing_ever_resolved_raises_and_backs_off(
         assert caught.value.name == NAME
     assert len(fake.calls) == 1
     assert resolver.cached_until(NAME) is None
-    assert events(srv_log, "srv_failed")[0]["using"] == "nothing"
+    assert srv_log.named("srv_failed")[0]["using"] == "nothing"
     await trio.sleep(1)
     with pytest.raises(SrvUnavailable):
         await resolver.targets(NAME)
     await trio.sleep(2)
     assert await hosts(resolver) == ["a.example", "b.example"]
     assert [c - start for c in fake.calls] == [0, 1, 3]
-    resolved = events(srv_log, "srv_resolved")
+    resolved = srv_log.named("srv_resolved")
     assert resolved[-1]["after_failures"] == 2
 
 
