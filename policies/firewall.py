@@ -73,7 +73,7 @@ class Explanation:
     skipped: tuple[str, ...]
 
 
-_UNREAD = object()  # the payload a rule's fields are read from, before it is needed
+_ABSENT = object()  # not there: a payload field, or the payload before it was read
 
 
 class _Globs:
@@ -100,7 +100,6 @@ class _Compiled:
     """A rule with its matchers built and its rate limiter (the rule's only state)."""
 
     __slots__ = ("actions", "directions", "kinds", "limiter", "rule", "sources", "validate")
-    _MISSING = object()
 
     def __init__(self, rule: Rule, policy: Policy, max_sources: int) -> None:
         self.rule = rule
@@ -130,10 +129,10 @@ class _Compiled:
         for steps, values in self.rule.payload:
             found: object = body
             for step in steps:
-                found = found.get(step, self._MISSING) if isinstance(found, dict) else \
-                    self._MISSING
+                found = found.get(step, _ABSENT) if isinstance(found, dict) else \
+                    _ABSENT
             name = ".".join(steps)
-            if found is self._MISSING:
+            if found is _ABSENT:
                 return f"the payload has no {name}"
             # 1 is not true, nor "1" 1: types must agree as well as values
             if not any(type(found) is type(v) and found == v for v in values):
@@ -251,11 +250,11 @@ class Firewall:
         # rules name the plain action: "Reset" covers "Reset-Signed" (Part 4 chapter 7)
         signed = inner_action(action)
         matched = signed or action
-        body: object = _UNREAD
+        body: object = _ABSENT
         for compiled in self._rules:
             why_not = compiled.mismatch(matched, direction, source, kind)
             if why_not is None and compiled.rule.payload:
-                if body is _UNREAD:
+                if body is _ABSENT:
                     # a Signed Message's rules look at what was signed; the rule's require
                     # then verifies the signature over these very bytes
                     body = unwrap(payload) if signed is not None else payload
