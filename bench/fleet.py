@@ -123,7 +123,7 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
         "p50_ms": summary["p50_ms"],
         "p99_ms": summary["p99_ms"],
         "max_ms": summary["max_ms"],
-        "unanswered": summary["stuck_stations"] + summary["disconnects"],
+        "unanswered": summary["stuck_stations"] + summary["disconnects"] + summary["timeouts"],
         "call_errors": summary["call_errors"] + summary["bad_answers"],
         "middle_cpu_pct": (cpu1 - cpu0) / wall * 100 if measured else None,
         "csms_cpu_pct": (csms1 - csms0) / wall * 100,

@@ -308,6 +308,9 @@ def start_middle(kind: str, csms_port: int, workdir: Path, stations: int, mode: 
             counts["gc_logged_by_generation"] = {
                 str(g): [round(p.get("ms", 0.0)) for p in pauses if p.get("generation") == g]
                 for g in (0, 1, 2)}
+            counts["gc_sweeps"] = [{k: p.get(k) for k in ("ts", "ms", "collected",
+                                                          "sessions_ended", "quiet_s")}
+                                   for p in node.events("gc_sweep")]
             counts["alive"] = node.alive()
             return counts
 

@@ -125,6 +125,23 @@ def wire_bytes(links: list[tuple[str, ClientConnection]]) -> tuple[int, int] | N
 
 
 @dataclass
+class Churn:
+    """``--churn S``: each station leaves after a lifetime drawn from an exponential
+    distribution of mean S seconds (never with a CALL in flight) and dials again at once,
+    as stations do over a day of carrier hiccups and reboots."""
+
+    mean_s: float
+    url: str
+    limit: asyncio.Semaphore
+    compression: str | None
+    rng: random.Random
+    links: dict[str, ClientConnection]  # each station's current link
+
+    def lifetime(self) -> float:
+        return self.rng.expovariate(1.0 / self.mean_s)
+
+
+@dataclass
 class Run:
     running: bool = True
     window_start: float = float("inf")
@@ -135,14 +152,28 @@ class Run:
     call_errors: int = 0
     bad_answers: int = 0
     disconnects: int = 0
+    timeouts: int = 0  # CALLs without an answer within --call-timeout
+    departures: int = 0  # links a station closed itself (--churn)
+    rejoin_failures: int = 0
 
 
 async def station_loop(ws: ClientConnection, name: str, run: Run, interval: float,
-                       fleet: FleetSchedule | None = None, tail: str = FRAME_TAIL) -> None:
+                       fleet: FleetSchedule | None = None, tail: str = FRAME_TAIL,
+                       churn: Churn | None = None, call_timeout: float = 60.0) -> None:
     seq = 0
     next_at = time.perf_counter() + random.uniform(0.0, interval)
+    leave_at = time.perf_counter() + churn.lifetime() if churn is not None else float("inf")
     try:
         while run.running:
+            if churn is not None and time.perf_counter() >= leave_at:
+                await ws.close()
+                run.departures += 1
+                again = await open_station(churn.url + name, churn.limit, churn.compression)
+                if isinstance(again, str):
+                    run.rejoin_failures += 1
+                    return
+                ws = churn.links[name] = again
+                leave_at = time.perf_counter() + churn.lifetime()
             if fleet is not None:
                 next_at, tail = fleet.next()
                 delay = next_at - time.perf_counter()
@@ -162,7 +193,11 @@ async def station_loop(ws: ClientConnection, name: str, run: Run, interval: floa
             message_id = f"{name}.{seq}"
             sent = time.perf_counter()
             await ws.send(f'[2,"{message_id}",{tail}')
-            reply = await ws.recv()
+            try:
+                reply = await asyncio.wait_for(ws.recv(), call_timeout)
+            except TimeoutError:
+                run.timeouts += 1
+                return
             done = time.perf_counter()
             run.total_calls += 1
             if not isinstance(reply, str) or not reply.startswith(f'[3,"{message_id}"'):
@@ -241,10 +276,13 @@ async def main(args: argparse.Namespace) -> None:
     interval = len(links) / args.rate if args.rate > 0 else 0.0
     rng = random.Random(args.seed)
     now = time.perf_counter()
+    current = dict(links)
+    churn = (Churn(args.churn, args.url, limit, compression, random.Random(args.seed + 1),
+                   current) if args.churn > 0 else None)
     tasks = [asyncio.create_task(station_loop(
         ws, name, run, interval,
         FleetSchedule(interval, now, rng) if args.mix == "fleet" else None,
-        HEARTBEAT_TAIL if args.mix == "heartbeat" else FRAME_TAIL))
+        HEARTBEAT_TAIL if args.mix == "heartbeat" else FRAME_TAIL, churn, args.call_timeout))
         for name, ws in links]
     emit("running")
 
@@ -277,13 +315,17 @@ async def main(args: argparse.Namespace) -> None:
         call_errors=run.call_errors,
         bad_answers=run.bad_answers,
         disconnects=run.disconnects,
+        timeouts=run.timeouts,
+        departures=run.departures,
+        rejoin_failures=run.rejoin_failures,
         stuck_stations=len(stuck),
         frame_bytes=len(make_frame(f"{names[0]}.1")) if names else 0,
         wire_sent=wire_at_end[0] - wire_at_mark[0] if wire_at_mark and wire_at_end else None,
         wire_received=wire_at_end[1] - wire_at_mark[1] if wire_at_mark and wire_at_end else None,
     )
-    if links:
-        await asyncio.wait([asyncio.create_task(ws.close()) for _, ws in links], timeout=10.0)
+    if current:
+        await asyncio.wait([asyncio.create_task(ws.close()) for ws in current.values()],
+                           timeout=10.0)
     emit("closed")
     if args.storm:
         # every station dials again at once, as after a node restart or a carrier outage
@@ -313,6 +355,12 @@ if __name__ == "__main__":
                              "Heartbeat every N/rate s plus StatusNotification and MeterValues "
                              "every 10-60 s")
     parser.add_argument("--seed", type=int, default=1, help="random seed of --mix fleet")
+    parser.add_argument("--churn", type=float, default=0.0,
+                        help="mean seconds a station stays before it leaves and dials "
+                             "again (0: stations stay)")
+    parser.add_argument("--call-timeout", type=float, default=60.0,
+                        help="seconds a CALL waits for its answer before it counts as "
+                             "unanswered")
     parser.add_argument("--storm", action="store_true",
                         help="after 'closed', wait for 'storm' and reconnect every station")
     parser.add_argument("--compression", choices=("none", "deflate"), default="none",

@@ -153,8 +153,8 @@ class Firewall:
     share one :class:`SchemaValidator`; by default one is made if the policy validates.
     """
 
-    __slots__ = ("_by_der", "_by_key_id", "_by_x5t", "_certificates", "_horizon", "_replay",
-                 "_rules", "_schemas", "policy")
+    __slots__ = ("_by_der", "_by_key_id", "_by_x5t", "_certificates", "_horizon",
+                 "_read_signed", "_replay", "_rules", "_schemas", "policy")
 
     def __init__(
         self,
@@ -176,6 +176,13 @@ class Firewall:
                                              if k.certificate is not None}
         self._certificates: dict[str, Certificate] = {
             x5t: k.certificate for x5t, k in self._by_x5t.items() if k.certificate is not None}
+        # A Signed Message's payload is read (strictly: no duplicate keys, the value rules
+        # of policies.values) when a rule looks into payloads. Then a payload a rule could
+        # not read is refused by the signature check of a later rule too, so an ambiguous
+        # payload cannot slip past a payload rule to a laxer rule below it. With no payload
+        # rule the firewall interprets nothing inside the JWS, and what was signed stays
+        # opaque bytes for the receiver to read (and an unwrap to parse, strictly).
+        self._read_signed = any(c.rule.payload for c in self._rules)
         if schemas is None and policy.uses_schemas:
             schemas = SchemaValidator()
         self._schemas = schemas
@@ -428,7 +435,8 @@ class Firewall:
         if require.count > 1:
             return (f"needs {require.describe()}; a signed message (JWS) carries one "
                     "signature")
-        result = verify_jws(payload, action, message_type, self._certificates, now)
+        result = verify_jws(payload, action, message_type, self._certificates, now,
+                            read_payload=self._read_signed)
         if isinstance(result, RejectedSignature):
             return f"needs {require.describe()}; {result.reason}"
         key = self._by_x5t[result.x5t]

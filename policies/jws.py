@@ -142,7 +142,8 @@ class VerifiedJws:
     """A signed message that checks out: its inner action and payload, and its signer."""
 
     action: str
-    payload: dict[str, Any]
+    #: the original payload; None when the caller did not ask for it to be read
+    payload: dict[str, Any] | None
     algorithm: str
     x5t: str
     #: SHA-256 of the signed bytes and the canonical signature: what replay protection
@@ -213,14 +214,20 @@ def verify_jws(
     message_type: int,
     certificates: Mapping[str, Certificate],
     now: float,
+    read_payload: bool = True,
 ) -> VerifiedJws | RejectedSignature:
     """Verify the payload of a ``<Action>-Signed`` frame of type ``message_type``.
 
     ``action`` is the frame's action (with the suffix); ``certificates`` maps ``x5t#S256``
     thumbprints to the signers the policy knows; ``now`` is POSIX time.
+
+    With ``read_payload`` the original payload is parsed too, under the frames' value rules
+    (a JWS whose payload breaks them is refused). Without it, what was signed stays opaque
+    bytes: the firewall's gate, which reads the payload only where a rule looks into it or
+    a receiver needs it unwrapped, and both of those parse it strictly themselves.
     """
     try:
-        return _verify(payload, action, message_type, certificates, now)
+        return _verify(payload, action, message_type, certificates, now, read_payload)
     except _Refused as refused:
         return RejectedSignature(0, str(refused))
     except Exception as exc:  # a peer's bytes must never take the node down
@@ -228,7 +235,8 @@ def verify_jws(
 
 
 def _verify(payload: object, action: str, message_type: int,
-            certificates: Mapping[str, Certificate], now: float) -> VerifiedJws:
+            certificates: Mapping[str, Certificate], now: float,
+            read_payload: bool) -> VerifiedJws:
     # RFC 7515 §7.2.2 (flattened JSON) and §5.2 (validation), held to what chapter 7 uses.
     # The signature itself is checked by ``cryptography``; joserfc, measured against this
     # in bench/firewall.py, costs more per message beside the same ECDSA check while
@@ -244,10 +252,14 @@ def _verify(payload: object, action: str, message_type: int,
         raise _Refused("the payload is not a flattened JWS (protected, payload, signature)")
     protected_text, body_text, signature_text = (
         payload["protected"], payload["payload"], payload["signature"])
-    for name, value in (("protected", protected_text), ("payload", body_text),
-                        ("signature", signature_text)):
-        if not isinstance(value, str) or len(value) > MAX_JWS_CHARS:
-            raise _Refused(f"{name} is not a string of at most {MAX_JWS_CHARS} characters")
+    if not (type(protected_text) is str and type(body_text) is str
+            and type(signature_text) is str and len(protected_text) <= MAX_JWS_CHARS
+            and len(body_text) <= MAX_JWS_CHARS and len(signature_text) <= MAX_JWS_CHARS):
+        for name in ("protected", "payload", "signature"):
+            value = payload[name]
+            if not isinstance(value, str) or len(value) > MAX_JWS_CHARS:
+                raise _Refused(f"{name} is not a string of at most {MAX_JWS_CHARS} "
+                               "characters")
     header = _json_object(_b64url_decode(protected_text, "protected"), "protected header")
     unprotected = payload.get("header", {})
     if not isinstance(unprotected, Mapping):
@@ -261,10 +273,11 @@ def _verify(payload: object, action: str, message_type: int,
         raise _Refused(f"JWS refused: alg {str(algorithm)[:20]!r} is not one of "
                        f"{', '.join(JWS_ALGORITHMS)}")
     _check_critical(header)
-    for name, kind in _REGISTERED_TYPES.items():
-        if name in header and not isinstance(header[name], kind):
-            raise _Refused(f"JWS refused: the header parameter {name} is not a "
-                           f"{'string' if kind is str else 'JSON ' + kind.__name__}")
+    if not _REGISTERED_TYPES.keys().isdisjoint(header):
+        for name, kind in _REGISTERED_TYPES.items():
+            if name in header and not isinstance(header[name], kind):
+                raise _Refused(f"JWS refused: the header parameter {name} is not a "
+                               f"{'string' if kind is str else 'JSON ' + kind.__name__}")
     if header.get("b64", True) is not True:
         raise _Refused("JWS refused: an unencoded payload (b64) is not a chapter 7 message")
     thumbprint = header.get("x5t#S256")
@@ -276,19 +289,29 @@ def _verify(payload: object, action: str, message_type: int,
     if header.get("OCPPAction") != plain:
         raise _Refused(f"OCPPAction {str(header.get('OCPPAction'))[:60]!r} is not "
                        f"the frame's action {plain!r}")
-    types = [header[name] for name in TYPE_FIELDS if name in header]
-    if not types or any(t != message_type or type(t) is not int for t in types):
+    stated = False
+    for name in TYPE_FIELDS:  # either spelling, or both: each must be the frame's type
+        if name in header:
+            value = header[name]
+            if type(value) is not int or value != message_type:
+                stated = False
+                break
+            stated = True
+    if not stated:
         raise _Refused(f"the protected header's message type ({'/'.join(TYPE_FIELDS)}) is "
                        f"not {message_type}")
     if not cert.not_before <= now <= cert.not_after:
         raise _Refused(f"the signing certificate ({cert.subject}) is outside its validity "
                        "period")
-    body = _b64url_decode(body_text, "payload")  # also: the text is ASCII
+    if read_payload:
+        body = _b64url_decode(body_text, "payload")  # also: the text is ASCII
+    else:
+        _check_b64url(body_text, "payload")  # the same checks, without decoding
     signing_input = f"{protected_text}.{body_text}".encode("ascii")
     signed_hash = hashlib.sha256(signing_input).digest()
     canonical_signature = _check_signature(cert, algorithm, signing_input, signed_hash,
                                            _b64url_decode(signature_text, "signature"))
-    inner = _json_object(body, "signed payload")
+    inner = _json_object(body, "signed payload") if read_payload else None
     # what replay protection remembers: the signed bytes and the signature in the one
     # spelling that verifies them (an ECDSA (r, s) also verifies as (r, n - s))
     digest = hashlib.sha256(signed_hash + b"." + canonical_signature).digest()
@@ -364,6 +387,21 @@ _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 #: The last character of a canonical spelling, by the length modulo 4: it carries 4 (or 2)
 #: bits of the final byte and zeros after them.
 _LAST_CHAR = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
+
+
+#: The base64url alphabet (RFC 4648 §5), as bytes.translate deletes it.
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _check_b64url(text: str, name: str) -> None:
+    """What :func:`_b64url_decode` checks of ``text``, without making the bytes."""
+    rest = len(text) % 4
+    if rest == 1 or not text.isascii():
+        raise _Refused(f"{name} is not base64url")
+    if text.encode("ascii").translate(None, _ALPHABET):
+        raise _Refused(f"{name} is not base64url")
+    if rest and text[-1] not in _LAST_CHAR[rest]:
+        raise _Refused(f"{name} is not base64url in its canonical spelling")
 
 
 def _b64url_decode(text: str, name: str) -> bytes:

@@ -87,20 +87,24 @@ class GcHousekeeper:
     reference cycle wait for a sweep (unfreeze, one full collection, freeze). A sweep is
     due once enough sessions have ended, or ``max_wait_s`` after the last one (cycles
     also come from traffic: a quiet node's young collections are rare, so most of its
-    young cycles get frozen); it runs while the population is quiet, or ``max_wait_s``
-    after it became due. Sans clock: ``now`` is an argument.
+    young cycles get frozen); it runs while the population is quiet, or ``max_delay_s``
+    after it became due: under steady churn (stations leaving and dialling again all day)
+    the population is never quiet, and frozen cycles of ended sessions would pile up
+    (bench/soak.py). Sans clock: ``now`` is an argument.
     """
 
     __slots__ = ("_arrivals", "_changed_at", "_departures", "_last_sweep", "_population",
-                 "_sweep_due_since", "max_wait_s", "quiet_s", "sweep_fraction", "sweep_min",
-                 "sweeps")
+                 "_sweep_due_since", "max_delay_s", "max_wait_s", "quiet_s", "sweep_fraction",
+                 "sweep_min", "sweeps")
 
     def __init__(self, *, sweep_min: int = 1000, sweep_fraction: float = 0.5,
-                 quiet_s: float = 30.0, max_wait_s: float = 3600.0) -> None:
+                 quiet_s: float = 30.0, max_wait_s: float = 3600.0,
+                 max_delay_s: float = 300.0) -> None:
         self.sweep_min = sweep_min
         self.sweep_fraction = sweep_fraction
         self.quiet_s = quiet_s
         self.max_wait_s = max_wait_s
+        self.max_delay_s = max_delay_s
         self.sweeps = 0
         self._arrivals = 0
         self._population = 0
@@ -127,7 +131,7 @@ class GcHousekeeper:
             if self._sweep_due_since is None:
                 self._sweep_due_since = now
             if (now - self._changed_at >= self.quiet_s
-                    or now - self._sweep_due_since >= self.max_wait_s):
+                    or now - self._sweep_due_since >= self.max_delay_s):
                 self._sweep(now - self._changed_at)
                 self._last_sweep = now
                 return "sweep"

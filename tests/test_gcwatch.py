@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 
 import pytest
 
@@ -82,16 +83,30 @@ def test_a_sweep_waits_for_enough_departures_and_a_quiet_spell(fake_gc: _FakeGc)
     assert keeper.tick(200.0, arrivals=1000, population=400) == "freeze"  # counted afresh
 
 
-def test_constant_churn_still_gets_a_sweep_after_max_wait(fake_gc: _FakeGc) -> None:
+def test_constant_churn_still_gets_a_sweep_after_max_delay(fake_gc: _FakeGc) -> None:
     keeper = gcwatch.GcHousekeeper(sweep_min=100, sweep_fraction=0.5, quiet_s=30.0,
-                                   max_wait_s=600.0)
+                                   max_delay_s=600.0)
     keeper.tick(0.0, arrivals=1000, population=1000)
     arrivals, results = 1000, []
-    for second in range(1, 701):
+    for second in range(1, 1401):
         arrivals += 5  # five stations leave and five others come every second: never quiet
         results.append(keeper.tick(float(second), arrivals=arrivals, population=1000))
-    # due once 500 sessions ended (second 100), forced 600 s later (second 700)
-    assert results.count("sweep") == 1 and results[699] == "sweep"
+    # due once 500 sessions ended (second 100), forced 600 s later (second 700); due again
+    # 100 s after that, forced at second 1400
+    assert [i + 1 for i, r in enumerate(results) if r == "sweep"] == [700, 1400]
+
+
+def test_the_default_delay_bounds_frozen_garbage_under_churn(fake_gc: _FakeGc) -> None:
+    """Defaults, 2,000 stations each leaving and dialling again every 300 s on average
+    (bench/soak.py): a sweep every 143 + 300 s or so, not once an hour."""
+    keeper = gcwatch.GcHousekeeper()
+    keeper.tick(0.0, arrivals=2000, population=2000)
+    arrivals, sweeps = 2000, [0]
+    for second in range(1, 3601):
+        arrivals += 7
+        if keeper.tick(float(second), arrivals=arrivals, population=2000) == "sweep":
+            sweeps.append(second)
+    assert len(sweeps) > 7 and max(b - a for a, b in itertools.pairwise(sweeps)) <= 450
 
 
 def test_a_steady_node_is_swept_once_an_hour_when_quiet(fake_gc: _FakeGc) -> None:

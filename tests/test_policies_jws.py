@@ -290,3 +290,17 @@ def test_an_unencoded_payload_and_a_key_of_another_type_are_refused(admin: Signe
     header = dict(json.loads(_unb64u(mixed["protected"])), alg="ES256")
     mixed["protected"] = b64u(json.dumps(header).encode())
     assert "RSA certificate" in refusal(verify(mixed, known(rsa_signer)))
+
+
+def test_without_reading_the_payload_stays_opaque_and_the_rest_is_checked(
+        admin: Signer) -> None:
+    ambiguous = admin.sign(b'{"type":"Immediate","type":"OnIdle"}', OCPPAction="Reset",
+                           OCPPMessageTypedId=CALL)
+    assert "signed payload" in refusal(verify(ambiguous, known(admin)))
+    opaque = verify_jws(ambiguous, "Reset-Signed", CALL, known(admin), NOW.timestamp(),
+                        read_payload=False)
+    assert isinstance(opaque, VerifiedJws) and opaque.payload is None
+    for spelling in ("e30+", "e30=", "e3 0", "e3é0", "e31"):  # other alphabets, stray bits
+        message = dict(admin.reset(), payload=spelling)
+        assert "base64url" in refusal(verify_jws(message, "Reset-Signed", CALL, known(admin),
+                                                 NOW.timestamp(), read_payload=False))

@@ -225,3 +225,36 @@ def test_a_p256_certificate_verifies_the_wwcp_form_too(
     decision = fw.decide("Reset", "to-station", "csms", signed, T)
     assert decision.outcome is Outcome.FORWARD, decision
     assert decision.key_ids == ("admin",)
+
+
+AMBIGUOUS = (b'{"evseId":0,"chargingProfile":{"id":7,"stackLevel":0,'
+             b'"chargingProfilePurpose":"ChargingStationExternalConstraints",'
+             b'"chargingProfilePurpose":"TxDefaultProfile"}}')
+
+
+def test_an_ambiguous_signed_payload_cannot_slip_past_a_payload_rule(
+        tmp_path: Path, signers: dict[str, Signer]) -> None:
+    """A curtailment signed by an admin, spelled with the purpose twice: a receiver that
+    keeps the first name reads a curtailment, which needs the DSO. The payload rule cannot
+    read it; the laxer rule below must not forward it either."""
+    fw = policy(tmp_path, signers, CURTAIL_RULES)
+    signed = signers["admin"].sign(AMBIGUOUS, OCPPAction="SetChargingProfile",
+                                   OCPPMessageTypedId=2)
+    d = fw.decide("SetChargingProfile-Signed", "to-station", "csms", signed, T)
+    assert (d.outcome, d.rule) == (Outcome.REJECT, "other profiles need an admin")
+    assert "signed payload" in d.reason and "twice" in d.reason
+
+
+def test_without_payload_rules_what_was_signed_stays_opaque(
+        tmp_path: Path, signers: dict[str, Signer]) -> None:
+    """No rule reads payloads: the signature and the header decide, the signed bytes go to
+    the receiver as they are (docs/signatures.md)."""
+    fw = policy(tmp_path, signers, RESET_RULE)
+    signed = signers["admin"].sign(b'{"type":"Immediate","type":"OnIdle"}',
+                                   OCPPAction="Reset", OCPPMessageTypedId=2)
+    d = fw.decide("Reset-Signed", "to-station", "csms", signed, T)
+    assert (d.outcome, d.rule, d.key_ids) == (Outcome.FORWARD, "reset-needs-admin", ("admin",))
+    # the payload's base64url is still held to its one spelling
+    respelled = dict(signers["admin"].reset(), payload="e30+")
+    d = fw.decide("Reset-Signed", "to-station", "csms", respelled, T)
+    assert d.outcome is Outcome.REJECT and "base64url" in d.reason
