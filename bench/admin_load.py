@@ -137,12 +137,7 @@ def run_phase(phase: str, opts: argparse.Namespace) -> dict[str, Any]:
                 procs[0].cpu_affinity(opts.pin_plan["node"])
                 for other in (*procs[1:], psutil.Process()):
                     other.cpu_affinity(opts.pin_plan["load"])
-            connected = loadgen.wait_for("connected", 120.0)
-            if connected["failed"]:
-                raise BenchError(f"{connected['failed']} stations failed to connect "
-                                 f"(first: {connected['first_error']})")
-            loadgen.send("start")
-            loadgen.wait_for("running", 30.0)
+            loadgen.wait_connected_and_start(120.0, 30.0)
             time.sleep(opts.warmup)
             me = psutil.Process()
             cpu0 = [cpu_seconds(x) for x in (*procs, me)] + [machine_busy_seconds()]

@@ -7,7 +7,9 @@ import math
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -48,3 +50,14 @@ def stop_process(proc: subprocess.Popen[Any], wait_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def write_results(results: object, name: str, path: str | None) -> Path:
+    """Write a run's figures as JSON to ``path``, or to bench/results/<name>-<time>.json;
+    says where on stderr."""
+    out = Path(path) if path else (Path(__file__).resolve().parent / "results"
+                                   / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"written to {out}", file=sys.stderr)
+    return out

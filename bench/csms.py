@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import signal
+import ssl
 
 from benchutil import emit, raise_nofile_limit
 from websockets.asyncio.server import ServerConnection, serve
@@ -58,7 +59,8 @@ async def handle(ws: ServerConnection) -> None:
         pass
 
 
-async def main(host: str, port: int, compression: str | None) -> None:
+async def main(host: str, port: int, compression: str | None,
+               tls: ssl.SSLContext | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -69,6 +71,7 @@ async def main(host: str, port: int, compression: str | None) -> None:
         port,
         subprotocols=SUBPROTOCOLS,
         compression=compression,
+        ssl=tls,
         ping_interval=None,
         max_size=65536,
         backlog=4096,
@@ -85,7 +88,14 @@ if __name__ == "__main__":
     parser.add_argument("--stall", action="store_true", help="never answer (a stalled peer)")
     parser.add_argument("--compression", choices=("none", "deflate"), default="none",
                         help="deflate: accept websockets' default permessage-deflate")
+    parser.add_argument("--tls-cert", default=None, help="wss: server certificate chain (PEM)")
+    parser.add_argument("--tls-key", default=None, help="wss: its private key (PEM)")
     args = parser.parse_args()
     STALL = args.stall
     raise_nofile_limit()
-    asyncio.run(main(args.host, args.port, None if args.compression == "none" else "deflate"))
+    server_tls = None
+    if args.tls_cert:
+        server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_tls.load_cert_chain(args.tls_cert, args.tls_key)
+    asyncio.run(main(args.host, args.port, None if args.compression == "none" else "deflate",
+                     server_tls))

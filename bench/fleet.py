@@ -13,6 +13,9 @@ processes and measures, in one run:
   round trip, CPU % of the middle process, CALLs answered and lost;
 * **reconnect storm**: every station's link closed, then all dial again at once.
 
+``--profile 2`` runs both hops with TLS and the stations with Basic auth (security profile
+2, a PKI made for the run, one password for all stations: see bench/forwarding.Profile2).
+
 The load generator (bench/loadgen.py) and CSMS (bench/csms.py) are the forwarding
 benchmark's; so is the way the node is started (bench/forwarding.py). The machine caps a
 process at 20,000 open files, two per station through the node: N = 9,000 is the default.
@@ -28,7 +31,6 @@ to bench/results/fleet-<time>.json).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -36,16 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import psutil  # type: ignore[import-untyped, unused-ignore]
-from benchutil import raise_nofile_limit
+from benchutil import write_results
 from forwarding import (
     BENCH_DIR,
     BenchError,
     LineProcess,
     Middle,
+    Profile2,
     cpu_seconds,
     cpu_seconds_sum,
     csms_argv,
     rss_bytes_sum,
+    standalone_options,
     start_middle,
     stop_all,
 )
@@ -61,7 +65,9 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
     n = opts.stations
     with tempfile.TemporaryDirectory(prefix=f"fleet-{kind}-") as tmp:
         workdir = Path(tmp)
-        csms = LineProcess.spawn("csms", csms_argv("none"), workdir)
+        profile2: Profile2 | None = opts.profile2
+        csms = LineProcess.spawn("csms", csms_argv(
+            "none", *(profile2.csms_flags() if profile2 else [])), workdir)
         middle: Middle | None = None
         loadgen: LineProcess | None = None
         try:
@@ -72,7 +78,8 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             loadgen = LineProcess.spawn("loadgen", [
                 str(BENCH_DIR / "loadgen.py"), "--url", middle.url, "--stations", str(n),
                 "--rate", str(n / opts.heartbeat), "--mix", opts.mix, "--storm",
-                "--connect-concurrency", str(opts.connect_concurrency)], workdir)
+                "--connect-concurrency", str(opts.connect_concurrency),
+                *(profile2.loadgen_flags() if profile2 else [])], workdir)
             phases = {"dial": _now()}
             connected = loadgen.wait_for("connected", 900.0)
             phases["connected"] = _now()
@@ -110,6 +117,7 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
     measured = bool(middle.procs)
     return {
         "scenario": kind,
+        "security_profile": 2 if profile2 else 0,
         "stations": n,
         "mix": opts.mix,
         "heartbeat_s": opts.heartbeat,
@@ -142,7 +150,8 @@ def _now() -> str:
 def report(results: list[dict[str, Any]]) -> list[str]:
     by = {r["scenario"]: r for r in results}
     lines = [f"fleet: {results[0]['stations']} stations, --mix {results[0]['mix']}, heartbeat "
-             f"every {results[0]['heartbeat_s']:g} s",
+             f"every {results[0]['heartbeat_s']:g} s, security profile "
+             f"{results[0]['security_profile']}",
              f"{'scenario':<8} {'connect/s':>9} {'storm/s':>8} {'calls/s':>8} {'p50 ms':>7} "
              f"{'p99 ms':>7} {'max ms':>7} {'CPU %':>6} {'KiB/st':>7} {'lost':>5} {'errors':>6}"]
     for r in results:
@@ -182,22 +191,26 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument("--connect-concurrency", type=int, default=256)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--profile", type=int, choices=(0, 2), default=0,
+                        help="security profile on both hops: 0 (plain), 2 (TLS and Basic "
+                             "auth, a PKI made for the run)")
+    parser.add_argument("--distinct-passwords", action="store_true",
+                        help="with --profile 2: a password (and a [[stations]] entry) per "
+                             "station, so each first connection costs the node a scrypt check")
     parser.add_argument("--json", default=None, help="results file (default bench/results/...)")
     opts = parser.parse_args()
-    # what bench/forwarding.start_middle reads
-    opts.pin_plan, opts.compression_explicit, opts.nginx_binary = None, False, None
-    raise_nofile_limit(4 * opts.stations + 1024)
+    standalone_options(opts, opts.stations)
     results = []
-    for kind in opts.scenarios.split(","):
-        print(f"running {kind} ...", file=sys.stderr, flush=True)
-        results.append(run_one(kind, opts))
+    with tempfile.TemporaryDirectory(prefix="fleet-pki-") as pki:
+        names = [f"BENCH{i:04d}" for i in range(opts.stations)]  # loadgen's default names
+        opts.profile2 = (Profile2.make(Path(pki), names if opts.distinct_passwords else None)
+                         if opts.profile == 2 else None)
+        for kind in opts.scenarios.split(","):
+            print(f"running {kind} ...", file=sys.stderr, flush=True)
+            results.append(run_one(kind, opts))
     for line in report(results):
         print(line)
-    out = Path(opts.json) if opts.json else (
-        BENCH_DIR / "results" / f"fleet-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"written to {out}", file=sys.stderr)
+    write_results(results, "fleet", opts.json)
     return 0
 
 

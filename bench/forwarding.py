@@ -135,6 +135,18 @@ class LineProcess:
             if line.get("event") == event:
                 return line
 
+    def wait_connected_and_start(self, connect_timeout: float,
+                                 start_timeout: float) -> dict[str, Any]:
+        """A load generator's stations all connected (else BenchError), then set going;
+        the ``connected`` line."""
+        connected = self.wait_for("connected", connect_timeout)
+        if connected["failed"]:
+            raise BenchError(f"{connected['failed']} stations failed to connect "
+                             f"(first: {connected['first_error']})")
+        self.send("start")
+        self.wait_for("running", start_timeout)
+        return connected
+
     def send(self, command: str) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(command + "\n")
@@ -197,6 +209,15 @@ answer_timeout_s = 2
 {compression}"""
 
 
+def standalone_options(opts: argparse.Namespace, stations: int) -> argparse.Namespace:
+    """A benchmark other than this one starting a middle with :func:`start_middle`: no CPU
+    pinning, the node's default compression, no nginx; room for ``stations`` sockets."""
+    opts.pin_plan, opts.compression_explicit, opts.nginx_binary = None, False, None
+    opts.profile2 = getattr(opts, "profile2", None)
+    raise_nofile_limit(4 * stations + 1024)
+    return opts
+
+
 def stop_all(*parts: LineProcess | Middle | None) -> None:
     """Stop a run's processes, the load generator first (those that were started)."""
     for part in parts:
@@ -220,6 +241,67 @@ def node_config(csms_port: int, compression: str) -> str:
     return config
 
 
+@dataclass(frozen=True)
+class Profile2:
+    """Security profile 2 on both hops: TLS (a PKI made for the run) and Basic auth. By
+    default one password for every station, which the node checks with scrypt once; with
+    ``entries`` a password per station, as a real fleet has, which costs the node one
+    check per station after a restart (docs/scaling.md)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    password_hash: str
+    password: str = "bench-station-password"
+    #: with --distinct-passwords: each station's own entry (identity, hash of its password)
+    entries: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def make(cls, directory: Path, distinct: list[str] | None = None) -> Profile2:
+        """The PKI and the stations' password hashes; ``distinct``: the identities that each
+        get their own password ("pw-<identity>"), hashed in a process pool."""
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
+        from concurrent.futures import ProcessPoolExecutor
+
+        from router.passwords import hash_password
+        from tests.certs import make_pki
+
+        pki = make_pki(directory)
+        entries: tuple[tuple[str, str], ...] = ()
+        if distinct:
+            with ProcessPoolExecutor() as pool:
+                hashes = pool.map(hash_password, [f"pw-{name}" for name in distinct],
+                                  chunksize=64)
+                entries = tuple(zip(distinct, hashes, strict=True))
+        return cls(pki.ca_cert, pki.server_cert, pki.server_key,
+                   hash_password(cls.password),
+                   "pw-{name}" if entries else cls.password, entries)
+
+    def csms_flags(self) -> list[str]:
+        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+
+    def loadgen_flags(self) -> list[str]:
+        return ["--tls-ca", str(self.ca), "--password", self.password]
+
+    def node_config(self, config: str) -> str:
+        """A profile-0 bench config turned into profile 2 on both hops."""
+        replaced = (config
+                    # every station dials from 127.0.0.1, like a site behind one NAT
+                    # address: checks in progress count against the address's failures
+                    .replace("security_profile = 0\n",
+                             f'security_profile = 2\ntls_cert = "{self.cert}"\n'
+                             f'tls_key = "{self.key}"\nmax_auth_failures = 1000000\n')
+                    .replace('[[stations]]\nmatch = "*"\n', "".join(
+                        f'[[stations]]\nmatch = "{name}"\npassword_hash = "{hashed}"\n\n'
+                        for name, hashed in self.entries)
+                        + f'[[stations]]\nmatch = "*"\npassword_hash = "{self.password_hash}"\n')
+                    .replace('url = "ws://', 'url = "wss://')
+                    .replace('auth = "none"\n', f'auth = "none"\ntls_ca = "{self.ca}"\n'))
+        assert replaced.count(str(self.ca)) == 1 and "security_profile = 2" in replaced
+        return replaced
+
+
 def csms_argv(mode: str, *extra: str) -> list[str]:
     flags = ["--compression", mode] if mode != "none" else []
     return [str(BENCH_DIR / "csms.py"), "--port", "0", *flags, *extra]
@@ -228,9 +310,13 @@ def csms_argv(mode: str, *extra: str) -> list[str]:
 def start_middle(kind: str, csms_port: int, workdir: Path, stations: int, mode: str,
                  opts: argparse.Namespace) -> Middle:
     pin: list[int] | None = opts.pin_plan["middle"] if opts.pin_plan else None
-    csms_url = f"ws://127.0.0.1:{csms_port}"
+    profile2: Profile2 | None = getattr(opts, "profile2", None)
+    csms_url = f"{'wss' if profile2 else 'ws'}://127.0.0.1:{csms_port}"
     if kind == "direct":
         return Middle(f"{csms_url}/ocpp/", [], lambda: None, dict)
+    if profile2 is not None and kind != "node":
+        raise BenchError(f"security profile 2 is measured direct and through the node, "
+                         f"not {kind}")
     if kind == "relay":
         relay = LineProcess.spawn(
             "relay", [str(BENCH_DIR / "relay.py"), "--backend", csms_url, "--port", "0"], workdir
@@ -278,6 +364,8 @@ def start_middle(kind: str, csms_port: int, workdir: Path, stations: int, mode: 
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         compression = compression_line(opts, mode)
         config = node_config(csms_port, compression)
+        if profile2 is not None:
+            config = profile2.node_config(config)
         secondaries: list[LineProcess] = []
         answering, stalled = SECONDARY_SCENARIOS.get(kind, (0, 0))
         for index in range(answering + stalled):

@@ -32,6 +32,7 @@ import asyncio
 import gc
 import random
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -131,9 +132,7 @@ class Churn:
     as stations do over a day of carrier hiccups and reboots."""
 
     mean_s: float
-    url: str
-    limit: asyncio.Semaphore
-    compression: str | None
+    dial: Dial
     rng: random.Random
     links: dict[str, ClientConnection]  # each station's current link
 
@@ -168,7 +167,7 @@ async def station_loop(ws: ClientConnection, name: str, run: Run, interval: floa
             if churn is not None and time.perf_counter() >= leave_at:
                 await ws.close()
                 run.departures += 1
-                again = await open_station(churn.url + name, churn.limit, churn.compression)
+                again = await open_station(churn.dial, name)
                 if isinstance(again, str):
                     run.rejoin_failures += 1
                     return
@@ -213,15 +212,31 @@ async def station_loop(ws: ClientConnection, name: str, run: Run, interval: floa
         run.disconnects += 1
 
 
-async def open_station(
-    url: str, limit: asyncio.Semaphore, compression: str | None
-) -> ClientConnection | str:
-    async with limit:
+@dataclass(frozen=True)
+class Dial:
+    """How every station dials: the URL prefix (the identity is appended), and for
+    security profile 2 the CA to trust and the password sent with Basic auth (user name:
+    the identity)."""
+
+    url: str
+    limit: asyncio.Semaphore
+    compression: str | None
+    tls: ssl.SSLContext | None = None
+    password: str | None = None
+
+
+async def open_station(dial: Dial, name: str) -> ClientConnection | str:
+    url = dial.url + name
+    if dial.password is not None:  # websockets sends Basic auth for credentials in the URL
+        scheme, rest = url.split("://", 1)
+        url = f"{scheme}://{name}:{dial.password.format(name=name)}@{rest}"
+    async with dial.limit:
         try:
             return await connect(
                 url,
+                ssl=dial.tls,
                 subprotocols=[Subprotocol("ocpp1.6")],
-                compression=compression,
+                compression=dial.compression,
                 proxy=None,
                 ping_interval=None,
                 open_timeout=60,
@@ -254,9 +269,11 @@ async def main(args: argparse.Namespace) -> None:
     names = [f"{args.prefix}{i:04d}" for i in range(args.stations)]
     began = time.perf_counter()
     compression = None if args.compression == "none" else args.compression
-    opened = await asyncio.gather(
-        *(open_station(args.url + name, limit, compression) for name in names)
-    )
+    tls = None
+    if args.tls_ca:
+        tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.tls_ca)
+    dial = Dial(args.url, limit, compression, tls, args.password)
+    opened = await asyncio.gather(*(open_station(dial, name) for name in names))
     links = [(name, ws) for name, ws in zip(names, opened, strict=True) if not isinstance(ws, str)]
     failures = [err for err in opened if isinstance(err, str)]
     extensions = sorted({describe(ext) for _, ws in links for ext in ws.protocol.extensions})
@@ -277,8 +294,8 @@ async def main(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     now = time.perf_counter()
     current = dict(links)
-    churn = (Churn(args.churn, args.url, limit, compression, random.Random(args.seed + 1),
-                   current) if args.churn > 0 else None)
+    churn = (Churn(args.churn, dial, random.Random(args.seed + 1), current)
+             if args.churn > 0 else None)
     tasks = [asyncio.create_task(station_loop(
         ws, name, run, interval,
         FleetSchedule(interval, now, rng) if args.mix == "fleet" else None,
@@ -332,7 +349,7 @@ async def main(args: argparse.Namespace) -> None:
         await expect(reader, "storm")
         began = time.perf_counter()
         again = await asyncio.gather(
-            *(open_station(args.url + name, limit, compression) for name, _ in links))
+            *(open_station(dial, name) for name, _ in links))
         seconds = time.perf_counter() - began
         back = [ws for ws in again if not isinstance(ws, str)]
         errors = [err for err in again if isinstance(err, str)]
@@ -358,6 +375,11 @@ if __name__ == "__main__":
     parser.add_argument("--churn", type=float, default=0.0,
                         help="mean seconds a station stays before it leaves and dials "
                              "again (0: stations stay)")
+    parser.add_argument("--tls-ca", default=None,
+                        help="wss: the CA (PEM) that signs the server's certificate")
+    parser.add_argument("--password", default=None,
+                        help="Basic auth password of every station (security profile 2); "
+                             "{name} stands for the station's identity")
     parser.add_argument("--call-timeout", type=float, default=60.0,
                         help="seconds a CALL waits for its answer before it counts as "
                              "unanswered")

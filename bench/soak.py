@@ -4,7 +4,9 @@ One run (issue 15, item 5): ``--stations`` stations through the node to the benc
 offering ``--rate`` CALLs per second in all (Heartbeats, or ``--mix fleet``), each station
 leaving after a random lifetime (exponential, mean ``--churn`` seconds, never with a CALL
 in flight) and dialling again at once. After ``--warmup`` minutes the node's RSS is
-sampled every ``--sample`` seconds for ``--minutes``; the figures:
+sampled every ``--sample`` seconds for ``--minutes``. The warm-up should cover the node's
+first garbage collector sweep (router/gcwatch.py: due once 1,000 sessions have ended, run
+within 300 s), before which frozen cycles of ended sessions accumulate; the figures:
 
 * RSS at the end of the warm-up, its highest and its last sample, and the growth (aim:
   no more than 5%);
@@ -13,7 +15,7 @@ sampled every ``--sample`` seconds for ``--minutes``; the figures:
 * CALLs per second, p50/p99/max, the node's CPU, departures and re-dials, and the node's
   garbage collector sweeps (``gc_sweep`` log lines) and long pauses.
 
-    .venv/bin/python bench/soak.py                      # 30 + 5 minutes, 2,000 stations
+    .venv/bin/python bench/soak.py                      # 10 + 30 minutes, 2,000 stations
     .venv/bin/python bench/soak.py --minutes 3 --warmup 1   # a quick look
 
 Long runs live here, never in the test suite. Writes bench/results/soak-<time>.json.
@@ -22,23 +24,21 @@ Long runs live here, never in the test suite. Writes bench/results/soak-<time>.j
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchutil import raise_nofile_limit
+from benchutil import write_results
 from forwarding import (
     BENCH_DIR,
-    BenchError,
     LineProcess,
     Middle,
     cpu_seconds_sum,
     csms_argv,
     rss_bytes_sum,
+    standalone_options,
     start_middle,
     stop_all,
 )
@@ -61,12 +61,7 @@ def soak(opts: argparse.Namespace) -> dict[str, Any]:
                 "--rate", str(opts.rate), "--mix", opts.mix, "--churn", str(opts.churn),
                 "--call-timeout", str(opts.call_timeout),
                 "--connect-concurrency", "256"], workdir)
-            connected = loadgen.wait_for("connected", 900.0)
-            if connected["failed"]:
-                raise BenchError(f"{connected['failed']} of {n} stations failed to connect "
-                                 f"(first: {connected['first_error']})")
-            loadgen.send("start")
-            loadgen.wait_for("running", 60.0)
+            loadgen.wait_connected_and_start(900.0, 60.0)
             time.sleep(opts.warmup * 60.0)
             samples: list[tuple[float, float]] = []  # (minutes into the window, MiB)
             cpu0 = cpu_seconds_sum(middle.procs)
@@ -153,22 +148,17 @@ def main() -> int:
     parser.add_argument("--churn", type=float, default=300.0,
                         help="mean seconds a station stays connected (default 300)")
     parser.add_argument("--minutes", type=float, default=30.0, help="measured window")
-    parser.add_argument("--warmup", type=float, default=5.0, help="minutes before it")
+    parser.add_argument("--warmup", type=float, default=10.0,
+                        help="minutes before it (default 10: past the first GC sweep)")
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between RSS samples")
     parser.add_argument("--call-timeout", type=float, default=60.0)
     parser.add_argument("--json", default=None, help="results file (default bench/results/...)")
     opts = parser.parse_args()
-    # what bench/forwarding.start_middle reads
-    opts.pin_plan, opts.compression_explicit, opts.nginx_binary = None, False, None
-    raise_nofile_limit(4 * opts.stations + 1024)
+    standalone_options(opts, opts.stations)
     result = soak(opts)
     for line in report(result):
         print(line)
-    out = Path(opts.json) if opts.json else (
-        BENCH_DIR / "results" / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"written to {out}", file=sys.stderr)
+    write_results(result, "soak", opts.json)
     return 0
 
 

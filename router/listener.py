@@ -388,6 +388,7 @@ class StationListener:
         ok = await trio.to_thread.run_sync(verify_password, password, encoded,
                                            limiter=self._scrypt)
         if ok:
+            self._verified.fit(len(self._config().stations))  # a reload may add entries
             self._verified.add(password, encoded)
         return ok
 

@@ -64,8 +64,14 @@ class VerifiedCache:
     """
 
     def __init__(self, size: int = 4096) -> None:
-        self._size = size
+        self._least = self._size = size
         self._seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def fit(self, entries: int) -> None:
+        """Room for one password per ``[[stations]]`` entry (each has one hash, and only
+        a verified pair is remembered), so that after a carrier outage every station of a
+        large node reconnects without a hash check, not just the last 4,096."""
+        self._size = max(self._least, entries)
 
     @staticmethod
     def _key(password: str, encoded: str) -> bytes:

@@ -37,3 +37,14 @@ def test_cache_holds_no_clear_passwords_and_is_bounded() -> None:
     cache.add("pw3", "h")
     assert not cache.hit("pw1", "h")
     assert all(b"pw" not in key for key in cache._seen)
+
+
+def test_the_cache_grows_to_one_password_per_station_entry() -> None:
+    cache = VerifiedCache(size=2)
+    cache.fit(3)  # three [[stations]] entries
+    for password in ("pw1", "pw2", "pw3"):
+        cache.add(password, "h")
+    assert all(cache.hit(password, "h") for password in ("pw1", "pw2", "pw3"))
+    cache.fit(1)  # never below the size it was made with
+    cache.add("pw4", "h")
+    assert not cache.hit("pw1", "h") and cache.hit("pw4", "h")

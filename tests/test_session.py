@@ -183,6 +183,7 @@ async def test_station_call_and_answer_forwarded_as_exact_text(autojump_clock: C
         await settle()
         assert r.station.texts() == [answer]
         assert r.session.idle()
+        assert len(r.timer) == 0  # an answered CALL leaves nothing for the sweep to walk
     assert (r.stats.frames_up, r.stats.frames_down, r.stats.answers_forwarded) == (1, 1, 1)
     assert r.stats.frames_by_action[("from-station", "Heartbeat")] == 1
     assert r.stats.frames_by_action[("to-station", "Heartbeat")] == 1

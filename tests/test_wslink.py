@@ -136,3 +136,31 @@ async def test_a_reader_busy_elsewhere_is_neither_pinged_nor_declared_dead(
     assert node.closed is None
     await backend.send_message('[2,"1","Heartbeat",{}]')
     assert await node.get_message() == '[2,"1","Heartbeat",{}]'
+
+
+async def test_a_closed_link_leaves_no_reference_cycles() -> None:
+    """An ended session's protocols are freed by reference counting, not left for the
+    node's collector sweeps (router/gcwatch.py): websockets' parser generator and a
+    server's subprotocol chooser (the Upgrade's bound method) each hold the protocol."""
+    import gc
+    import weakref
+
+    class Chooser:  # as router.net.handshake.Upgrade: it holds the protocol, which holds it
+        def __init__(self, proto: object) -> None:
+            self.proto = proto
+
+        def pick(self, _proto: object, _offered: object) -> None:
+            return None
+
+    node, backend = ws_pair()
+    vars(backend.protocol)["select_subprotocol"] = Chooser(backend.protocol).pick
+    protocols = [weakref.ref(node.protocol), weakref.ref(backend.protocol)]
+    gc.disable()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.aclose)
+            await node.aclose()
+        del node, backend, nursery
+        assert [ref() for ref in protocols] == [None, None]
+    finally:
+        gc.enable()

@@ -318,6 +318,8 @@ class StationSession:
         done, following = finished
         if following is not None:
             self._started(caller, following)  # before any await: nothing may overtake it
+        else:
+            self.deps.timer.disarm(caller.calls)
         if answer is None:
             await self._owe(caller, done, problem, description)
         else:

@@ -46,8 +46,14 @@ class CallTimer:
         self._armed[lane] = owner
 
     def disarm(self, lane: _Timed) -> None:
-        """Forget a lane (its session ended)."""
+        """Forget a lane: its CALL was answered with none queued behind it, or its session
+        ended. The sweep walks only lanes with a CALL in flight, a few dozen at any moment
+        on a busy node, not every lane that ever had one (two per station)."""
         self._armed.pop(lane, None)
+
+    def __len__(self) -> int:
+        """How many lanes have a CALL in flight under this timer."""
+        return len(self._armed)
 
     async def run(self, nursery: trio.Nursery) -> None:
         """Sweep for expired CALLs; answers are sent from their own tasks so none blocks this."""
