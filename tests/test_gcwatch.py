@@ -41,6 +41,7 @@ class _FakeGc:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.found = 5000  # objects each collect finds (a sweep worth its pause)
 
     def freeze(self) -> None:
         self.calls.append("freeze")
@@ -50,7 +51,7 @@ class _FakeGc:
 
     def collect(self, generation: int = 2) -> int:
         self.calls.append("collect")
-        return 7
+        return self.found
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ def test_a_sweep_waits_for_enough_departures_and_a_quiet_spell(fake_gc: _FakeGc)
         assert keeper.tick(131.0, arrivals=1000, population=400) == "sweep"
     assert fake_gc.calls[-3:] == ["unfreeze", "collect", "freeze"]
     [sweep] = events.named("gc_sweep")
-    assert sweep["collected"] == 7 and sweep["sessions_ended"] == 600
+    assert sweep["collected"] == 5000 and sweep["sessions_ended"] == 600
     assert keeper.tick(200.0, arrivals=1000, population=400) == "freeze"  # counted afresh
 
 
@@ -116,3 +117,23 @@ def test_a_steady_node_is_swept_once_an_hour_when_quiet(fake_gc: _FakeGc) -> Non
     results = [keeper.tick(float(second), arrivals=10, population=10)
                for second in range(0, 7201)]
     assert [i for i, r in enumerate(results) if r == "sweep"] == [3600, 7200]
+
+
+def test_fruitless_sweeps_back_off_and_a_fruitful_one_starts_over(fake_gc: _FakeGc) -> None:
+    """Sessions leave no cycles now: a sweep that finds almost nothing doubles what the
+    next one waits for (departures and time), up to 16 times; garbage found resets it."""
+    fake_gc.found = 0
+    keeper = gcwatch.GcHousekeeper(sweep_min=100, sweep_fraction=0.5, quiet_s=30.0,
+                                   max_delay_s=600.0)
+    keeper.tick(0.0, arrivals=1000, population=1000)
+    arrivals, sweeps = 1000, []
+    for second in range(1, 20_001):
+        arrivals += 5
+        if keeper.tick(float(second), arrivals=arrivals, population=1000) == "sweep":
+            sweeps.append(second)
+            if len(sweeps) == 4:
+                fake_gc.found = 5000  # garbage again: the next wait is the first one's
+    gaps = [b - a for a, b in itertools.pairwise([0, *sweeps])]
+    # due after 500 x backoff departures (100 s x backoff at 5 a second), forced 600 s
+    # later; the fifth sweep (backoff 16) finds garbage, so the sixth waits as the first
+    assert gaps[:6] == [700, 800, 1000, 1400, 2200, 700]

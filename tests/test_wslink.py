@@ -164,3 +164,30 @@ async def test_a_closed_link_leaves_no_reference_cycles() -> None:
         assert [ref() for ref in protocols] == [None, None]
     finally:
         gc.enable()
+
+
+async def test_a_refused_upgrade_leaves_no_reference_cycles() -> None:
+    """A refused handshake (401, 429, 503 in a storm) is freed by reference counting too:
+    read_upgrade's subprotocol chooser closes over the Upgrade, which holds the protocol."""
+    import gc
+    import weakref
+
+    from websockets.client import ClientProtocol
+    from websockets.uri import parse_uri
+
+    from router.net.handshake import read_upgrade
+
+    station, node_side = trio.testing.memory_stream_pair()
+    client = ClientProtocol(parse_uri("ws://node.test/ocpp/CS-1"))
+    client.send_request(client.connect())
+    await station.send_all(b"".join(client.data_to_send()))
+    gc.disable()
+    try:
+        upgrade = await read_upgrade(node_side, 65536)
+        protocol = weakref.ref(upgrade._proto)
+        await upgrade.reject(401, "wrong credentials")
+        del upgrade
+        assert protocol() is None
+        assert b"401" in await station.receive_some(4096)
+    finally:
+        gc.enable()

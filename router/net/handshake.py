@@ -23,7 +23,7 @@ from websockets.uri import parse_uri
 from router.config import DialSettings
 from router.net.compression import client_extensions, server_extensions
 from router.net.tls import tls_failure
-from router.net.wslink import RECEIVE_BYTES, Keepalive, WsLink
+from router.net.wslink import RECEIVE_BYTES, Keepalive, WsLink, break_cycles
 
 
 class HandshakeFailed(Exception):
@@ -128,7 +128,10 @@ class Upgrade:
             response.headers[name] = value
         self._proto.send_response(response)
         self._forget_request()
-        await _send(self.stream, self._proto)
+        try:
+            await _send(self.stream, self._proto)
+        finally:
+            break_cycles(self._proto)
 
 
 async def read_upgrade(stream: trio.abc.Stream, max_message_bytes: int,
@@ -144,20 +147,25 @@ async def read_upgrade(stream: trio.abc.Stream, max_message_bytes: int,
 
     proto = ServerProtocol(select_subprotocol=select, max_size=max_message_bytes,
                            extensions=server_extensions(compression))
-    while True:
-        data = await stream.receive_some(RECEIVE_BYTES)
-        if not data:
-            raise HandshakeFailed("connection closed before the upgrade request")
-        proto.receive_data(data)
-        for event in proto.events_received():
-            if isinstance(event, Request):
-                upgrade = Upgrade(stream, proto, event)
-                return upgrade
-        if proto.handshake_exc is not None:
-            response = proto.reject(400, "malformed HTTP request\n")
-            proto.send_response(response)
-            await _send(stream, proto)
-            raise HandshakeFailed(f"malformed upgrade request: {proto.handshake_exc}", 400)
+    try:
+        while True:
+            data = await stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                raise HandshakeFailed("connection closed before the upgrade request")
+            proto.receive_data(data)
+            for event in proto.events_received():
+                if isinstance(event, Request):
+                    upgrade = Upgrade(stream, proto, event)
+                    return upgrade
+            if proto.handshake_exc is not None:
+                response = proto.reject(400, "malformed HTTP request\n")
+                proto.send_response(response)
+                await _send(stream, proto)
+                raise HandshakeFailed(f"malformed upgrade request: {proto.handshake_exc}",
+                                      400)
+    except BaseException:
+        break_cycles(proto)
+        raise
 
 
 async def dial(
@@ -184,6 +192,7 @@ async def dial(
     parts = urlsplit(url)
     tcp = await trio.open_tcp_stream(connect_host or uri.host, uri.port)
     stream: trio.abc.Stream = tcp
+    proto: ClientProtocol | None = None
     try:
         if uri.secure:
             stream = trio.SSLStream(tcp, ssl_context or ssl.create_default_context(),
@@ -239,4 +248,6 @@ async def dial(
                 raise HandshakeFailed(f"no upgrade response: {proto.handshake_exc}")
     except BaseException:
         await trio.aclose_forcefully(stream)
+        if proto is not None:
+            break_cycles(proto)
         raise

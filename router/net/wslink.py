@@ -401,17 +401,19 @@ class WsLink:
             pass
         finally:
             await trio.aclose_forcefully(self.stream)
-            _break_cycles(proto)
+            break_cycles(proto)
 
 
-def _break_cycles(proto: ServerProtocol | ClientProtocol) -> None:
-    """A closed link's protocol freed by reference counting, not by a collector sweep.
+def break_cycles(proto: ServerProtocol | ClientProtocol) -> None:
+    """A protocol done with (a closed link, a refused or failed handshake) freed by
+    reference counting, not by a collector sweep.
 
     websockets keeps its parser as a generator that holds the protocol, and a server's
     subprotocol choice as a method bound to it (the Upgrade's); left alone, each ended
     session leaves some twenty objects in reference cycles, which the node's frozen
     generations keep until a sweep (router/gcwatch.py). Nothing parses after ``aclose``:
-    the state is no longer OPEN, so :meth:`WsLink.get_message` raises LinkClosed first.
+    the state is no longer OPEN, so :meth:`WsLink.get_message` raises LinkClosed first;
+    after a refused or failed handshake no link exists.
     """
     proto.parser.close()
     vars(proto).pop("select_subprotocol", None)
