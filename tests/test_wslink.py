@@ -160,6 +160,11 @@ async def test_a_closed_link_leaves_no_reference_cycles() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(backend.aclose)
             await node.aclose()
+        # a reader that was parked on the socket still hands its EOF to the protocol
+        node.protocol.receive_eof()
+        backend.protocol.receive_data(b"late bytes")
+        with pytest.raises(LinkClosed):
+            await node.get_message()
         del node, backend, nursery
         assert [ref() for ref in protocols] == [None, None]
     finally:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import socket
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -416,7 +416,15 @@ def break_cycles(proto: ServerProtocol | ClientProtocol) -> None:
     after a refused or failed handshake no link exists.
     """
     proto.parser.close()
+    # a reader that was waiting on the socket when it closed still feeds its EOF (or last
+    # bytes) in: a parser that takes them and holds nothing
+    proto.parser = _parse_nothing()
     vars(proto).pop("select_subprotocol", None)
+
+
+def _parse_nothing() -> Generator[None]:
+    while True:
+        yield
 
 
 def _raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
