@@ -391,8 +391,9 @@ def start_middle(kind: str, csms_port: int, workdir: Path, stations: int, mode: 
             counts["gc_pause_max_ms"] = max((p.get("ms", 0.0) for p in pauses), default=0.0)
             counts["gc_pause_max_cpu_ms"] = max((p.get("cpu_ms", 0.0) for p in pauses),
                                                 default=0.0)
-            counts["gc_pause_lines"] = [{k: p.get(k) for k in ("ts", "generation", "ms", "cpu_ms")}
-                                        for p in pauses]
+            counts["gc_pause_lines"] = [
+                {k: p.get(k) for k in ("ts", "generation", "ms", "cpu_ms", "collected")}
+                for p in pauses]
             counts["gc_logged_by_generation"] = {
                 str(g): [round(p.get("ms", 0.0)) for p in pauses if p.get("generation") == g]
                 for g in (0, 1, 2)}
