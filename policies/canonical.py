@@ -77,7 +77,7 @@ def canonicalize(value: object) -> bytes:
         # orjson writes NaN and infinities as null: the standard encoder refuses them (and
         # anything else orjson would not write), and a real null costs only the slower path
         return _by_standard_encoder(value)
-    return _checked(raw.decode("utf-8"), raw, value)
+    return _checked(raw, value)
 
 
 # orjson (C) writes the same text as the standard encoder below, a tenth of the time, but
@@ -94,17 +94,17 @@ def _by_standard_encoder(value: object) -> bytes:
     except (TypeError, ValueError, RecursionError) as exc:
         # TypeError: a type JSON does not have; ValueError: NaN or infinity.
         raise CanonicalError(f"not canonicalizable: {exc}") from None
-    return _checked(text, _encode_utf8(text), value)
+    return _checked(_encode_utf8(text), value)
 
 
-def _checked(text: str, raw: bytes, value: object) -> bytes:
-    """The encoder's output where it is JCS, else its numbers rewritten or the document
-    rebuilt."""
-    if not text.isascii() and _ASTRAL_LEAD.search(raw) is not None:
+def _checked(raw: bytes, value: object) -> bytes:
+    """An encoder's UTF-8 output where it is JCS, else its numbers rewritten or the
+    document rebuilt."""
+    if not raw.isascii() and _ASTRAL_LEAD.search(raw) is not None:
         return canonicalize_reference(value)  # member order may differ: rebuild
     shape = raw.translate(_DIGITS_AND_SIGN)
     if (b".0," in raw.translate(_CLOSERS) or b"0e-" in shape or _SIXTEEN_DIGITS in shape):
-        return _fix_numbers(text, value)
+        return _fix_numbers(raw.decode("utf-8"), value)
     return raw
 
 

@@ -393,25 +393,30 @@ _LAST_CHAR = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
-def _check_b64url(text: str, name: str) -> None:
-    """What :func:`_b64url_decode` checks of ``text``, without making the bytes."""
+def _spelling(text: str, name: str) -> int:
+    """The length and last character of the one spelling (no padding, no stray bits);
+    the length modulo 4."""
     rest = len(text) % 4
-    if rest == 1 or not text.isascii():
-        raise _Refused(f"{name} is not base64url")
-    if text.encode("ascii").translate(None, _ALPHABET):
+    if rest == 1:
         raise _Refused(f"{name} is not base64url")
     if rest and text[-1] not in _LAST_CHAR[rest]:
         raise _Refused(f"{name} is not base64url in its canonical spelling")
+    return rest
+
+
+def _check_b64url(text: str, name: str) -> None:
+    """What :func:`_b64url_decode` checks of ``text``, without making the bytes."""
+    if not text.isascii() or text.encode("ascii").translate(None, _ALPHABET):
+        raise _Refused(f"{name} is not base64url")
+    _spelling(text, name)
 
 
 def _b64url_decode(text: str, name: str) -> bytes:
     """RFC 7515 §2 base64url without padding, in its one spelling (no other alphabet, no
     stray bits), so that one signed message has one text."""
-    rest = len(text) % 4
-    if rest == 1 or "=" in text or "+" in text or "/" in text:
+    if "=" in text or "+" in text or "/" in text:
         raise _Refused(f"{name} is not base64url")
-    if rest and text[-1] not in _LAST_CHAR[rest]:
-        raise _Refused(f"{name} is not base64url in its canonical spelling")
+    rest = _spelling(text, name)
     try:
         standard = text.encode("ascii").translate(_TO_STANDARD)
         return binascii.a2b_base64(standard + b"=" * (-rest % 4), strict_mode=True)

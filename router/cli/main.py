@@ -138,12 +138,12 @@ def _run(path: str, log_level: str) -> int:
     # OCPP_ROUTER_LOG_BUFFER=0: every line written at once (a test reading the log as it
     # happens, an operator tailing a quiet node); the default buffers info lines
     logs.setup(log_level, buffered=os.environ.get("OCPP_ROUTER_LOG_BUFFER") != "0")
-    tune_gc()
+    keep_gc = tune_gc()
     from router.admin import AdminBindError
     from router.backends.outbox import OutboxError
 
     try:
-        trio.run(serve_until_signalled, cfg)
+        trio.run(serve_until_signalled, cfg, keep_gc)
     except BaseException as exc:
         # trio hands errors from the node's nursery over inside exception groups
         cause = exc
@@ -160,18 +160,20 @@ def _run(path: str, log_level: str) -> int:
     return EXIT_OK
 
 
-def tune_gc() -> None:
+def tune_gc() -> bool:
     """Make the cyclic garbage collector cheap for a long-running forwarder.
 
     Almost everything the hot path allocates is freed by reference counting; the
     collector is only needed for rare cycles. Startup objects are frozen out of its
     scans, and young collections run less often; the node's GC housekeeper freezes what
-    stations bring (router/gcwatch.py). See docs/architecture.md for figures.
+    stations bring (router/gcwatch.py). See docs/architecture.md for figures. False when
+    ``OCPP_ROUTER_GC=default`` keeps CPython's settings (and no housekeeper runs).
     """
     if os.environ.get("OCPP_ROUTER_GC") == "default":
-        return
+        return False
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
+    return True
 
 
 async def _flush_logs(every_s: float = 0.1) -> None:
@@ -184,12 +186,13 @@ async def _flush_logs(every_s: float = 0.1) -> None:
         logs.flush()
 
 
-async def serve_until_signalled(cfg: config_mod.Config) -> None:
-    """Run a node until SIGINT or SIGTERM, then shut it down cleanly."""
+async def serve_until_signalled(cfg: config_mod.Config, keep_gc: bool = False) -> None:
+    """Run a node until SIGINT or SIGTERM, then shut it down cleanly; ``keep_gc``: the
+    collector was tuned (:func:`tune_gc`), so the node's housekeeper runs too."""
     from router.admin import serve_admin
     from router.node import Node
 
-    node = Node(cfg, keep_gc=os.environ.get("OCPP_ROUTER_GC") != "default")
+    node = Node(cfg, keep_gc=keep_gc)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_flush_logs)
