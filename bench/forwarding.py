@@ -400,6 +400,8 @@ def start_middle(kind: str, csms_port: int, workdir: Path, stations: int, mode: 
             counts["gc_sweeps"] = [{k: p.get(k) for k in ("ts", "ms", "collected",
                                                           "sessions_ended", "quiet_s")}
                                    for p in node.events("gc_sweep")]
+            counts["gc_holds"] = [{k: p.get(k) for k in ("ts", "event", "held_s")}
+                                  for p in node.events("gc_held") + node.events("gc_resumed")]
             counts["alive"] = node.alive()
             return counts
 

@@ -15,7 +15,8 @@ histograms (``ocpp_router_gc_pause_seconds``) and logs the long ones (``gc_pause
 second allocated, so the collector never walks long-lived session objects; and, because a
 frozen object that becomes cyclic garbage is only freed once unfrozen, it sweeps (unfreeze,
 one full collection, freeze) once enough sessions have come and gone, preferably while the
-population is quiet.
+population is quiet. In a burst of sessions coming and going it holds automatic
+collections off altogether (:meth:`GcHousekeeper.step`).
 """
 
 from __future__ import annotations
@@ -100,15 +101,20 @@ class GcHousekeeper:
     is an argument.
     """
 
-    __slots__ = ("_arrivals", "_backoff", "_changed_at", "_departures", "_last_sweep",
-                 "_population", "_sweep_due_since", "fruitless", "max_backoff", "max_delay_s",
+    __slots__ = ("_arrivals", "_backoff", "_changed_at", "_departures", "_held", "_last_sweep",
+                 "_population", "_steps", "_steps_at_tick", "_sweep_due_since",
+                 "busy_steps", "fruitless", "held_seconds", "max_backoff", "max_delay_s",
                  "max_wait_s", "quiet_s", "sweep_fraction", "sweep_min", "sweeps")
 
     def __init__(self, *, sweep_min: int = 1000, sweep_fraction: float = 0.5,
                  quiet_s: float = 30.0, max_wait_s: float = 3600.0,
                  max_delay_s: float = 300.0, fruitless: int = 1000,
-                 max_backoff: int = 16) -> None:
+                 max_backoff: int = 16, busy_steps: int = 100) -> None:
         self.sweep_min = sweep_min
+        self.busy_steps = busy_steps
+        self._steps = self._steps_at_tick = 0  # session steps (see :meth:`step`)
+        self._held = False  # automatic collections held off for a burst
+        self.held_seconds = 0  # ticks that found them held
         self.sweep_fraction = sweep_fraction
         self.quiet_s = quiet_s
         self.max_wait_s = max_wait_s
@@ -131,6 +137,12 @@ class GcHousekeeper:
         # sessions that ended since the last tick: the running count fell short of arrivals
         ended = max(0, self._population + new - population)
         self._arrivals, self._population = arrivals, population
+        # the burst is over: collections resume after this tick's freeze (which also
+        # zeroes the allocation count, so none starts at once over a burst's objects)
+        resume = self._held and self._steps - self._steps_at_tick < self.busy_steps
+        if self._held:
+            self.held_seconds += 1
+        self._steps_at_tick = self._steps
         if new or ended:
             self._changed_at = now
         self._departures += ended
@@ -146,11 +158,47 @@ class GcHousekeeper:
                     or now - self._sweep_due_since >= self.max_delay_s):
                 self._sweep(now - self._changed_at)
                 self._last_sweep = now
+                self._resume(resume)
                 return "sweep"
         # the young survivors out of every later collection's walk; young garbage cycles
         # were (mostly) collected by the threshold collections of the last second
         gc.freeze()
+        self._resume(resume)
         return "freeze"
+
+    def _resume(self, resume: bool) -> None:
+        if resume:
+            self._held = False
+            gc.enable()
+            log_event(log, logging.INFO, "gc_resumed", held_s=self.held_seconds)
+
+    def step(self) -> None:
+        """A session started, one of its links ended, or it ended. At ``busy_steps`` such
+        steps within a tick, automatic collections are held off until a tick finds the
+        burst over.
+
+        When thousands of sessions end at once (a carrier outage, the closing half of a
+        reconnect storm), their freed objects lower the young generation's allocation
+        count while their wind-downs allocate live ones: the young list grew to 100,000
+        objects between two collections, and each walk of it stopped the node for
+        40-160 ms, finding nothing (bench/fleet.py, 4,000 stations, 2026-11-28). What is
+        young in a burst is the sessions' live state: the tick freezes it, and the rare
+        cycle among it waits for the sweep the departures make due.
+        """
+        self._steps += 1
+        if not self._held and self._steps - self._steps_at_tick >= self.busy_steps:
+            self._held = True
+            self.held_seconds = 0
+            gc.disable()
+            log_event(log, logging.INFO, "gc_held", steps=self.busy_steps)
+
+    def __enter__(self) -> GcHousekeeper:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._held:
+            self._held = False
+            gc.enable()
 
     def _sweep(self, quiet_for: float) -> None:
         started = time.perf_counter_ns()

@@ -58,6 +58,8 @@ class Node:
         self.sessions = SessionRegistry()
         self.timer = CallTimer(config.node.call_timeout_s)
         self.session_deps = SessionDeps(config.node, self.gate, self.stats, self.timer)
+        if self.gc_keeper is not None:
+            self.session_deps.step = self.gc_keeper.step
         self.dns = DnsCache(config.dns.nameservers or None,
                             ttl_floor_s=config.dns.ttl_floor_s,
                             ttl_ceiling_s=config.dns.ttl_ceiling_s,
@@ -153,11 +155,12 @@ class Node:
             task_status.started(self)
 
     async def _keep_gc(self, keeper: GcHousekeeper) -> None:
-        """Once a second: freeze new sessions' objects, sweep after churn (router/gcwatch.py)."""
+        """Once a second: collect or freeze the young, sweep after churn (router/gcwatch.py)."""
         sessions = self.sessions
-        while True:
-            await trio.sleep(1.0)
-            keeper.tick(trio.current_time(), sessions.started, len(sessions))
+        with keeper:
+            while True:
+                await trio.sleep(1.0)
+                keeper.tick(trio.current_time(), sessions.started, len(sessions))
 
     def reload(self) -> tuple[bool, str]:
         """Re-read the config file and its policy; keep the old ones if either is invalid.

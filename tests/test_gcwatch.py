@@ -137,3 +137,54 @@ def test_fruitless_sweeps_back_off_and_a_fruitful_one_starts_over(fake_gc: _Fake
     # due after 500 x backoff departures (100 s x backoff at 5 a second), forced 600 s
     # later; the fifth sweep (backoff 16) finds garbage, so the sixth waits as the first
     assert gaps[:6] == [700, 800, 1000, 1400, 2200, 700]
+
+
+class _Switch:
+    """Stands in for gc.enable/disable/isenabled (the test process keeps its collector)."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def disable(self) -> None:
+        self.enabled = False
+
+
+@pytest.fixture
+def switch(monkeypatch: pytest.MonkeyPatch, fake_gc: _FakeGc) -> _Switch:
+    fake = _Switch()
+    monkeypatch.setattr(gcwatch.gc, "enable", fake.enable)
+    monkeypatch.setattr(gcwatch.gc, "disable", fake.disable)
+    return fake
+
+
+def test_a_burst_of_session_steps_holds_automatic_collections_until_a_quiet_tick(
+        switch: _Switch) -> None:
+    keeper = gcwatch.GcHousekeeper(busy_steps=100)
+    with keeper:
+        keeper.tick(0.0, arrivals=0, population=0)
+        for _ in range(99):
+            keeper.step()
+        assert switch.enabled  # 99 steps within a tick: no burst
+        keeper.tick(1.0, arrivals=0, population=0)
+        for _ in range(99):
+            keeper.step()
+        assert switch.enabled  # counted afresh from the tick
+        keeper.step()
+        assert not switch.enabled  # the 100th step within one tick: held at once
+        for _ in range(150):
+            keeper.step()
+        keeper.tick(2.0, arrivals=0, population=0)
+        assert not switch.enabled  # a busy second: still held
+        assert keeper.held_seconds == 1
+        for _ in range(10):
+            keeper.step()
+        keeper.tick(3.0, arrivals=0, population=0)
+        assert switch.enabled  # a quiet second: collections resume
+        for _ in range(100):
+            keeper.step()
+        assert not switch.enabled
+    assert switch.enabled  # leaving the housekeeper never leaves the collector off
+

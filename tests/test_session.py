@@ -8,7 +8,7 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,13 +113,16 @@ class Rig:
 
 @asynccontextmanager
 async def rig(version: Version = Version.V201, *, max_queued: int = 16, timeout_s: float = 30.0,
-              duplicate: DuplicateFn | None = None) -> AsyncIterator[Rig]:
+              duplicate: DuplicateFn | None = None,
+              step: Callable[[], None] | None = None) -> AsyncIterator[Rig]:
     assert isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
     station, backend = FakeLink(version.value), FakeLink(version.value)
     stats, timer = Stats(), CallTimer(timeout_s)
     settings = NodeSection(id="n1", call_timeout_s=timeout_s, max_queued_calls=max_queued)
     deps = SessionDeps(settings=settings, gate=Gate(None, None, None), stats=stats,
                        timer=timer, duplicate=duplicate)
+    if step is not None:
+        deps.step = step
     session = StationSession(deps, "CS-1", version, station, backend, "csms")
     ended = trio.Event()
 
@@ -330,6 +333,16 @@ async def test_binary_message_on_station_link_closes_it_with_1003(autojump_clock
         assert r.station.closed == 1003
         assert r.backend.closes == [(1001, "station link closed")]
         assert r.backend.sent == []
+
+
+async def test_a_session_tells_its_steps_to_the_gc_housekeeper(autojump_clock: Clock) -> None:
+    """Its start, each pump's end and its own end (router/gcwatch.GcHousekeeper.step)."""
+    steps: list[bool] = []
+    async with rig(step=lambda: steps.append(True)) as r:
+        assert len(steps) == 1
+        r.station.push(b"\x00\x01")
+        await r.ended.wait()
+        assert len(steps) == 4
 
 
 async def test_ocpp16_uses_its_own_error_codes(autojump_clock: Clock) -> None:

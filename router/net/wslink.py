@@ -230,17 +230,13 @@ class WsLink:
                 return await self.stream.receive_some(RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return b""
-        # Plain TCP: wait for readability ourselves and read once, one scheduler round
-        # trip where trio's receive_some takes two (wait, then a checkpoint after reading).
-        try:
-            data = raw.recv(RECEIVE_BYTES)
-        except BlockingIOError:
-            data = None
-        except OSError:
-            return b""
-        if data is not None:
-            await trio.lowlevel.checkpoint()  # data was waiting: still let others run
-            return data
+        # Plain TCP: wait for readability, then read once; one scheduler round trip where
+        # trio's receive_some takes two (try, wait, read, checkpoint). No read is tried
+        # before the wait: OCPP-J is call and answer, so after a frame is forwarded the
+        # next one has almost never arrived yet, and the failed read (a syscall and an
+        # exception) cost a fifth of the node's CPU per frame (bench/forwarding.py,
+        # 2026-11-28: 133-136 against 105-107 us). Data already waiting costs one pass
+        # through epoll, which reports it at once.
         while True:
             try:
                 await trio.lowlevel.wait_readable(raw)

@@ -69,6 +69,9 @@ class SessionDeps:
     stats: Stats
     timer: CallTimer
     duplicate: DuplicateFn | None = None
+    # called as a session starts, as each pump stops and as the session ends: the GC
+    # housekeeper's ``step`` (router/gcwatch.py) when the node tuned the collector
+    step: Callable[[], None] = lambda: None
 
 
 @dataclass(slots=True, eq=False)
@@ -123,6 +126,8 @@ class StationSession:
 
     async def run(self) -> None:
         """Forward until a link closes, then answer what is pending and close both links."""
+        step = self.deps.step
+        step()
         with self._scope:
             async with trio.open_nursery() as nursery:
                 # the station side runs in this task: one task fewer per station
@@ -133,6 +138,7 @@ class StationSession:
             self.deps.settings.shutdown_timeout_s
         ):
             await self._wind_down()
+        step()
 
     def idle(self) -> bool:
         """No CALL in flight either way: the backend link may be moved."""
@@ -241,6 +247,7 @@ class StationSession:
             return
         finally:
             scope.cancel()
+            deps.step()
 
     async def _through_gate(self, gate: Gate, side: Side, asker: Side, frame: Frame,
                             text: str | None) -> tuple[Frame, str | None] | None:
