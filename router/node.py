@@ -15,6 +15,7 @@ import trio
 from router.backends.dialer import BackendDialer
 from router.backends.duplication import DuplicationContext, Duplicator
 from router.backends.failback import fail_back
+from router.channels.service import ChannelService
 from router.config import (
     BackendEntry,
     Config,
@@ -83,6 +84,9 @@ class Node:
             AttachContext(self._settings, lambda: self.config.listen.subprotocols,
                           self._backend_for, self._dial_backend, self.sessions,
                           self.session_deps, self._station_keepalive))
+        self.channels = ChannelService(self.overlay.state, lambda: self.gate, config.tunnels,
+                                       lambda: self.config.channels)
+        self.overlay.forwarder.channels = self.channels.handle
         self.listener = StationListener(lambda: self.config, self.stats, self.sessions,
                                         self.session_deps, self.dialer, self.overlay,
                                         lambda: self.tls.server)
@@ -144,6 +148,7 @@ class Node:
             if self.gc_keeper is not None:
                 nursery.start_soon(self._keep_gc, self.gc_keeper)
             await self.overlay.run(nursery)
+            await nursery.start(self.channels.run)
             nursery.start_soon(self.duplicator.run)
             if any(b.srv for b in self.config.backends):
                 nursery.start_soon(fail_back, self.sessions, self.dialer,
@@ -196,6 +201,7 @@ class Node:
             ("listen", _restart_part(self.config.listen), _restart_part(config.listen)),
             ("peers", self.config.peers, config.peers),
             ("dns", self.config.dns, config.dns),
+            ("tunnels", self.config.tunnels, config.tunnels),
             ("node.id", self.config.node.id, config.node.id),
         ) if old != new]
         old_names = {b.name for b in self.config.backends if b.role == "secondary"}

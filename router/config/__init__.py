@@ -14,6 +14,7 @@ from router.config.model import (
     AdminSection,
     BackendAuth,
     BackendEntry,
+    ChannelsSection,
     Config,
     ConfigError,
     ConfigProblem,
@@ -25,6 +26,7 @@ from router.config.model import (
     PolicySection,
     StationEntry,
     TrustSection,
+    TunnelEntry,
     env_name,
     peer_env_name,
     unwraps_signed,
@@ -32,7 +34,8 @@ from router.config.model import (
 
 __all__ = [
     "COMPRESSIONS", "DEFAULT_SUBSCRIBE", "MAX_ID", "RESERVED_IDS", "AdminSection",
-    "BackendAuth", "BackendEntry", "Config", "ConfigError", "ConfigProblem", "DialSettings",
-    "DnsSection", "ListenSection", "NodeSection", "PeerEntry", "PolicySection", "StationEntry",
-    "TrustSection", "env_name", "load", "parse", "peer_env_name", "unwraps_signed",
+    "BackendAuth", "BackendEntry", "ChannelsSection", "Config", "ConfigError",
+    "ConfigProblem", "DialSettings", "DnsSection", "ListenSection", "NodeSection", "PeerEntry",
+    "PolicySection", "StationEntry",
+    "TrustSection", "TunnelEntry", "env_name", "load", "parse", "peer_env_name", "unwraps_signed",
 ]

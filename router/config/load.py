@@ -21,6 +21,7 @@ from router.config.model import (
     AdminSection,
     BackendAuth,
     BackendEntry,
+    ChannelsSection,
     Config,
     ConfigError,
     ConfigProblem,
@@ -32,6 +33,7 @@ from router.config.model import (
     PolicySection,
     StationEntry,
     TrustSection,
+    TunnelEntry,
     env_name,
     peer_env_name,
 )
@@ -65,7 +67,7 @@ def parse(text: str, file: str = "<config>", root: Path | None = None) -> Config
         ) from None
     c = _Checker(file, text)
     known = {"node", "listen", "stations", "backends", "admin", "policy", "peers", "trust",
-             "dns"}
+             "dns", "tunnels", "channels"}
     for name in raw:
         if name not in known:
             c.fail(name, f"unknown section (known: {', '.join(sorted(known))})")
@@ -119,10 +121,75 @@ def parse(text: str, file: str = "<config>", root: Path | None = None) -> Config
             resolved.append((node_id, key))
         trust = TrustSection(tuple(resolved))
     dns = _dns(c, raw)
+    tunnels = _tunnels(c, raw, node.id)
+    channels = _channels(c, raw)
     if c.problems:
         raise ConfigError(c.problems)
     return Config(node, listen, stations, backends, admin, Path(file), policy, peers, trust,
-                  dns)
+                  dns, tunnels, channels)
+
+
+def _host_port(value: str) -> tuple[str, int] | None:
+    """``host:port`` (an IPv6 address in brackets) split, or None if it is not one."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        return None
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    elif not re.fullmatch(r"[A-Za-z0-9_.-]{1,253}", host):
+        return None
+    return host, int(port)
+
+
+def _tunnels(c: _Checker, raw: dict[str, Any], node_id: str) -> tuple[TunnelEntry, ...]:
+    items = raw.get("tunnels", [])
+    if not isinstance(items, list):
+        c.fail("tunnels", "must be an array of tables ([[tunnels]])")
+        return ()
+    out: list[TunnelEntry] = []
+    names: set[str] = set()
+    for i, item in enumerate(items):
+        base = f"tunnels[{i}]"
+        t = c.table(item, base, {"name", "listen", "node", "target"})
+        name = c.string(t, base, "name", required=True) or f"tunnel-{i}"
+        if name in names:
+            c.fail(f"{base}.name", f"duplicate tunnel name {name!r}")
+        names.add(name)
+        listen = _host_port(c.string(t, base, "listen", required=True) or "")
+        if listen is None:
+            c.fail(f"{base}.listen", "must be host:port, e.g. \"127.0.0.1:15020\"")
+        node = c.string(t, base, "node", required=True) or ""
+        if node and (node == node_id or node in RESERVED_IDS or len(node) > MAX_ID):
+            c.fail(f"{base}.node", "must be another node's id")
+        target = c.string(t, base, "target", required=True) or ""
+        if target and (_host_port(target) is None or target.endswith(":0")):
+            c.fail(f"{base}.target", "must be host:port, e.g. \"192.168.7.50:502\"")
+        host, port = listen or ("127.0.0.1", 0)
+        out.append(TunnelEntry(name, host, port, node, target))
+    return tuple(out)
+
+
+def _channels(c: _Checker, raw: dict[str, Any]) -> ChannelsSection:
+    if "channels" not in raw:
+        return ChannelsSection()
+    t = c.table(raw["channels"], "channels", {"allow_targets", "window_bytes",
+                                              "idle_timeout_s", "connect_timeout_s",
+                                              "max_channels"})
+    targets = c.strings(t, "channels", "allow_targets", ())
+    for target in targets:
+        if _host_port(target) is None or target.endswith(":0"):
+            c.fail("channels.allow_targets", f"{target!r} is not host:port")
+    return ChannelsSection(
+        allow_targets=tuple(targets),
+        window_bytes=c.integer(t, "channels", "window_bytes", 256 * 1024, 4096, 16 * 2**20),
+        idle_timeout_s=c.number(t, "channels", "idle_timeout_s", 300.0, 1.0, 86400.0),
+        connect_timeout_s=c.number(t, "channels", "connect_timeout_s", 10.0, 0.1, 120.0),
+        max_channels=c.integer(t, "channels", "max_channels", 256, 1, 10_000),
+    )
 
 
 def _dns(c: _Checker, raw: dict[str, Any]) -> DnsSection:

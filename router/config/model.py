@@ -228,6 +228,29 @@ class PolicySection:
 
 
 @dataclass(frozen=True, slots=True)
+class TunnelEntry:
+    """One ``[[tunnels]]`` entry: a local TCP listener whose connections become channels
+    to ``target`` behind the node ``node`` (router/channels/)."""
+
+    name: str
+    host: str
+    port: int
+    node: str
+    target: str  # host:port, as the far node's allow_targets lists it
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelsSection:
+    """``[channels]``: what this node dials for other nodes' channels, and their limits."""
+
+    allow_targets: tuple[str, ...] = ()  # nothing is dialled unless listed
+    window_bytes: int = 256 * 1024
+    idle_timeout_s: float = 300.0
+    connect_timeout_s: float = 10.0
+    max_channels: int = 256
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A validated node configuration."""
 
@@ -241,6 +264,8 @@ class Config:
     peers: tuple[PeerEntry, ...] = ()
     trust: TrustSection | None = None
     dns: DnsSection = field(default_factory=DnsSection)
+    tunnels: tuple[TunnelEntry, ...] = ()
+    channels: ChannelsSection = field(default_factory=ChannelsSection)
 
     def station_entry(self, identity: str) -> StationEntry | None:
         """The first ``[[stations]]`` entry whose glob matches, or None."""

@@ -71,6 +71,8 @@ class Forwarder:
         self.state = state
         self._backend_for = backend_for
         self._attach = attach
+        # frames of binary channels for this node (router/channels/): True if one was
+        self.channels: Callable[[OverlayFrame], bool] = lambda _frame: False
 
     async def route(self, link: PeerLink, frame: OverlayFrame) -> None:
         """Deliver or forward one frame that arrived on ``link`` (not a route message)."""
@@ -86,7 +88,7 @@ class Forwarder:
                                          "claimed path is not possible through this link", link)
             return
         if dest == state.node_id:
-            if not self._attach.answered(frame):
+            if not self.channels(frame) and not self._attach.answered(frame):
                 state.count("dropped")
             return
         station = frame.path[0] if frame.path else ""

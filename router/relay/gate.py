@@ -118,7 +118,7 @@ class Gate:
 
     def check(
         self, frame: Frame, text: str | None, action: str | None, direction: str, source: str,
-        version: str, keep_signatures: bool, unwrap_signed: bool = False,
+        version: str | None, keep_signatures: bool, unwrap_signed: bool = False,
     ) -> Verdict:
         """Decide one frame entering the node and prepare what goes out.
 
@@ -134,7 +134,7 @@ class Gate:
 
     def _check(
         self, frame: Frame, text: str | None, action: str | None, direction: str, source: str,
-        version: str, keep_signatures: bool,
+        version: str | None, keep_signatures: bool,
     ) -> Verdict:
         payload = frame.details if frame.type in (CALLERROR, CALLRESULTERROR) else frame.payload
         decision = None
@@ -177,6 +177,15 @@ class Gate:
         }
         log_event(log, logging.WARNING, "policy_" + decision.outcome.value, **entry)
         if self._audit is not None:
+            self._audit.write(json.dumps(entry) + "\n")
+
+
+    def audit(self, event: str, fields: dict[str, Any]) -> None:
+        """An entry in the audit log that is not a policy decision (a channel opened,
+        refused or closed, with the bytes it moved); nothing without a ``[policy]``."""
+        if self._audit is not None:
+            entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "event": event, **fields}
             self._audit.write(json.dumps(entry) + "\n")
 
 

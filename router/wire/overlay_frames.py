@@ -7,6 +7,7 @@ message type (the WWCP_OCPP field order):
     [3, dest, path, id, payload]                CALLRESULT
     [4, dest, path, id, code, description, details]   CALLERROR (5: CALLRESULTERROR)
     [6, dest, path, id, action, payload]        SEND
+    [7, dest, path, channel, offset, data]      CHANNEL_DATA (router/channels/)
 
 ``dest`` is a node id, ``"CSMS"`` (the backend responsible for the source station) or
 ``"*"`` (broadcast); ``path`` lists the node ids the frame has passed, oldest first.
@@ -14,11 +15,15 @@ JSON frames travel one per text message. msgpack frames travel in binary message
 either one frame or a batch (an array of frames) per message. Decoding is strict and
 raises :class:`~router.frames.FrameError`, as for standard frames; it lets through only
 values both encodings carry unchanged, so a frame read on one link can be written on any
-other (msgpack bin and ext values, for one, have no JSON form).
+other (msgpack bin and ext values, for one, have no JSON form). The one exception is a
+channel's data, bytes by nature: msgpack ``bin`` on a msgpack link, base64 text on a JSON
+link, and bytes in the decoded frame either way.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any, NamedTuple
 
@@ -44,7 +49,13 @@ MAX_NODE_ID = 48
 ANYCAST_CSMS = "CSMS"
 BROADCAST = "*"
 
-_LENGTHS = {CALL: 6, CALLRESULT: 5, CALLERROR: 7, CALLRESULTERROR: 7, SEND: 6}
+#: A channel's bytes (router/channels/): [7, dest, path, channel id, offset, data].
+CHANNEL_DATA = 7
+MAX_CHANNEL_DATA = 64 * 1024  # bytes in one data frame at most
+MAX_OFFSET = 2**63 - 1
+
+_LENGTHS = {CALL: 6, CALLRESULT: 5, CALLERROR: 7, CALLRESULTERROR: 7, SEND: 6,
+            CHANNEL_DATA: 6}
 
 
 class OverlayFrame(NamedTuple):
@@ -64,14 +75,17 @@ class OverlayFrame(NamedTuple):
     code: str | None = None
     description: str | None = None
     details: Any = None
+    offset: int | None = None  # CHANNEL_DATA: the stream offset of its first byte
 
     def as_list(self) -> list[Any]:
-        """The frame as the JSON/msgpack array it travels as."""
+        """The frame as the msgpack array it travels as (JSON: see :func:`encode_json`)."""
         head: list[Any] = [self.type, self.dest, list(self.path), self.id]
         if self.type in (CALL, SEND):
             return [*head, self.action, self.payload]
         if self.type == CALLRESULT:
             return [*head, self.payload]
+        if self.type == CHANNEL_DATA:
+            return [*head, self.offset, self.payload]
         return [*head, self.code, self.description, self.details]
 
     def passed(self, node_id: str) -> OverlayFrame:
@@ -90,6 +104,8 @@ def from_list(msg: Any) -> OverlayFrame:
     """Check one decoded overlay frame array, its structure and every value in it, and
     return it as an OverlayFrame."""
     frame = _structure(msg)
+    if frame.type == CHANNEL_DATA:
+        return frame  # its structure is all it holds, checked
     flaw = value_flaw(msg)
     if flaw is not None:
         raise refusal(flaw, frame.id, frame.type)
@@ -121,6 +137,8 @@ def _structure(msg: Any) -> OverlayFrame:
         if type(hop) is not str or not 0 < len(hop) <= MAX_NODE_ID:
             _node_id(hop, "each path element", mid, mtype)
     path = tuple(raw_path)
+    if mtype == CHANNEL_DATA:
+        return _channel_data(msg, dest, path, mid)
     if mtype in (CALL, SEND):
         action, payload = msg[4], msg[5]
         if type(action) is not str or not action:
@@ -140,6 +158,23 @@ def _structure(msg: Any) -> OverlayFrame:
                         details=details)
 
 
+def _channel_data(msg: list[Any], dest: str, path: tuple[str, ...], cid: str) -> OverlayFrame:
+    offset, data = msg[4], msg[5]
+    if type(offset) is not int or not 0 <= offset <= MAX_OFFSET:
+        raise FrameError(Problem.FORMAT, "a channel data frame's offset must be a "
+                         "non-negative integer", cid, CHANNEL_DATA)
+    if type(data) is str:  # JSON: base64 (RFC 4648 section 4, padded)
+        try:
+            data = base64.b64decode(data.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise FrameError(Problem.FORMAT, "channel data on a JSON link must be base64",
+                             cid, CHANNEL_DATA) from None
+    if type(data) is not bytes or not 0 < len(data) <= MAX_CHANNEL_DATA:
+        raise FrameError(Problem.FORMAT, f"channel data must be 1-{MAX_CHANNEL_DATA} bytes",
+                         cid, CHANNEL_DATA)
+    return OverlayFrame(CHANNEL_DATA, dest, path, cid, payload=data, offset=offset)
+
+
 def decode_json(text: str) -> OverlayFrame:
     """One overlay frame from a text WebSocket message."""
     msg, flaw = load_json(text)
@@ -150,8 +185,11 @@ def decode_json(text: str) -> OverlayFrame:
 
 
 def encode_json(frame: OverlayFrame) -> str:
-    """An overlay frame as compact JSON text."""
-    return json.dumps(frame.as_list(), separators=(",", ":"), ensure_ascii=False)
+    """An overlay frame as compact JSON text (a channel's data as base64)."""
+    items = frame.as_list()
+    if frame.type == CHANNEL_DATA:
+        items[5] = base64.b64encode(frame.payload).decode("ascii")
+    return json.dumps(items, separators=(",", ":"), ensure_ascii=False)
 
 
 def _unpack(data: bytes, max_frames: int, unique: bool) -> Any:

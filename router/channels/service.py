@@ -1,0 +1,456 @@
+"""Binary channels over the overlay: TCP tunnels between any two nodes.
+
+A ``[[tunnels]]`` entry makes this node listen on a local TCP port; each connection
+accepted there opens a channel to the entry's ``node``, which connects to ``target`` if
+and only if its ``[channels] allow_targets`` lists it. Bytes then flow both ways as
+overlay data frames (type 7: msgpack ``bin`` on msgpack links, base64 on JSON links),
+routed by destination like every overlay frame, under credit-based flow control
+(router/channels/flow.py), so a far end that stops reading holds back only its own
+channel. The open is a ``ChannelOpen`` CALL that passes the firewall gate at both ends
+(direction ``to-station``: toward the site; source: the tunnel's name where it opens,
+the opening node's id where it is served), so a policy can require a role signature or
+restrict which nodes may open. Every open, refusal and close is logged and audited with
+the bytes moved. docs/protocol.md section 7 specifies the frames; docs/channels.md is
+the operator's page.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from router.channels.flow import (
+    CHUNK,
+    MAX_WINDOW,
+    MIN_WINDOW,
+    ChannelFault,
+    Inbound,
+    Outbound,
+)
+from router.config import ChannelsSection, TunnelEntry
+from router.logs import log_event
+from router.net.wslink import LinkClosed
+from router.overlay.state import OverlayState
+from router.relay.gate import Gate
+from router.wire.frames import CALL, CALLERROR, CALLRESULT, MAX_MESSAGE_ID, SEND, Frame
+from router.wire.overlay_frames import CHANNEL_DATA, OverlayFrame
+
+log = logging.getLogger("router.channels")
+
+OPEN = "ChannelOpen"
+ACK = "ChannelAck"
+CLOSE = "ChannelClose"
+ACTIONS = (OPEN, ACK, CLOSE)
+DIRECTION = "to-station"  # the policy direction of an open: toward the site's network
+OPEN_TIMEOUT_S = 15.0
+MAX_REASON = 200
+
+
+class NoRoute(Exception):
+    """No open peer link leads to the channel's other end."""
+
+
+@dataclass(slots=True, eq=False)
+class Channel:
+    """One channel at this end: a TCP stream on one side, the overlay on the other."""
+
+    other: str  # the node at the far end
+    cid: str
+    name: str  # the tunnel's name (opening end) or the target (serving end)
+    target: str
+    stream: trio.abc.Stream
+    outbound: Outbound
+    inbound: Inbound
+    opened_at: float
+    last_active: float
+    inbox_send: trio.MemorySendChannel[bytes]
+    inbox_recv: trio.MemoryReceiveChannel[bytes]
+    credit: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    reader_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    reason: str = ""  # why it closed, once closing
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.other, self.cid)
+
+
+class ChannelService:
+    """The node's channels: tunnels it listens for and channels it serves."""
+
+    def __init__(self, state: OverlayState, gate: Callable[[], Gate],
+                 tunnels: tuple[TunnelEntry, ...],
+                 settings: Callable[[], ChannelsSection]) -> None:
+        self.state = state
+        self._gate = gate
+        self.tunnels = tunnels
+        self._settings = settings  # read at each use: a reload may change them
+        self.channels: dict[tuple[str, str], Channel] = {}
+        # ChannelOpen CALLs of this node awaiting their answer: id -> (from whom, done, answer)
+        self._pending: dict[str, tuple[str, trio.Event, list[OverlayFrame]]] = {}
+        self._nursery: trio.Nursery | None = None
+        self.ports: dict[str, int] = {}  # tunnel name -> the port it listens on
+        self.counters: dict[str, int] = {
+            "opened": 0, "refused": 0, "closed": 0, "bytes_out": 0, "bytes_in": 0,
+            "stalls": 0, "faults": 0, "dropped": 0}
+
+    @property
+    def settings(self) -> ChannelsSection:
+        return self._settings()
+
+    def count(self, what: str, by: int = 1) -> None:
+        self.counters[what] = self.counters.get(what, 0) + by
+
+    # --- running ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen for every tunnel and watch open channels, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for tunnel in self.tunnels:
+                listeners = await trio.open_tcp_listeners(tunnel.port, host=tunnel.host)
+                self.ports[tunnel.name] = listeners[0].socket.getsockname()[1]
+                nursery.start_soon(self._serve_tunnel, tunnel, listeners)
+                log_event(log, logging.INFO, "tunnel_listening", tunnel=tunnel.name,
+                          host=tunnel.host, port=self.ports[tunnel.name], far_node=tunnel.node,
+                          target=tunnel.target)
+            nursery.start_soon(self._watch)
+            task_status.started()
+
+    async def _serve_tunnel(self, tunnel: TunnelEntry, listeners: list[Any]) -> None:
+        async def handle(stream: trio.SocketStream) -> None:
+            try:
+                await self._open(tunnel, stream)
+            finally:
+                await _close_gently(stream)
+
+        await trio.serve_listeners(handle, listeners)
+
+    async def _watch(self) -> None:
+        """Once a second: close channels idle too long or whose far end has no route."""
+        while True:
+            await trio.sleep(1.0)
+            now = trio.current_time()
+            for channel in list(self.channels.values()):
+                if self.state.link_toward(channel.other) is None:
+                    self._end(channel, f"route to {channel.other} lost", tell=False)
+                elif now - channel.last_active >= self.settings.idle_timeout_s:
+                    self._end(channel, f"idle for {self.settings.idle_timeout_s:g} s",
+                              tell=True)
+
+    # --- frames from the overlay ----------------------------------------------------------
+
+    def handle(self, frame: OverlayFrame) -> bool:
+        """A frame for this node: True if it was a channel's (it is dealt with then).
+
+        Runs on a peer link's reader: it never waits. The frame's path is checked
+        already (router/overlay/forwarding.plausible), so ``path[0]`` is its origin.
+        """
+        mtype = frame.type
+        if mtype == CHANNEL_DATA:
+            self._data(frame)
+            return True
+        if mtype in (CALLRESULT, CALLERROR):
+            pending = self._pending.get(frame.id)
+            if pending is None:
+                return False
+            expected_from, done, answer = pending
+            if frame.path[:1] != (expected_from,):
+                self.count("dropped")
+                return True
+            answer.append(frame)
+            done.set()
+            return True
+        if frame.action not in ACTIONS or not frame.path:
+            return False
+        origin = frame.path[0]
+        payload = frame.payload if isinstance(frame.payload, dict) else {}
+        if mtype == CALL and frame.action == OPEN:
+            if self._nursery is None:
+                return False
+            self._nursery.start_soon(self._serve_open, frame)
+            return True
+        if mtype != SEND:
+            return False
+        cid = payload.get("channel")
+        channel = self.channels.get((origin, cid)) if isinstance(cid, str) else None
+        if channel is None:
+            self.count("dropped")
+            return True
+        if frame.action == ACK:
+            received = payload.get("received")
+            try:
+                if type(received) is not int:
+                    raise ChannelFault("an acknowledgement needs an integer 'received'")
+                if channel.outbound.acknowledge(received):
+                    channel.credit.set()
+            except ChannelFault as fault:
+                self.count("faults")
+                self._end(channel, fault.reason, tell=True)
+        else:  # CLOSE: what arrived is still written out, then the TCP side closes
+            reason = str(payload.get("reason", ""))[:MAX_REASON]
+            self._end(channel, f"closed by {origin}: {reason}", tell=False, drain=True)
+        return True
+
+    def _data(self, frame: OverlayFrame) -> None:
+        channel = self.channels.get((frame.path[0], frame.id)) if frame.path else None
+        if channel is None or channel.reason:
+            self.count("dropped")
+            return
+        data = frame.payload
+        assert isinstance(data, bytes) and frame.offset is not None  # decoding checked
+        try:
+            channel.inbound.accept(frame.offset, len(data))
+        except ChannelFault as fault:
+            self.count("faults")
+            self._end(channel, fault.reason, tell=True)
+            return
+        channel.last_active = trio.current_time()
+        # within the window, so the queue is bounded by it
+        channel.inbox_send.send_nowait(data)
+
+    # --- opening --------------------------------------------------------------------------
+
+    async def _open(self, tunnel: TunnelEntry, stream: trio.SocketStream) -> None:
+        """A connection on a tunnel's listener: open a channel to the tunnel's node."""
+        cid, mid = uuid.uuid4().hex[:16], uuid.uuid4().hex[:20]
+        window = self.settings.window_bytes
+        payload: dict[str, Any] = {"channel": cid, "target": tunnel.target, "window": window}
+        verdict = self._gate().check(Frame(CALL, mid, action=OPEN, payload=payload), None,
+                                     OPEN, DIRECTION, tunnel.name, "", True)
+        if not verdict.forward:
+            self._refused(tunnel.name, tunnel.node, tunnel.target, "here",
+                          verdict.refusal or "refused by policy")
+            return
+        payload = verdict.frame.payload
+        done = trio.Event()
+        answer: list[OverlayFrame] = []
+        self._pending[mid] = (tunnel.node, done, answer)
+        try:
+            await self._send(tunnel.node, OverlayFrame(CALL, tunnel.node, (), mid, OPEN,
+                                                        payload))
+            with trio.move_on_after(OPEN_TIMEOUT_S):
+                await done.wait()
+        except NoRoute:
+            self._refused(tunnel.name, tunnel.node, tunnel.target, "here",
+                          f"no route to {tunnel.node}")
+            return
+        finally:
+            del self._pending[mid]
+        if not answer:
+            self._refused(tunnel.name, tunnel.node, tunnel.target, "here",
+                          f"no answer from {tunnel.node} within {OPEN_TIMEOUT_S:g} s")
+            return
+        reply = answer[0]
+        their_window = (reply.payload or {}).get("window") if reply.type == CALLRESULT else None
+        if type(their_window) is not int or not MIN_WINDOW <= their_window <= MAX_WINDOW:
+            why = (f"{reply.code}: {reply.description}" if reply.type == CALLERROR
+                   else "the answer carries no valid window")
+            self._refused(tunnel.name, tunnel.node, tunnel.target, tunnel.node, why)
+            return
+        await self._run(tunnel.node, cid, tunnel.name, tunnel.target, stream,
+                        their_window, window)
+
+    async def _serve_open(self, frame: OverlayFrame) -> None:
+        """A ``ChannelOpen`` from another node: check, connect to the target, answer."""
+        origin = frame.path[0]
+        payload = frame.payload
+        cid, target, window = payload.get("channel"), payload.get("target"), payload.get("window")
+        problem: tuple[str, str] | None = None
+        if (type(cid) is not str or not 1 <= len(cid) <= MAX_MESSAGE_ID
+                or type(target) is not str or type(window) is not int
+                or not MIN_WINDOW <= window <= MAX_WINDOW):
+            problem = ("FormationViolation", "ChannelOpen needs channel (1-36 characters), "
+                       f"target and window ({MIN_WINDOW}-{MAX_WINDOW} bytes)")
+        elif target not in self.settings.allow_targets:
+            problem = ("SecurityError", f"target {target[:100]} is not in this node's "
+                       "[channels] allow_targets")
+        elif (origin, cid) in self.channels:
+            problem = ("OccurrenceConstraintViolation", f"channel {cid} is open already")
+        elif len(self.channels) >= self.settings.max_channels:
+            problem = ("GenericError", f"this node holds its limit of "
+                       f"{self.settings.max_channels} channels")
+        if problem is None:
+            verdict = self._gate().check(Frame(CALL, frame.id, action=OPEN, payload=payload),
+                                         None, OPEN, DIRECTION, origin, "", False)
+            if not verdict.forward:
+                problem = ("SecurityError", verdict.refusal or "refused by policy")
+        if problem is not None:
+            assert isinstance(target, str) or problem[0] == "FormationViolation"
+            self._refused(str(cid)[:MAX_MESSAGE_ID], origin, str(target)[:100], "here",
+                          problem[1])
+            await self._answer(origin, OverlayFrame(CALLERROR, origin, (), frame.id,
+                                                    code=problem[0], description=problem[1],
+                                                    details={}))
+            return
+        assert isinstance(cid, str) and isinstance(target, str) and isinstance(window, int)
+        host, _, port = target.rpartition(":")
+        try:
+            with trio.fail_after(self.settings.connect_timeout_s):
+                stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+        except (OSError, trio.TooSlowError, ValueError) as exc:
+            why = f"cannot connect to {target}: {getattr(exc, 'strerror', None) or exc!r}"
+            self._refused(cid, origin, target, "here", why)
+            await self._answer(origin, OverlayFrame(CALLERROR, origin, (), frame.id,
+                                                    code="InternalError", description=why,
+                                                    details={}))
+            return
+        try:
+            ours = self.settings.window_bytes
+            if not await self._answer(origin, OverlayFrame(CALLRESULT, origin, (), frame.id,
+                                                           payload={"window": ours})):
+                return
+            await self._run(origin, cid, target, target, stream, window, ours)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def _refused(self, name: str, other: str, target: str, by: str, reason: str) -> None:
+        self.count("refused")
+        entry = {"channel": name, "far_node": other, "target": target, "refused_by": by,
+                 "reason": reason}
+        log_event(log, logging.WARNING, "channel_refused", **entry)
+        self._gate().audit("channel_refused", entry)
+
+    # --- a channel's life -----------------------------------------------------------------
+
+    async def _run(self, other: str, cid: str, name: str, target: str,
+                   stream: trio.abc.Stream, their_window: int, our_window: int) -> None:
+        now = trio.current_time()
+        inbox_send, inbox_recv = trio.open_memory_channel[bytes](math.inf)
+        channel = Channel(other, cid, name, target, stream, Outbound(their_window),
+                          Inbound(our_window), now, now, inbox_send, inbox_recv)
+        self.channels[channel.key] = channel
+        self.count("opened")
+        log_event(log, logging.INFO, "channel_opened", channel=name, id=cid, far_node=other,
+                  target=target)
+        self._gate().audit("channel_opened", {"channel": name, "id": cid, "far_node": other,
+                                              "target": target})
+        try:
+            with channel.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._to_stream, channel, nursery.cancel_scope)
+                    with channel.reader_scope:
+                        await self._from_stream(channel)
+        finally:
+            del self.channels[channel.key]
+            self.count("closed")
+            entry = {"channel": name, "id": cid, "far_node": other, "target": target,
+                     "reason": channel.reason or "closed", "bytes_out": channel.outbound.sent,
+                     "bytes_in": channel.inbound.written,
+                     "seconds": round(trio.current_time() - channel.opened_at, 3)}
+            log_event(log, logging.INFO, "channel_closed", **entry)
+            self._gate().audit("channel_closed", entry)
+
+    async def _from_stream(self, channel: Channel) -> None:
+        """TCP to overlay, within the far end's credit."""
+        outbound = channel.outbound
+        while True:
+            credit = outbound.credit()
+            if credit <= 0:
+                self.count("stalls")
+                channel.credit = trio.Event()
+                await channel.credit.wait()
+                continue
+            try:
+                data = await channel.stream.receive_some(min(CHUNK, credit))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self._end(channel, f"{channel.name} side closed the connection", tell=True)
+                return
+            offset = outbound.take(len(data))
+            channel.last_active = trio.current_time()
+            self.count("bytes_out", len(data))
+            try:
+                await self._send(channel.other, OverlayFrame(
+                    CHANNEL_DATA, channel.other, (), channel.cid, payload=data, offset=offset))
+            except NoRoute:
+                self._end(channel, f"route to {channel.other} lost", tell=False)
+                return
+
+    async def _to_stream(self, channel: Channel, scope: trio.CancelScope) -> None:
+        """Overlay to TCP; acknowledges as it writes. Ends the channel when it ends."""
+        try:
+            async for data in channel.inbox_recv:
+                try:
+                    await channel.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._end(channel, f"{channel.name} side closed the connection",
+                              tell=True)
+                    return
+                self.count("bytes_in", len(data))
+                channel.last_active = trio.current_time()
+                ack = channel.inbound.wrote(len(data))
+                if ack is not None:
+                    await self._control(channel, ACK, {"received": ack})
+        finally:
+            scope.cancel()
+
+    def _end(self, channel: Channel, reason: str, *, tell: bool, drain: bool = False) -> None:
+        """Close a channel once: tell the far end why (if asked and a route exists); with
+        ``drain``, what arrived is written out before the TCP side closes."""
+        if channel.reason:
+            return
+        channel.reason = reason
+        if tell:
+            link = self.state.link_toward(channel.other)
+            frame = OverlayFrame(SEND, channel.other, (), uuid.uuid4().hex[:20], CLOSE,
+                                 {"channel": channel.cid, "reason": reason[:MAX_REASON]})
+            try:
+                if link is None or not link.send_nowait(frame):
+                    self.count("dropped")
+            except LinkClosed:
+                self.count("dropped")
+        if drain:
+            channel.reader_scope.cancel()
+            channel.inbox_send.close()
+        else:
+            channel.scope.cancel()
+
+    # --- sending --------------------------------------------------------------------------
+
+    async def _send(self, dest: str, frame: OverlayFrame) -> None:
+        """Queue a frame toward ``dest`` (waiting while that link's queue is full)."""
+        link = self.state.link_toward(dest)
+        if link is None:
+            raise NoRoute(dest)
+        try:
+            await link.send(frame)
+        except LinkClosed:
+            raise NoRoute(dest) from None
+
+    async def _control(self, channel: Channel, action: str, body: dict[str, Any]) -> None:
+        try:
+            await self._send(channel.other, OverlayFrame(
+                SEND, channel.other, (), uuid.uuid4().hex[:20], action,
+                {"channel": channel.cid, **body}))
+        except NoRoute:
+            self._end(channel, f"route to {channel.other} lost", tell=False)
+
+    async def _answer(self, dest: str, frame: OverlayFrame) -> bool:
+        try:
+            await self._send(dest, frame)
+        except NoRoute:
+            self.count("dropped")
+            return False
+        return True
+
+
+async def _close_gently(stream: trio.SocketStream) -> None:
+    """Close a tunnel client's connection with a FIN it can read as the end: a socket
+    closed with unread bytes in it sends a reset instead (a refused channel's client has
+    usually sent its first request already)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+        try:
+            await stream.send_eof()
+            while await stream.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await trio.aclose_forcefully(stream)

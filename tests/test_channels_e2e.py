@@ -1,0 +1,156 @@
+"""Tunnels end to end with real processes: a pymodbus client reads and writes a site
+meter's holding registers through a tunnel listener on a core node, the core, and an edge
+node that dialled it (a msgpack link and a JSON link); an edge refuses a target it does
+not allow and an unsigned open its policy guards (issue 16)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pymodbus.client import ModbusTcpClient
+
+from router.relay.gate import audit_lines
+from tests.nodeproc import NodeProcess, start_node
+from tests.overlay_support import PeerLink, overlay_config, routes_to, wait_log, write_node_key
+from tests.peers import node_env
+from tests.peers.modbus_meter import INITIAL, ModbusMeter, modbus_meter
+
+CORE = "core-1"
+EDGE_MSGPACK = "edge-7"
+EDGE_JSON = "edge-8"
+EDGE_GUARDED = "edge-9"
+
+GUARD_POLICY = """\
+default = "forward"
+
+[[keys]]
+id = "ops"
+public_key = "{public}"
+roles = ["admin"]
+
+[[rules]]
+name = "channel opens need an admin signature"
+actions = ["ChannelOpen"]
+direction = "to-station"
+require = {{ roles = ["admin"], count = 1, max_age_s = 300 }}
+then = "forward"
+"""
+
+
+def _tunnel(name: str, node: str, target: str) -> str:
+    return (f'\n[[tunnels]]\nname = "{name}"\nlisten = "127.0.0.1:0"\n'
+            f'node = "{node}"\ntarget = "{target}"\n')
+
+
+def _allow(*targets: str) -> str:
+    listed = ", ".join(f'"{t}"' for t in targets)
+    return f"\n[channels]\nallow_targets = [{listed}]\n"
+
+
+@dataclass
+class Site:
+    core: NodeProcess
+    edges: dict[str, NodeProcess]
+    meter: ModbusMeter
+    ports: dict[str, int]  # tunnel name -> port on the core
+    audit: Path  # the core's audit log
+    edge_audit: Path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    started: list[NodeProcess] = []
+    with modbus_meter() as meter:
+        try:
+            closed = socket.socket()
+            closed.bind(("127.0.0.1", 0))  # bound, never listening: nothing answers there
+            not_allowed = f"127.0.0.1:{closed.getsockname()[1]}"
+            core_dir = tmp_path_factory.mktemp("core")
+            (core_dir / "policy.toml").write_text('default = "forward"\n')
+            core = start_node(
+                overlay_config(CORE, accept=[EDGE_MSGPACK, EDGE_JSON, EDGE_GUARDED])
+                + '\n[policy]\nfile = "policy.toml"\n'
+                + _tunnel("meter-7", EDGE_MSGPACK, meter.target)
+                + _tunnel("meter-8", EDGE_JSON, meter.target)
+                + _tunnel("forbidden-7", EDGE_MSGPACK, not_allowed)
+                + _tunnel("guarded-9", EDGE_GUARDED, meter.target),
+                core_dir, env=node_env())
+            started.append(core)
+            edges = {}
+            for node_id, encoding in ((EDGE_MSGPACK, "msgpack"), (EDGE_JSON, "json")):
+                edges[node_id] = start_node(
+                    overlay_config(node_id, peers=[PeerLink.to(core, CORE, encoding)])
+                    + _allow(meter.target), tmp_path_factory.mktemp(node_id), env=node_env())
+                started.append(edges[node_id])
+            guarded_dir = tmp_path_factory.mktemp(EDGE_GUARDED)
+            _key, _private, public = write_node_key(guarded_dir, "ops")
+            (guarded_dir / "policy.toml").write_text(GUARD_POLICY.format(public=public))
+            edges[EDGE_GUARDED] = start_node(
+                overlay_config(EDGE_GUARDED, peers=[PeerLink.to(core, CORE, "json")])
+                + _allow(meter.target) + '\n[policy]\nfile = "policy.toml"\n',
+                guarded_dir, env=node_env())
+            started.append(edges[EDGE_GUARDED])
+            for node_id in edges:
+                wait_log(core, "routes_changed", routes_to(node_id), timeout=20)
+            ports = {line["tunnel"]: line["port"] for line in core.events("tunnel_listening")}
+            yield Site(core, edges, meter, ports, core_dir / "state" / "audit.jsonl",
+                       guarded_dir / "state" / "audit.jsonl")
+        finally:
+            for node in reversed(started):
+                node.stop()
+            closed.close()
+
+
+@pytest.mark.parametrize(("tunnel", "edge", "encoding"), [
+    ("meter-7", EDGE_MSGPACK, "msgpack"), ("meter-8", EDGE_JSON, "json")])
+def test_modbus_reads_and_writes_cross_the_overlay(site: Site, tunnel: str, edge: str,
+                                                   encoding: str) -> None:
+    register = 10 if encoding == "msgpack" else 20
+    client = ModbusTcpClient("127.0.0.1", port=site.ports[tunnel], timeout=10, retries=0)
+    assert client.connect()
+    try:
+        first = client.read_holding_registers(register, count=3, device_id=1)
+        assert not first.isError() and first.registers == [INITIAL] * 3
+        written = client.write_registers(register, [1234, 5678], device_id=1)
+        assert not written.isError()
+        again = client.read_holding_registers(register, count=3, device_id=1)
+        assert again.registers == [1234, 5678, INITIAL]
+    finally:
+        client.close()
+    opened = wait_log(site.edges[edge], "channel_opened", far_node=CORE, target=site.meter.target)
+    assert opened
+    [closed] = wait_log(site.core, "channel_closed", channel=tunnel)
+    # a read request is 12 bytes, its answer 15; a write of two registers 17, its answer 12
+    assert closed["bytes_out"] == 12 + 17 + 12 and closed["bytes_in"] == 15 + 12 + 15
+    entries = [e for e in audit_lines(site.audit) if e.get("channel") == tunnel]
+    assert [e["event"] for e in entries] == ["channel_opened", "channel_closed"]
+    assert entries[1]["bytes_out"] == closed["bytes_out"]
+
+
+def _closed_by_far_end(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"\x00\x01\x00\x00\x00\x06\x01\x03\x00\x00\x00\x01")
+        return client.recv(100)
+
+
+def test_a_target_the_edge_does_not_allow_is_refused(site: Site) -> None:
+    assert _closed_by_far_end(site.ports["forbidden-7"]) == b""
+    [refusal] = wait_log(site.core, "channel_refused", channel="forbidden-7")
+    assert refusal["refused_by"] == EDGE_MSGPACK
+    assert "allow_targets" in refusal["reason"]
+    [served] = wait_log(site.edges[EDGE_MSGPACK], "channel_refused", far_node=CORE)
+    assert "allow_targets" in served["reason"]
+
+
+def test_a_policy_requiring_a_role_signature_refuses_an_unsigned_open(site: Site) -> None:
+    assert _closed_by_far_end(site.ports["guarded-9"]) == b""
+    [refusal] = wait_log(site.core, "channel_refused", channel="guarded-9")
+    assert refusal["refused_by"] == EDGE_GUARDED
+    assert "channel opens need an admin signature" in refusal["reason"]
+    [decision] = wait_log(site.edges[EDGE_GUARDED], "policy_reject", action="ChannelOpen")
+    assert decision["source"] == CORE and decision["direction"] == "to-station"
+    assert any(e.get("event") == "channel_refused" for e in audit_lines(site.edge_audit))
