@@ -6,6 +6,7 @@ not allow and an unsigned open its policy guards (issue 16)."""
 from __future__ import annotations
 
 import socket
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             core = start_node(
                 overlay_config(CORE, accept=[EDGE_MSGPACK, EDGE_JSON, EDGE_GUARDED])
                 + '\n[policy]\nfile = "policy.toml"\n'
+                + '\n[admin]\nhost = "127.0.0.1"\nport = 0\n'
                 + _tunnel("meter-7", EDGE_MSGPACK, meter.target)
                 + _tunnel("meter-8", EDGE_JSON, meter.target)
                 + _tunnel("forbidden-7", EDGE_MSGPACK, not_allowed)
@@ -154,3 +156,21 @@ def test_a_policy_requiring_a_role_signature_refuses_an_unsigned_open(site: Site
     [decision] = wait_log(site.edges[EDGE_GUARDED], "policy_reject", action="ChannelOpen")
     assert decision["source"] == CORE and decision["direction"] == "to-station"
     assert any(e.get("event") == "channel_refused" for e in audit_lines(site.edge_audit))
+
+
+def test_metrics_count_channels_and_their_bytes(site: Site) -> None:
+    client = ModbusTcpClient("127.0.0.1", port=site.ports["meter-7"], timeout=10, retries=0)
+    assert client.connect()
+    try:
+        assert client.read_holding_registers(0, count=1, device_id=1).registers == [INITIAL]
+        port = site.core.wait_for_event("admin_listening")["port"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    finally:
+        client.close()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith("ocpp_router_channel")}
+    assert values["ocpp_router_channels_open"] >= 1  # the one this test holds
+    assert values["ocpp_router_channels_opened_total"] >= 1
+    assert values['ocpp_router_channel_bytes_total{direction="out"}'] >= 12
+    assert values['ocpp_router_channel_bytes_total{direction="in"}'] >= 15

@@ -136,6 +136,7 @@ class NodeCollector:
             yield PAUSE
         yield from self._overlay()
         yield PAUSE
+        yield from self._channels()
         if any(b.srv for b in node.config.backends) or any(p.srv for p in node.config.peers):
             yield from self._srv()
             yield PAUSE
@@ -228,6 +229,32 @@ class NodeCollector:
             for sub in subs:
                 counter.add_metric([sub.name], getattr(sub.stats, what))
             yield counter
+
+    def _channels(self) -> Iterator[Metric]:
+        service = self.node.channels
+        open_now = GaugeMetricFamily("ocpp_router_channels_open",
+                                     "Binary channels open at this node (tunnels, both ends).")
+        open_now.add_metric([], len(service.channels))
+        yield open_now
+        counters = service.counters
+        for what, doc in (
+            ("opened", "Channels opened (either end)."),
+            ("refused", "Channel opens refused, here or by the far node."),
+            ("closed", "Channels closed."),
+            ("stalls", "Times a channel's sender waited for the far end's credit."),
+            ("faults", "Channels closed for breaking the flow-control rules."),
+            ("dropped", "Channel frames for no open channel, dropped."),
+        ):
+            counter = CounterMetricFamily(f"ocpp_router_channels_{what}", doc)
+            counter.add_metric([], counters.get(what, 0))
+            yield counter
+        moved = CounterMetricFamily("ocpp_router_channel_bytes",
+                                    "Bytes carried by channels: out = read from a TCP side "
+                                    "and sent, in = received and written to it.",
+                                    labels=["direction"])
+        moved.add_metric(["out"], counters.get("bytes_out", 0))
+        moved.add_metric(["in"], counters.get("bytes_in", 0))
+        yield moved
 
     def _overlay(self) -> Iterator[Metric | Pause]:
         overlay = self.node.overlay

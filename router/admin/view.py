@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from router.backends.duplication import Duplicator
+from router.channels.service import ChannelService
 from router.config import Config
 from router.gcwatch import GcWatch
 from router.net.dns import DnsCache
@@ -37,6 +38,9 @@ class NodeView(Protocol):
 
     @property
     def duplicator(self) -> Duplicator: ...
+
+    @property
+    def channels(self) -> ChannelService: ...
 
     @property
     def dns(self) -> DnsCache: ...

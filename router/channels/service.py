@@ -95,6 +95,8 @@ class ChannelService:
         # ChannelOpen CALLs of this node awaiting their answer: id -> (from whom, done, answer)
         self._pending: dict[str, tuple[str, trio.Event, list[OverlayFrame]]] = {}
         self._nursery: trio.Nursery | None = None
+        # opens being served (checked, dialling, answering): they count as channels
+        self._opening: set[tuple[str, str]] = set()
         self.ports: dict[str, int] = {}  # tunnel name -> the port it listens on
         self.counters: dict[str, int] = {
             "opened": 0, "refused": 0, "closed": 0, "bytes_out": 0, "bytes_in": 0,
@@ -254,8 +256,8 @@ class ChannelService:
                    else "the answer carries no valid window")
             self._refused(tunnel.name, tunnel.node, tunnel.target, tunnel.node, why)
             return
-        await self._run(tunnel.node, cid, tunnel.name, tunnel.target, stream,
-                        their_window, window)
+        await self._run(self._register(tunnel.node, cid, tunnel.name, tunnel.target, stream,
+                                       their_window, window))
 
     async def _serve_open(self, frame: OverlayFrame) -> None:
         """A ``ChannelOpen`` from another node: check, connect to the target, answer."""
@@ -271,9 +273,9 @@ class ChannelService:
         elif target not in self.settings.allow_targets:
             problem = ("SecurityError", f"target {target[:100]} is not in this node's "
                        "[channels] allow_targets")
-        elif (origin, cid) in self.channels:
+        elif (origin, cid) in self.channels or (origin, cid) in self._opening:
             problem = ("OccurrenceConstraintViolation", f"channel {cid} is open already")
-        elif len(self.channels) >= self.settings.max_channels:
+        elif len(self.channels) + len(self._opening) >= self.settings.max_channels:
             problem = ("GenericError", f"this node holds its limit of "
                        f"{self.settings.max_channels} channels")
         if problem is None:
@@ -291,23 +293,31 @@ class ChannelService:
             return
         assert isinstance(cid, str) and isinstance(target, str) and isinstance(window, int)
         host, _, port = target.rpartition(":")
+        key = (origin, cid)
+        self._opening.add(key)
         try:
             with trio.fail_after(self.settings.connect_timeout_s):
                 stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
         except (OSError, trio.TooSlowError, ValueError) as exc:
             why = f"cannot connect to {target}: {getattr(exc, 'strerror', None) or exc!r}"
             self._refused(cid, origin, target, "here", why)
+            self._opening.discard(key)
             await self._answer(origin, OverlayFrame(CALLERROR, origin, (), frame.id,
                                                     code="InternalError", description=why,
                                                     details={}))
             return
         try:
             ours = self.settings.window_bytes
-            if not await self._answer(origin, OverlayFrame(CALLRESULT, origin, (), frame.id,
-                                                           payload={"window": ours})):
-                return
-            await self._run(origin, cid, target, target, stream, window, ours)
+            # registered before the answer leaves: the opener's data may follow it at once
+            channel = self._register(origin, cid, target, target, stream, window, ours)
+            self._opening.discard(key)
+            if await self._answer(origin, OverlayFrame(CALLRESULT, origin, (), frame.id,
+                                                       payload={"window": ours})):
+                await self._run(channel)
+            else:
+                del self.channels[key]
         finally:
+            self._opening.discard(key)
             await trio.aclose_forcefully(stream)
 
     def _refused(self, name: str, other: str, target: str, by: str, reason: str) -> None:
@@ -319,13 +329,18 @@ class ChannelService:
 
     # --- a channel's life -----------------------------------------------------------------
 
-    async def _run(self, other: str, cid: str, name: str, target: str,
-                   stream: trio.abc.Stream, their_window: int, our_window: int) -> None:
+    def _register(self, other: str, cid: str, name: str, target: str,
+                  stream: trio.abc.Stream, their_window: int, our_window: int) -> Channel:
         now = trio.current_time()
+        # bounded by our window: Inbound.accept refuses data beyond it
         inbox_send, inbox_recv = trio.open_memory_channel[bytes](math.inf)
         channel = Channel(other, cid, name, target, stream, Outbound(their_window),
                           Inbound(our_window), now, now, inbox_send, inbox_recv)
         self.channels[channel.key] = channel
+        return channel
+
+    async def _run(self, channel: Channel) -> None:
+        other, cid, name, target = channel.other, channel.cid, channel.name, channel.target
         self.count("opened")
         log_event(log, logging.INFO, "channel_opened", channel=name, id=cid, far_node=other,
                   target=target)
