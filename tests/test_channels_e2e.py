@@ -33,11 +33,30 @@ id = "ops"
 public_key = "{public}"
 roles = ["admin"]
 
+[[keys]]
+id = "core"
+public_key = "{core_public}"
+roles = ["admin"]
+
 [[rules]]
 name = "channel opens need an admin signature"
 actions = ["ChannelOpen"]
 direction = "to-station"
 require = {{ roles = ["admin"], count = 1, max_age_s = 300 }}
+then = "forward"
+"""
+
+
+# the core signs the opens of one tunnel with its node key
+CORE_POLICY = """\
+default = "forward"
+
+[[rules]]
+name = "signed tunnel"
+actions = ["ChannelOpen"]
+direction = "to-station"
+sources = ["signed-9"]
+sign = true
 then = "forward"
 """
 
@@ -71,15 +90,18 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             closed.bind(("127.0.0.1", 0))  # bound, never listening: nothing answers there
             not_allowed = f"127.0.0.1:{closed.getsockname()[1]}"
             core_dir = tmp_path_factory.mktemp("core")
-            (core_dir / "policy.toml").write_text('default = "forward"\n')
+            _core_key, core_private, core_public = write_node_key(core_dir, CORE)
+            (core_dir / "policy.toml").write_text(CORE_POLICY)
             core = start_node(
-                overlay_config(CORE, accept=[EDGE_MSGPACK, EDGE_JSON, EDGE_GUARDED])
+                overlay_config(CORE, accept=[EDGE_MSGPACK, EDGE_JSON, EDGE_GUARDED],
+                               key=core_private)
                 + '\n[policy]\nfile = "policy.toml"\n'
                 + '\n[admin]\nhost = "127.0.0.1"\nport = 0\n'
                 + _tunnel("meter-7", EDGE_MSGPACK, meter.target)
                 + _tunnel("meter-8", EDGE_JSON, meter.target)
                 + _tunnel("forbidden-7", EDGE_MSGPACK, not_allowed)
-                + _tunnel("guarded-9", EDGE_GUARDED, meter.target),
+                + _tunnel("guarded-9", EDGE_GUARDED, meter.target)
+                + _tunnel("signed-9", EDGE_GUARDED, meter.target),
                 core_dir, env=node_env())
             started.append(core)
             edges = {}
@@ -90,7 +112,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 started.append(edges[node_id])
             guarded_dir = tmp_path_factory.mktemp(EDGE_GUARDED)
             _key, _private, public = write_node_key(guarded_dir, "ops")
-            (guarded_dir / "policy.toml").write_text(GUARD_POLICY.format(public=public))
+            (guarded_dir / "policy.toml").write_text(
+                GUARD_POLICY.format(public=public, core_public=core_public))
             edges[EDGE_GUARDED] = start_node(
                 overlay_config(EDGE_GUARDED, peers=[PeerLink.to(core, CORE, "json")])
                 + _allow(meter.target) + '\n[policy]\nfile = "policy.toml"\n',
@@ -174,3 +197,15 @@ def test_metrics_count_channels_and_their_bytes(site: Site) -> None:
     assert values["ocpp_router_channels_opened_total"] >= 1
     assert values['ocpp_router_channel_bytes_total{direction="out"}'] >= 12
     assert values['ocpp_router_channel_bytes_total{direction="in"}'] >= 15
+
+
+def test_an_open_signed_by_a_key_with_the_role_is_let_through(site: Site) -> None:
+    client = ModbusTcpClient("127.0.0.1", port=site.ports["signed-9"], timeout=10, retries=0)
+    assert client.connect()
+    try:
+        answer = client.read_holding_registers(30, count=1, device_id=1)
+        assert not answer.isError() and answer.registers == [INITIAL]
+    finally:
+        client.close()
+    [decision] = wait_log(site.edges[EDGE_GUARDED], "channel_opened", far_node=CORE)
+    assert decision["target"] == site.meter.target

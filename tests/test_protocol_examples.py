@@ -117,7 +117,7 @@ def test_examples_cover_every_frame_type_and_topology_kind() -> None:
         if kind == "topology":
             kinds.add(parse_payload(value).kind)
     assert types == {overlay.CALL, overlay.CALLRESULT, overlay.CALLERROR,
-                     overlay.CALLRESULTERROR, overlay.SEND}
+                     overlay.CALLRESULTERROR, overlay.SEND, overlay.CHANNEL_DATA}
     assert kinds == {"full", "update", "keepalive"}
     assert batches >= 1
 
