@@ -130,6 +130,10 @@ class AdminApp:
             if method != "POST":
                 return 405, _TEXT, b"use POST\n", [(b"allow", b"POST")]
             return await self._reload(scope)
+        if path == "/fetch":
+            if method != "POST":
+                return 405, _TEXT, b"use POST\n", [(b"allow", b"POST")]
+            return await self._fetch(scope)
         if path not in _GET_PATHS:
             return 404, _TEXT, b"not found; try /healthz /metrics /routes /links /topology\n", []
         if method not in ("GET", "HEAD"):
@@ -178,6 +182,25 @@ class AdminApp:
         # 422: the files were read and refused; the node keeps what it had
         status = 422 if isinstance(result, dict) and result.get("ok") is False else 200
         return status, _JSON, _json(result), []
+
+    async def _fetch(self, scope: HTTPScope) -> tuple[int, bytes, bytes,
+                                                      list[tuple[bytes, bytes]]]:
+        """``POST /fetch?node=N&path=P&out=F[&timeout_s=S]``: this node fetches the file P
+        that node N serves into F in its own files_dir (router/channels/), and answers
+        when done (200) or given up (502), with what happened."""
+        origins = _headers(scope, b"origin")
+        if origins and not self._same_origin(origins, _header(scope, b"host")):
+            self._refuse(scope, "origin", origin=origins[0][:200])
+            return 403, _TEXT, b"cross-origin fetch refused\n", []
+        query = parse_qs(scope["query_string"].decode("utf-8", "replace"))
+        node, name, out = (query.get(k, [""])[0] for k in ("node", "path", "out"))
+        timeout = query.get("timeout_s", ["600"])[0]
+        if not (node and name and out) or not timeout.isdigit() or not 0 < int(timeout) <= 86400:
+            return 400, _TEXT, b"give node, path and out (and timeout_s, 1-86400)\n", []
+        log_event(log, logging.INFO, "admin_fetch", client=_client(scope), far_node=node[:48],
+                  file=name[:255], out=out[:255])
+        result = await self.node.channels.fetch(node, name, out, timeout_s=int(timeout))
+        return (200 if result.get("ok") else 502), _JSON, _json(result), []
 
     def _same_origin(self, origins: list[str], host: str) -> bool:
         """One Origin naming a host we serve, and the same authority as ``Host`` ("null",

@@ -21,10 +21,12 @@ import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
 
+from router.channels.files import FileProblem, FileSink, FileSource, resolve, sha256_of
 from router.channels.flow import (
     CHUNK,
     MAX_WINDOW,
@@ -97,6 +99,7 @@ class ChannelService:
         self._nursery: trio.Nursery | None = None
         # opens being served (checked, dialling, answering): they count as channels
         self._opening: set[tuple[str, str]] = set()
+        self._digests: dict[tuple[str, int, int], str] = {}
         self.ports: dict[str, int] = {}  # tunnel name -> the port it listens on
         self.counters: dict[str, int] = {
             "opened": 0, "refused": 0, "closed": 0, "bytes_out": 0, "bytes_in": 0,
@@ -221,98 +224,111 @@ class ChannelService:
 
     async def _open(self, tunnel: TunnelEntry, stream: trio.SocketStream) -> None:
         """A connection on a tunnel's listener: open a channel to the tunnel's node."""
+        opened = await self._request(tunnel.node, tunnel.name, tunnel.target,
+                                     {"target": tunnel.target})
+        if opened is not None:
+            cid, window, their_window, _answer = opened
+            await self._run(self._register(tunnel.node, cid, tunnel.name, tunnel.target,
+                                           stream, their_window, window))
+
+    async def _request(self, node: str, name: str, what: str, fields: dict[str, Any]
+                       ) -> tuple[str, int, int, dict[str, Any]] | None:
+        """Ask ``node`` to open a channel (a ``target`` or a ``file`` in ``fields``):
+        (channel id, our window, its window, its answer), or None, refused and logged."""
         cid, mid = uuid.uuid4().hex[:16], uuid.uuid4().hex[:20]
         window = self.settings.window_bytes
-        payload: dict[str, Any] = {"channel": cid, "target": tunnel.target, "window": window}
+        payload: dict[str, Any] = {"channel": cid, **fields, "window": window}
         verdict = self._gate().check(Frame(CALL, mid, action=OPEN, payload=payload), None,
-                                     OPEN, DIRECTION, tunnel.name, "", True)
+                                     OPEN, DIRECTION, name, None, True)
         if not verdict.forward:
-            self._refused(tunnel.name, tunnel.node, tunnel.target, "here",
-                          verdict.refusal or "refused by policy")
-            return
+            self._refused(name, node, what, "here", verdict.refusal or "refused by policy")
+            return None
         payload = verdict.frame.payload
         done = trio.Event()
         answer: list[OverlayFrame] = []
-        self._pending[mid] = (tunnel.node, done, answer)
+        self._pending[mid] = (node, done, answer)
         try:
-            await self._send(tunnel.node, OverlayFrame(CALL, tunnel.node, (), mid, OPEN,
-                                                        payload))
+            await self._send(node, OverlayFrame(CALL, node, (), mid, OPEN, payload))
             with trio.move_on_after(OPEN_TIMEOUT_S):
                 await done.wait()
         except NoRoute:
-            self._refused(tunnel.name, tunnel.node, tunnel.target, "here",
-                          f"no route to {tunnel.node}")
-            return
+            self._refused(name, node, what, "here", f"no route to {node}")
+            return None
         finally:
             del self._pending[mid]
         if not answer:
-            self._refused(tunnel.name, tunnel.node, tunnel.target, "here",
-                          f"no answer from {tunnel.node} within {OPEN_TIMEOUT_S:g} s")
-            return
+            self._refused(name, node, what, "here",
+                          f"no answer from {node} within {OPEN_TIMEOUT_S:g} s")
+            return None
         reply = answer[0]
-        their_window = (reply.payload or {}).get("window") if reply.type == CALLRESULT else None
+        body = reply.payload if reply.type == CALLRESULT else {}
+        their_window = body.get("window")
         if type(their_window) is not int or not MIN_WINDOW <= their_window <= MAX_WINDOW:
             why = (f"{reply.code}: {reply.description}" if reply.type == CALLERROR
                    else "the answer carries no valid window")
-            self._refused(tunnel.name, tunnel.node, tunnel.target, tunnel.node, why)
-            return
-        await self._run(self._register(tunnel.node, cid, tunnel.name, tunnel.target, stream,
-                                       their_window, window))
+            self._refused(name, node, what, node, why)
+            return None
+        return cid, window, their_window, body
 
     async def _serve_open(self, frame: OverlayFrame) -> None:
-        """A ``ChannelOpen`` from another node: check, connect to the target, answer."""
+        """A ``ChannelOpen`` from another node: check, connect to the target (or open the
+        file), answer."""
         origin = frame.path[0]
         payload = frame.payload
-        cid, target, window = payload.get("channel"), payload.get("target"), payload.get("window")
+        cid, window = payload.get("channel"), payload.get("window")
+        target, file = payload.get("target"), payload.get("file")
+        what = str(target if file is None else f"file {file}")[:100]
+        settings = self.settings
         problem: tuple[str, str] | None = None
         if (type(cid) is not str or not 1 <= len(cid) <= MAX_MESSAGE_ID
-                or type(target) is not str or type(window) is not int
-                or not MIN_WINDOW <= window <= MAX_WINDOW):
+                or type(window) is not int or not MIN_WINDOW <= window <= MAX_WINDOW
+                or (type(target) is str) == (type(file) is str)):
             problem = ("FormationViolation", "ChannelOpen needs channel (1-36 characters), "
-                       f"target and window ({MIN_WINDOW}-{MAX_WINDOW} bytes)")
-        elif target not in self.settings.allow_targets:
-            problem = ("SecurityError", f"target {target[:100]} is not in this node's "
+                       f"window ({MIN_WINDOW}-{MAX_WINDOW} bytes) and either target or file")
+        elif file is None and target not in settings.allow_targets:
+            problem = ("SecurityError", f"target {what} is not in this node's "
                        "[channels] allow_targets")
+        elif file is not None and settings.files_dir is None:
+            problem = ("SecurityError", "this node serves no files ([channels] files_dir)")
         elif (origin, cid) in self.channels or (origin, cid) in self._opening:
             problem = ("OccurrenceConstraintViolation", f"channel {cid} is open already")
-        elif len(self.channels) + len(self._opening) >= self.settings.max_channels:
+        elif len(self.channels) + len(self._opening) >= settings.max_channels:
             problem = ("GenericError", f"this node holds its limit of "
-                       f"{self.settings.max_channels} channels")
+                       f"{settings.max_channels} channels")
         if problem is None:
             verdict = self._gate().check(Frame(CALL, frame.id, action=OPEN, payload=payload),
-                                         None, OPEN, DIRECTION, origin, "", False)
+                                         None, OPEN, DIRECTION, origin, None, False)
             if not verdict.forward:
                 problem = ("SecurityError", verdict.refusal or "refused by policy")
         if problem is not None:
-            assert isinstance(target, str) or problem[0] == "FormationViolation"
-            self._refused(str(cid)[:MAX_MESSAGE_ID], origin, str(target)[:100], "here",
-                          problem[1])
-            await self._answer(origin, OverlayFrame(CALLERROR, origin, (), frame.id,
-                                                    code=problem[0], description=problem[1],
-                                                    details={}))
+            await self._refuse_open(frame, origin, str(cid)[:MAX_MESSAGE_ID], what, problem)
             return
-        assert isinstance(cid, str) and isinstance(target, str) and isinstance(window, int)
-        host, _, port = target.rpartition(":")
+        assert isinstance(cid, str) and isinstance(window, int)
         key = (origin, cid)
         self._opening.add(key)
+        stream: trio.abc.Stream
         try:
-            with trio.fail_after(self.settings.connect_timeout_s):
-                stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
-        except (OSError, trio.TooSlowError, ValueError) as exc:
-            why = f"cannot connect to {target}: {getattr(exc, 'strerror', None) or exc!r}"
-            self._refused(cid, origin, target, "here", why)
+            if file is not None:
+                stream, extra = await self._open_file(str(file), payload.get("offset", 0))
+            else:
+                stream, extra = await self._connect(str(target)), {}
+        except FileProblem as exc:
             self._opening.discard(key)
-            await self._answer(origin, OverlayFrame(CALLERROR, origin, (), frame.id,
-                                                    code="InternalError", description=why,
-                                                    details={}))
+            await self._refuse_open(frame, origin, cid, what, ("PropertyConstraintViolation",
+                                                               str(exc)))
+            return
+        except (OSError, trio.TooSlowError, ValueError) as exc:
+            self._opening.discard(key)
+            why = f"cannot connect to {what}: {getattr(exc, 'strerror', None) or exc!r}"
+            await self._refuse_open(frame, origin, cid, what, ("InternalError", why))
             return
         try:
-            ours = self.settings.window_bytes
+            ours = settings.window_bytes
             # registered before the answer leaves: the opener's data may follow it at once
-            channel = self._register(origin, cid, target, target, stream, window, ours)
+            channel = self._register(origin, cid, what, what, stream, window, ours)
             self._opening.discard(key)
             if await self._answer(origin, OverlayFrame(CALLRESULT, origin, (), frame.id,
-                                                       payload={"window": ours})):
+                                                       payload={"window": ours, **extra})):
                 await self._run(channel)
             else:
                 del self.channels[key]
@@ -320,12 +336,113 @@ class ChannelService:
             self._opening.discard(key)
             await trio.aclose_forcefully(stream)
 
+    async def _refuse_open(self, frame: OverlayFrame, origin: str, cid: str, what: str,
+                           problem: tuple[str, str]) -> None:
+        self._refused(cid, origin, what, "here", problem[1])
+        await self._answer(origin, OverlayFrame(CALLERROR, origin, (), frame.id,
+                                                code=problem[0], description=problem[1],
+                                                details={}))
+
+    async def _connect(self, target: str) -> trio.abc.Stream:
+        host, _, port = target.rpartition(":")
+        with trio.fail_after(self.settings.connect_timeout_s):
+            return await trio.open_tcp_stream(host.strip("[]"), int(port))
+
+    async def _open_file(self, name: str, offset: object) -> tuple[FileSource, dict[str, Any]]:
+        files_dir = self.settings.files_dir
+        assert files_dir is not None
+        path = resolve(files_dir, name)
+        size = path.stat().st_size
+        if type(offset) is not int or not 0 <= offset <= size:
+            raise FileProblem(f"offset must be an integer from 0 to the size, {size}")
+        digest = await self._digest(path)
+        return FileSource(path, offset), {"size": size, "sha256": digest}
+
+    async def _digest(self, path: Path) -> str:
+        """The file's SHA-256, computed once per content (size and modification time)."""
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        digest = self._digests.get(key)
+        if digest is None:
+            digest = await trio.to_thread.run_sync(sha256_of, path)
+            if len(self._digests) >= 64:
+                self._digests.clear()
+            self._digests[key] = digest
+        return digest
+
     def _refused(self, name: str, other: str, target: str, by: str, reason: str) -> None:
         self.count("refused")
         entry = {"channel": name, "far_node": other, "target": target, "refused_by": by,
                  "reason": reason}
         log_event(log, logging.WARNING, "channel_refused", **entry)
         self._gate().audit("channel_refused", entry)
+
+    # --- fetching a file ----------------------------------------------------------------
+
+    async def fetch(self, node: str, name: str, out: str, *, timeout_s: float = 600.0,
+                    retry_s: float = 1.0) -> dict[str, Any]:
+        """Fetch the file ``name`` that ``node`` serves into ``out`` in this node's
+        ``files_dir``; returns what happened (``ok``, ``bytes``, ``sha256``, ...).
+
+        Bytes go to ``out.part`` as they arrive. When the channel ends early (a route
+        lost, the far node restarting) the fetch asks again from the size of the part,
+        until ``timeout_s``; once all bytes are there, their SHA-256 must be the one the
+        far node announced, and the part becomes ``out``. A part whose digest is wrong
+        (the file changed on the far node) is fetched again from the start, once.
+        """
+        files_dir = self.settings.files_dir
+        if files_dir is None:
+            return {"ok": False, "error": "this node has no [channels] files_dir"}
+        root = files_dir.resolve()
+        final = (root / out).resolve()
+        if not out or not final.is_relative_to(root) or final == root or "\x00" in out:
+            return {"ok": False, "error": "out must name a file inside files_dir"}
+        part = final.with_name(final.name + ".part")
+        await trio.to_thread.run_sync(lambda: final.parent.mkdir(parents=True, exist_ok=True))
+        started = trio.current_time()
+        attempts, received, restarted = 0, 0, False
+        error = f"not complete within {timeout_s:g} s"
+        what = f"file {name}"[:100]
+        log_event(log, logging.INFO, "fetch_started", far_node=node, file=name, out=out)
+        with trio.move_on_after(timeout_s):
+            while True:
+                attempts += 1
+                offset = part.stat().st_size if part.exists() else 0
+                opened = await self._request(node, f"fetch:{out}", what,
+                                             {"file": name, "offset": offset})
+                if opened is not None:
+                    cid, window, their_window, body = opened
+                    size, digest = body.get("size"), body.get("sha256")
+                    if type(size) is not int or type(digest) is not str or size < offset:
+                        part.unlink(missing_ok=True)  # not resumable: start over
+                        continue
+                    sink = FileSink(part)
+                    try:
+                        await self._run(self._register(node, cid, f"fetch:{out}", what, sink,
+                                                       their_window, window))
+                    finally:
+                        await sink.aclose()
+                    received += sink.written
+                    if offset + sink.written == size:
+                        if await trio.to_thread.run_sync(sha256_of, part) == digest:
+                            await trio.to_thread.run_sync(part.replace, final)
+                            result = {"ok": True, "bytes": size, "sha256": digest,
+                                      "attempts": attempts, "received": received,
+                                      "seconds": round(trio.current_time() - started, 3)}
+                            log_event(log, logging.INFO, "fetch_done", far_node=node,
+                                      file=name, out=out, **result)
+                            return result
+                        part.unlink()
+                        if restarted:
+                            error = "the SHA-256 did not match twice"
+                            break
+                        restarted = True
+                        continue
+                await trio.sleep(retry_s)
+        result = {"ok": False, "error": error, "attempts": attempts, "received": received}
+        log_event(log, logging.WARNING, "fetch_failed", far_node=node, file=name, out=out,
+                  **result)
+        return result
 
     # --- a channel's life -----------------------------------------------------------------
 
@@ -377,7 +494,8 @@ class ChannelService:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
-                self._end(channel, f"{channel.name} side closed the connection", tell=True)
+                self._end(channel, getattr(channel.stream, "end_reason", None)
+                          or f"{channel.name} side closed the connection", tell=True)
                 return
             offset = outbound.take(len(data))
             channel.last_active = trio.current_time()

@@ -1,4 +1,5 @@
-"""The ``routes`` and ``links`` commands of ``ocpp-router``: a running node's tables.
+"""The ``routes``, ``links`` and ``fetch`` commands of ``ocpp-router``: a running node's
+tables, and a file it fetches from another node (``POST /fetch``, router/channels/).
 
 Both ask the node's admin endpoint (``[admin]``; ``GET /routes``, ``GET /links``) and
 print readable tables, or the JSON itself with ``--json``. :func:`add_commands` registers
@@ -17,14 +18,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 __all__ = ["COMMANDS", "add_commands", "fetch", "format_links", "format_routes", "main",
            "run_command", "table"]
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 #: The top-level commands this module handles (``args.command``).
-COMMANDS = ("routes", "links")
+COMMANDS = ("routes", "links", "fetch")
 _PROG = "ocpp-router"
 
 
@@ -47,6 +48,17 @@ def add_commands(subparsers: Any) -> None:
         cmd.add_argument("--json", action="store_true", help="print the JSON as served")
         cmd.add_argument("--timeout", type=float, default=5.0,
                          help="seconds to wait for the node (default 5)")
+    cmd = subparsers.add_parser("fetch", help="make a running node fetch a file another node "
+                                              "serves (resumed after a broken route, SHA-256 "
+                                              "checked) into its files_dir")
+    cmd.add_argument("--admin", required=True, metavar="URL",
+                     help="the fetching node's admin endpoint, e.g. http://127.0.0.1:9090")
+    cmd.add_argument("--node", required=True, help="the node that serves the file")
+    cmd.add_argument("--path", required=True, help="the file, relative to its files_dir")
+    cmd.add_argument("--out", required=True, help="where it goes, relative to this node's "
+                                                  "files_dir")
+    cmd.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds the node keeps trying (default 600)")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -54,6 +66,8 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         if args.command not in COMMANDS:
             raise _UserError(f"unknown command {args.command!r}")
+        if args.command == "fetch":
+            return _fetch_file(args)
         data = fetch(args.admin, "/" + args.command, args.timeout)
         if args.json:
             print(json.dumps(data, indent=2))
@@ -70,18 +84,37 @@ def run_command(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
 
 
-def fetch(admin: str, path: str, timeout: float = 5.0) -> dict[str, Any]:
-    """GET ``path`` from the admin endpoint at ``admin`` and decode its JSON."""
+def _fetch_file(args: argparse.Namespace) -> int:
+    query = urlencode({"node": args.node, "path": args.path, "out": args.out,
+                       "timeout_s": max(1, int(args.timeout))})
+    data = fetch(args.admin, f"/fetch?{query}", args.timeout + 30, method="POST",
+                 accept_status=(502,))
+    if data.get("ok"):
+        print(f"{args.out}: {data.get('bytes')} bytes, sha256 {data.get('sha256')}, "
+              f"{data.get('attempts')} attempt(s), {data.get('received')} bytes received")
+        return EXIT_OK
+    print(f"{_PROG}: fetch failed: {data.get('error')}", file=sys.stderr)
+    return EXIT_RUNTIME
+
+
+def fetch(admin: str, path: str, timeout: float = 5.0, *, method: str = "GET",
+          accept_status: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Ask ``path`` of the admin endpoint at ``admin`` and decode its JSON (also from an
+    error answer whose status is in ``accept_status``)."""
     base = admin if "://" in admin else "http://" + admin
     parts = urlsplit(base)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise _UserError(f"--admin {admin!r}: expected a URL like http://127.0.0.1:9090")
     url = base.rstrip("/") + path
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        request = urllib.request.Request(url, method=method)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
-        raise _Unreachable(f"{url}: the node answered HTTP {exc.code} {exc.reason}") from None
+        if exc.code not in accept_status:
+            raise _Unreachable(f"{url}: the node answered HTTP {exc.code} {exc.reason}") \
+                from None
+        body = exc.read()
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise _Unreachable(f"cannot reach the admin endpoint at {url}: {reason}") from None

@@ -122,7 +122,7 @@ def parse(text: str, file: str = "<config>", root: Path | None = None) -> Config
         trust = TrustSection(tuple(resolved))
     dns = _dns(c, raw)
     tunnels = _tunnels(c, raw, node.id)
-    channels = _channels(c, raw)
+    channels = _channels(c, raw, root)
     if c.problems:
         raise ConfigError(c.problems)
     return Config(node, listen, stations, backends, admin, Path(file), policy, peers, trust,
@@ -173,12 +173,12 @@ def _tunnels(c: _Checker, raw: dict[str, Any], node_id: str) -> tuple[TunnelEntr
     return tuple(out)
 
 
-def _channels(c: _Checker, raw: dict[str, Any]) -> ChannelsSection:
+def _channels(c: _Checker, raw: dict[str, Any], root: Path) -> ChannelsSection:
     if "channels" not in raw:
         return ChannelsSection()
     t = c.table(raw["channels"], "channels", {"allow_targets", "window_bytes",
                                               "idle_timeout_s", "connect_timeout_s",
-                                              "max_channels"})
+                                              "max_channels", "files_dir"})
     targets = c.strings(t, "channels", "allow_targets", ())
     for target in targets:
         if _host_port(target) is None or target.endswith(":0"):
@@ -189,6 +189,7 @@ def _channels(c: _Checker, raw: dict[str, Any]) -> ChannelsSection:
         idle_timeout_s=c.number(t, "channels", "idle_timeout_s", 300.0, 1.0, 86400.0),
         connect_timeout_s=c.number(t, "channels", "connect_timeout_s", 10.0, 0.1, 120.0),
         max_channels=c.integer(t, "channels", "max_channels", 256, 1, 10_000),
+        files_dir=c.path(t, "channels", "files_dir", root, must_exist=False),
     )
 
 

@@ -248,6 +248,8 @@ class ChannelsSection:
     idle_timeout_s: float = 300.0
     connect_timeout_s: float = 10.0
     max_channels: int = 256
+    # files other nodes may fetch from here, and where files this node fetches land
+    files_dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
