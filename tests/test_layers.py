@@ -18,7 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("router.__main__",),  # python -m router
     ("router.cli",),  # the command line: builds a node, serves its admin endpoint
     ("router.node", "router.admin"),  # the composition root; the admin endpoint (a NodeView)
-    ("router.listener",),  # who connects, authenticated, sent where
+    ("router.listener", "router.channels"),  # who connects, sent where; tunnels, files
     ("router.overlay", "router.backends"),  # peers and forwarding; dialer and duplication
     ("router.relay",),  # one station's traffic
     ("router.net",),  # WebSocket links, handshakes, TLS, DNS

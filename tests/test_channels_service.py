@@ -1,0 +1,112 @@
+"""router/channels/service.py against hostile frames, in one trio process: a channel over
+an in-memory stream, frames handed in as a peer link's reader would (no sockets)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+import trio.testing
+
+from router.channels.service import ACK, CLOSE, OPEN, Channel, ChannelService
+from router.config import ChannelsSection
+from router.overlay.state import OverlayState
+from router.relay.gate import Gate
+from router.wire.frames import CALL, SEND
+from router.wire.overlay_frames import CHANNEL_DATA, OverlayFrame
+from topology import RouteTable
+
+FAR = "core-1"
+
+
+def _service(**settings: object) -> ChannelService:
+    state = OverlayState("edge-7", RouteTable("edge-7", rng=random.Random(1)))
+    section = ChannelsSection(**settings)  # type: ignore[arg-type]
+    return ChannelService(state, lambda: Gate(None, None, None), (), lambda: section)
+
+
+def _channel(service: ChannelService, window: int = 4096) -> tuple[Channel, trio.abc.Stream]:
+    near, far = trio.testing.memory_stream_pair()
+    return service._register(FAR, "c1", "meter", "10.0.0.5:502", near, 65536, window), far
+
+
+def _data(offset: int, data: bytes, cid: str = "c1", origin: str = FAR) -> OverlayFrame:
+    return OverlayFrame(CHANNEL_DATA, "edge-7", (origin,), cid, payload=data, offset=offset)
+
+
+async def test_data_in_order_reaches_the_stream_and_a_gap_closes_the_channel() -> None:
+    service = _service()
+    channel, far = _channel(service)
+    assert service.handle(_data(0, b"abc"))
+    assert service.handle(_data(3, b"def"))
+    assert channel.inbox_recv.receive_nowait() == b"abc"
+    assert channel.inbox_recv.receive_nowait() == b"def"
+    assert service.handle(_data(10, b"x"))  # 6 was due: a frame was lost on the way
+    assert "offset 10" in channel.reason and service.counters["faults"] == 1
+    assert channel.scope.cancel_called
+    await far.aclose()
+
+
+async def test_data_beyond_the_window_closes_the_channel() -> None:
+    service = _service()
+    channel, _far = _channel(service, window=4096)
+    service.handle(_data(0, b"x" * 4096))
+    assert not channel.reason
+    service.handle(_data(4096, b"y"))  # nothing written out yet: the window is full
+    assert "overrun the window" in channel.reason
+
+
+def test_frames_for_no_open_channel_are_dropped_and_counted() -> None:
+    service = _service()
+    assert service.handle(_data(0, b"abc"))
+    assert service.handle(OverlayFrame(SEND, "edge-7", (FAR,), "m1", ACK,
+                                       {"channel": "nope", "received": 3}))
+    assert service.handle(OverlayFrame(SEND, "edge-7", (FAR,), "m2", CLOSE,
+                                       {"channel": "nope", "reason": "x"}))
+    assert service.counters["dropped"] == 3
+
+
+async def test_another_node_cannot_feed_a_channel_by_reusing_its_id() -> None:
+    service = _service()
+    channel, _far = _channel(service)
+    service.handle(_data(0, b"evil", origin="edge-9"))  # same id, another origin
+    assert service.counters["dropped"] == 1 and not channel.reason
+    assert channel.inbox_recv.statistics().current_buffer_used == 0
+
+
+@pytest.mark.parametrize("received", [-5, "3", 99999, None])
+async def test_a_bad_acknowledgement_closes_the_channel(received: object) -> None:
+    service = _service()
+    channel, _far = _channel(service)
+    service.handle(OverlayFrame(SEND, "edge-7", (FAR,), "m1", ACK,
+                                {"channel": "c1", "received": received}))
+    assert channel.reason and service.counters["faults"] == 1
+
+
+async def test_a_close_from_the_far_end_writes_out_what_arrived_first() -> None:
+    service = _service()
+    channel, _far = _channel(service)
+    service.handle(_data(0, b"last words"))
+    service.handle(OverlayFrame(SEND, "edge-7", (FAR,), "m1", CLOSE,
+                                {"channel": "c1", "reason": "done"}))
+    assert channel.reason == f"closed by {FAR}: done"
+    assert not channel.scope.cancel_called and channel.reader_scope.cancel_called
+    assert channel.inbox_recv.receive_nowait() == b"last words"
+    with pytest.raises(trio.EndOfChannel):
+        channel.inbox_recv.receive_nowait()
+
+
+async def test_opens_beyond_the_limit_or_unlisted_are_refused_without_dialling() -> None:
+    """The far node answers each refusal; with no route back, the answer is counted as
+    dropped. Nothing is dialled: the opens' targets are not listening."""
+    service = _service(allow_targets=("127.0.0.1:9",), max_channels=1)
+    _channel(service)  # the one channel allowed
+    async with trio.open_nursery() as nursery:
+        service._nursery = nursery
+        for cid, target in (("c2", "127.0.0.1:9"), ("c3", "127.0.0.1:10")):
+            assert service.handle(OverlayFrame(CALL, "edge-7", (FAR,), f"o-{cid}", OPEN,
+                                               {"channel": cid, "target": target,
+                                                "window": 65536}))
+    assert service.counters["refused"] == 2
+    assert len(service.channels) == 1 and not service._opening
