@@ -644,3 +644,13 @@ async def test_the_served_endpoint_refuses_a_rebound_host(tmp_path: Path,
         "Host": f"attacker.example:{port}", "Origin": f"http://attacker.example:{port}"})
     assert reply.status == 421
     assert (await fetch(base + "/links", headers={"Host": f"localhost:{port}"})).status == 200
+
+
+async def test_fetch_needs_post_a_same_origin_and_its_parameters(tmp_path: Path) -> None:
+    """``POST /fetch`` (router/channels/): a web page cannot make the node fetch files."""
+    node = allowed_node(tmp_path)
+    assert (await asgi(node, "/fetch", "GET"))[0] == 405
+    cross = [(b"host", b"127.0.0.1:9090"), (b"origin", b"http://attacker.example")]
+    assert (await asgi(node, "/fetch", "POST", cross))[0] == 403
+    status, body = await asgi(node, "/fetch", "POST")
+    assert status == 400 and b"node, path and out" in body
