@@ -108,7 +108,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             for node_id, encoding in ((EDGE_MSGPACK, "msgpack"), (EDGE_JSON, "json")):
                 edges[node_id] = start_node(
                     overlay_config(node_id, peers=[PeerLink.to(core, CORE, encoding)])
-                    + _allow(meter.target), tmp_path_factory.mktemp(node_id), env=node_env())
+                    + _allow(meter.target)
+                    + ("idle_timeout_s = 2\n" if node_id == EDGE_JSON else ""),
+                    tmp_path_factory.mktemp(node_id), env=node_env())
                 started.append(edges[node_id])
             guarded_dir = tmp_path_factory.mktemp(EDGE_GUARDED)
             _key, _private, public = write_node_key(guarded_dir, "ops")
@@ -209,3 +211,15 @@ def test_an_open_signed_by_a_key_with_the_role_is_let_through(site: Site) -> Non
         client.close()
     [decision] = wait_log(site.edges[EDGE_GUARDED], "channel_opened", far_node=CORE)
     assert decision["target"] == site.meter.target
+
+
+def test_an_idle_channel_is_closed_at_both_ends_with_the_reason(site: Site) -> None:
+    """edge-8 closes channels idle for 2 s; the tool sees its connection end."""
+    with socket.create_connection(("127.0.0.1", site.ports["meter-8"]), timeout=30) as tool:
+        assert tool.recv(100) == b""  # nothing sent, nothing received: closed for idling
+    [edge_side] = wait_log(site.edges[EDGE_JSON], "channel_closed",
+                           lambda line: line["reason"].startswith("idle"))
+    assert edge_side["reason"] == "idle for 2 s"
+    [core_side] = wait_log(site.core, "channel_closed",
+                           lambda line: "idle" in line["reason"], channel="meter-8")
+    assert core_side["reason"] == f"closed by {EDGE_JSON}: idle for 2 s"

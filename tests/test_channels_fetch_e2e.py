@@ -103,6 +103,7 @@ def test_a_file_resumes_after_the_route_breaks(tmp_path: Path) -> None:
         assert sent[1] == SIZE - before
         assert SIZE <= sum(sent) <= SIZE + WINDOW
         assert closes[1]["reason"] == "end of file"
+        assert closes[0]["reason"] == f"route to {EDGE} lost"  # both ends saw the loss
     finally:
         for node in reversed(nodes):
             if node.proc.poll() is None:

@@ -374,8 +374,8 @@ class ChannelService:
         self.count("refused")
         entry = {"channel": name, "far_node": other, "target": target, "refused_by": by,
                  "reason": reason}
+        self._gate().audit("channel_refused", entry)  # audited before it is logged
         log_event(log, logging.WARNING, "channel_refused", **entry)
-        self._gate().audit("channel_refused", entry)
 
     # --- fetching a file ----------------------------------------------------------------
 
@@ -459,10 +459,9 @@ class ChannelService:
     async def _run(self, channel: Channel) -> None:
         other, cid, name, target = channel.other, channel.cid, channel.name, channel.target
         self.count("opened")
-        log_event(log, logging.INFO, "channel_opened", channel=name, id=cid, far_node=other,
-                  target=target)
-        self._gate().audit("channel_opened", {"channel": name, "id": cid, "far_node": other,
-                                              "target": target})
+        opened = {"channel": name, "id": cid, "far_node": other, "target": target}
+        self._gate().audit("channel_opened", opened)  # audited before it is logged
+        log_event(log, logging.INFO, "channel_opened", **opened)
         try:
             with channel.scope:
                 async with trio.open_nursery() as nursery:
@@ -476,8 +475,8 @@ class ChannelService:
                      "reason": channel.reason or "closed", "bytes_out": channel.outbound.sent,
                      "bytes_in": channel.inbound.written,
                      "seconds": round(trio.current_time() - channel.opened_at, 3)}
-            log_event(log, logging.INFO, "channel_closed", **entry)
             self._gate().audit("channel_closed", entry)
+            log_event(log, logging.INFO, "channel_closed", **entry)
 
     async def _from_stream(self, channel: Channel) -> None:
         """TCP to overlay, within the far end's credit."""
