@@ -4,11 +4,13 @@ an in-memory stream, frames handed in as a peer link's reader would (no sockets)
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
+from router.channels.files import FileSink
 from router.channels.service import ACK, CLOSE, OPEN, Channel, ChannelService
 from router.config import ChannelsSection
 from router.overlay.state import OverlayState
@@ -110,3 +112,24 @@ async def test_opens_beyond_the_limit_or_unlisted_are_refused_without_dialling()
                                                 "window": 65536}))
     assert service.counters["refused"] == 2
     assert len(service.channels) == 1 and not service._opening
+
+
+async def test_a_flood_of_opens_is_dropped_beyond_twice_the_channel_limit() -> None:
+    service = _service(max_channels=2)
+    async with trio.open_nursery() as nursery:
+        service._nursery = nursery
+        service._serving = 4  # opens already being served
+        assert service.handle(OverlayFrame(CALL, "edge-7", (FAR,), "o1", OPEN,
+                                           {"channel": "x", "target": "127.0.0.1:9",
+                                            "window": 65536}))
+        assert service.counters["dropped"] == 1 and service.counters["refused"] == 0
+
+
+async def test_a_fetch_takes_no_more_than_the_announced_size(tmp_path: Path) -> None:
+    part = tmp_path / "f.part"
+    sink = FileSink(part, limit=5)
+    await sink.send_all(b"abc")
+    with pytest.raises(trio.BrokenResourceError):
+        await sink.send_all(b"def")  # 6 bytes where 5 were announced
+    await sink.aclose()
+    assert part.read_bytes() == b"abc"

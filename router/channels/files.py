@@ -73,15 +73,18 @@ class FileSource(trio.abc.Stream):
 class FileSink(trio.abc.Stream):
     """A partial file appended to, as the TCP side of a fetching channel; it sends nothing."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, limit: int) -> None:
         self._file: BinaryIO = path.open("ab")
         self.written = 0
+        self.limit = limit  # the bytes still due: a server sending more is cut off
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         await trio.sleep_forever()  # a fetch sends no data: the channel ends from the far end
         raise AssertionError("unreachable")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.written + len(data) > self.limit:
+            raise trio.BrokenResourceError("more bytes than the file's announced size")
         await trio.to_thread.run_sync(self._file.write, data)
         self.written += len(data)
 

@@ -99,6 +99,9 @@ class ChannelService:
         self._nursery: trio.Nursery | None = None
         # opens being served (checked, dialling, answering): they count as channels
         self._opening: set[tuple[str, str]] = set()
+        # ChannelOpen CALLs being served: checked, dialled, answered, or the channel they
+        # became at this end
+        self._serving = 0
         self._digests: dict[tuple[str, int, int], str] = {}
         self.ports: dict[str, int] = {}  # tunnel name -> the port it listens on
         self.counters: dict[str, int] = {
@@ -179,7 +182,13 @@ class ChannelService:
         if mtype == CALL and frame.action == OPEN:
             if self._nursery is None:
                 return False
-            self._nursery.start_soon(self._serve_open, frame)
+            if self._serving >= 2 * self.settings.max_channels:
+                # a flood of opens: each would be refused anyway; none is answered, so a
+                # slow answer path cannot pile up tasks here
+                self.count("dropped")
+                return True
+            self._serving += 1
+            self._nursery.start_soon(self._serve_open_counted, frame)
             return True
         if mtype != SEND:
             return False
@@ -269,6 +278,12 @@ class ChannelService:
             self._refused(name, node, what, node, why)
             return None
         return cid, window, their_window, body
+
+    async def _serve_open_counted(self, frame: OverlayFrame) -> None:
+        try:
+            await self._serve_open(frame)
+        finally:
+            self._serving -= 1
 
     async def _serve_open(self, frame: OverlayFrame) -> None:
         """A ``ChannelOpen`` from another node: check, connect to the target (or open the
@@ -416,7 +431,7 @@ class ChannelService:
                     if type(size) is not int or type(digest) is not str or size < offset:
                         part.unlink(missing_ok=True)  # not resumable: start over
                         continue
-                    sink = FileSink(part)
+                    sink = FileSink(part, size - offset)
                     try:
                         await self._run(self._register(node, cid, f"fetch:{out}", what, sink,
                                                        their_window, window))
