@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from router.channels.files import FileSink
-from router.channels.service import ACK, CLOSE, OPEN, Channel, ChannelService
+from router.channels.service import ACK, CLOSE, DRAIN_S, OPEN, Channel, ChannelService
 from router.config import ChannelsSection
 from router.overlay.state import OverlayState
 from router.relay.gate import Gate
@@ -42,8 +43,7 @@ async def test_data_in_order_reaches_the_stream_and_a_gap_closes_the_channel() -
     channel, far = _channel(service)
     assert service.handle(_data(0, b"abc"))
     assert service.handle(_data(3, b"def"))
-    assert channel.inbox_recv.receive_nowait() == b"abc"
-    assert channel.inbox_recv.receive_nowait() == b"def"
+    assert channel.buffer == b"abcdef"  # one buffer, however the frames were cut
     assert service.handle(_data(10, b"x"))  # 6 was due: a frame was lost on the way
     assert "offset 10" in channel.reason and service.counters["faults"] == 1
     assert channel.scope.cancel_called
@@ -74,7 +74,7 @@ async def test_another_node_cannot_feed_a_channel_by_reusing_its_id() -> None:
     channel, _far = _channel(service)
     service.handle(_data(0, b"evil", origin="edge-9"))  # same id, another origin
     assert service.counters["dropped"] == 1 and not channel.reason
-    assert channel.inbox_recv.statistics().current_buffer_used == 0
+    assert not channel.buffer
 
 
 @pytest.mark.parametrize("received", [-5, "3", 99999, None])
@@ -94,9 +94,9 @@ async def test_a_close_from_the_far_end_writes_out_what_arrived_first() -> None:
                                 {"channel": "c1", "reason": "done"}))
     assert channel.reason == f"closed by {FAR}: done"
     assert not channel.scope.cancel_called and channel.reader_scope.cancel_called
-    assert channel.inbox_recv.receive_nowait() == b"last words"
-    with pytest.raises(trio.EndOfChannel):
-        channel.inbox_recv.receive_nowait()
+    assert channel.draining and channel.buffer == b"last words"
+    # written out for at most DRAIN_S: a TCP side that never reads cannot hold it open
+    assert channel.scope.deadline <= trio.current_time() + DRAIN_S
 
 
 async def test_opens_beyond_the_limit_or_unlisted_are_refused_without_dialling() -> None:
@@ -133,3 +133,59 @@ async def test_a_fetch_takes_no_more_than_the_announced_size(tmp_path: Path) -> 
         await sink.send_all(b"def")  # 6 bytes where 5 were announced
     await sink.aclose()
     assert part.read_bytes() == b"abc"
+
+
+class _Side(trio.abc.Stream):
+    """A channel's TCP side that does nothing; tests override what they need."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_failing_tcp_side_ends_its_channel_not_the_node() -> None:
+    """An OSError from the stream (a disk error under a served file, a reset socket)
+    closes the channel with the reason; nothing escapes into the node's nursery."""
+
+    class Failing(_Side):
+        async def receive_some(self, max_bytes: int | None = None) -> bytes:
+            raise OSError(5, "Input/output error")
+
+    service = _service()
+    channel = service._register(FAR, "c9", "fw", "file fw.bin", Failing(), 65536, 4096)
+    with trio.fail_after(5):
+        await service.run_channel(channel)
+    assert channel.reason.startswith("fw side failed: Input/output error")
+    assert ("edge-7", "c9") not in service.channels and FAR not in str(service._opening)
+
+
+async def test_a_tcp_side_that_stops_reading_after_a_close_is_cut_off(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The far end closed; our device never reads what is left: the channel ends
+    DRAIN_S later instead of holding its slot forever."""
+
+    class Stuck(_Side):
+        async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+            await trio.sleep_forever()
+
+    service = _service()
+    channel = service._register(FAR, "c1", "meter", "10.0.0.5:502", Stuck(), 65536, 4096)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.run_channel, channel)
+        await trio.testing.wait_all_tasks_blocked()
+        service.handle(_data(0, b"request"))
+        service.handle(OverlayFrame(SEND, "edge-7", (FAR,), "m1", CLOSE,
+                                    {"channel": "c1", "reason": "bye"}))
+        started = trio.current_time()
+    assert trio.current_time() - started == pytest.approx(DRAIN_S, abs=0.1)
+    assert channel.reason.endswith(f"not all written out within {DRAIN_S:g} s")
+    assert not service.channels

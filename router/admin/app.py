@@ -26,6 +26,7 @@ from router.admin.metrics import NodeCollector, render_metrics
 from router.admin.topology import topology_model
 from router.admin.view import NodeView
 from router.admin.views import links_view, routes_view
+from router.channels.fetching import fetch
 from router.logs import log_event
 
 log = logging.getLogger("router.admin")
@@ -195,11 +196,12 @@ class AdminApp:
         query = parse_qs(scope["query_string"].decode("utf-8", "replace"))
         node, name, out = (query.get(k, [""])[0] for k in ("node", "path", "out"))
         timeout = query.get("timeout_s", ["600"])[0]
-        if not (node and name and out) or not timeout.isdigit() or not 0 < int(timeout) <= 86400:
+        if (not (node and name and out) or not re.fullmatch(r"[0-9]{1,5}", timeout)
+                or not 0 < int(timeout) <= 86400):
             return 400, _TEXT, b"give node, path and out (and timeout_s, 1-86400)\n", []
         log_event(log, logging.INFO, "admin_fetch", client=_client(scope), far_node=node[:48],
                   file=name[:255], out=out[:255])
-        result = await self.node.channels.fetch(node, name, out, timeout_s=int(timeout))
+        result = await fetch(self.node.channels, node, name, out, timeout_s=int(timeout))
         return (200 if result.get("ok") else 502), _JSON, _json(result), []
 
     def _same_origin(self, origins: list[str], host: str) -> bool:

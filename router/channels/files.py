@@ -29,11 +29,18 @@ def resolve(files_dir: Path, name: str) -> Path:
     if not name or len(name) > 255 or name.startswith("/") or "\x00" in name:
         raise FileProblem("file must be a relative path of 1-255 characters")
     root = files_dir.resolve()
-    path = (root / name).resolve()
+    try:
+        path = (root / name).resolve()
+    except (OSError, ValueError) as exc:
+        raise FileProblem(f"file cannot be resolved: {exc}") from None
     if not path.is_relative_to(root) or path == root:
         raise FileProblem("file must name a file inside the node's files_dir")
-    if not path.is_file():
-        raise FileProblem(f"no such file: {name}")
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
+        raise FileProblem(f"no such file: {name[:100]}")
     return path
 
 
@@ -44,6 +51,25 @@ def sha256_of(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class Digests:
+    """SHA-256 of served files, computed once per content (size and modification time),
+    in a worker thread; at most 64 remembered."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, int, int], str] = {}
+
+    async def of(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        digest = self._known.get(key)
+        if digest is None:
+            digest = await trio.to_thread.run_sync(sha256_of, path)
+            if len(self._known) >= 64:
+                self._known.clear()
+            self._known[key] = digest
+        return digest
 
 
 class FileSource(trio.abc.Stream):
@@ -77,6 +103,11 @@ class FileSink(trio.abc.Stream):
         self._file: BinaryIO = path.open("ab")
         self.written = 0
         self.limit = limit  # the bytes still due: a server sending more is cut off
+
+    @property
+    def complete(self) -> bool:
+        """Every byte due was written."""
+        return self.written >= self.limit
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         await trio.sleep_forever()  # a fetch sends no data: the channel ends from the far end

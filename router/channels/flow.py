@@ -6,7 +6,7 @@ in flight beyond what the far end has acknowledged; the receiver acknowledges
 cumulatively (the total it has written out) once a quarter of its window has been
 written since its last acknowledgement. Every data frame carries the offset of its first
 byte in the stream, so a lost or reordered frame is seen, not written. docs/protocol.md
-section 7 specifies it; the trio shell is router/channels/service.py.
+section 10 specifies it; the trio shell is router/channels/service.py.
 """
 
 from __future__ import annotations

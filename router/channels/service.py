@@ -10,14 +10,13 @@ channel. The open is a ``ChannelOpen`` CALL that passes the firewall gate at bot
 (direction ``to-station``: toward the site; source: the tunnel's name where it opens,
 the opening node's id where it is served), so a policy can require a role signature or
 restrict which nodes may open. Every open, refusal and close is logged and audited with
-the bytes moved. docs/protocol.md section 7 specifies the frames; docs/channels.md is
+the bytes moved. docs/protocol.md section 10 specifies the frames; docs/channels.md is
 the operator's page.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 
 import trio
 
-from router.channels.files import FileProblem, FileSink, FileSource, resolve, sha256_of
+from router.channels.files import Digests, FileProblem, FileSource, resolve
 from router.channels.flow import (
     CHUNK,
     MAX_WINDOW,
@@ -51,6 +50,9 @@ CLOSE = "ChannelClose"
 ACTIONS = (OPEN, ACK, CLOSE)
 DIRECTION = "to-station"  # the policy direction of an open: toward the site's network
 OPEN_TIMEOUT_S = 15.0
+DRAIN_S = 10.0  # a closed channel writes out what arrived for at most this long
+CLOSE_SEND_S = 5.0  # a close waits at most this long for room on the peer link
+BULK_WAIT_S = 0.005  # a channel's data waits this long for room on a busy link
 MAX_REASON = 200
 
 
@@ -71,8 +73,11 @@ class Channel:
     inbound: Inbound
     opened_at: float
     last_active: float
-    inbox_send: trio.MemorySendChannel[bytes]
-    inbox_recv: trio.MemoryReceiveChannel[bytes]
+    # bytes received and not yet written out: one buffer, so its memory is what the
+    # window allows however small the frames (a queue of 1-byte frames would not be)
+    buffer: bytearray = field(default_factory=bytearray)
+    readable: trio.Event = field(default_factory=trio.Event)  # set when buffer grows
+    draining: bool = False  # the far end closed: write out the buffer, then end
     credit: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     reader_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -102,7 +107,8 @@ class ChannelService:
         # ChannelOpen CALLs being served: checked, dialled, answered, or the channel they
         # became at this end
         self._serving = 0
-        self._digests: dict[tuple[str, int, int], str] = {}
+        self._digests = Digests()
+        self.fetching: set[Path] = set()  # the files fetches are writing (fetching.py)
         self.ports: dict[str, int] = {}  # tunnel name -> the port it listens on
         self.counters: dict[str, int] = {
             "opened": 0, "refused": 0, "closed": 0, "bytes_out": 0, "bytes_in": 0,
@@ -135,6 +141,10 @@ class ChannelService:
         async def handle(stream: trio.SocketStream) -> None:
             try:
                 await self._open(tunnel, stream)
+            except Exception as exc:
+                self.count("faults")  # costs this connection, never the node
+                log.exception("tunnel connection failed",
+                              extra={"fields": {"tunnel": tunnel.name, "error": repr(exc)}})
             finally:
                 await _close_gently(stream)
 
@@ -147,9 +157,10 @@ class ChannelService:
             now = trio.current_time()
             for channel in list(self.channels.values()):
                 if self.state.link_toward(channel.other) is None:
-                    self._end(channel, f"route to {channel.other} lost", tell=False)
+                    self.end(channel, f"route to {channel.other} lost", tell=False)
+                    channel.scope.cancel()  # even one writing out after a close
                 elif now - channel.last_active >= self.settings.idle_timeout_s:
-                    self._end(channel, f"idle for {self.settings.idle_timeout_s:g} s",
+                    self.end(channel, f"idle for {self.settings.idle_timeout_s:g} s",
                               tell=True)
 
     # --- frames from the overlay ----------------------------------------------------------
@@ -206,10 +217,10 @@ class ChannelService:
                     channel.credit.set()
             except ChannelFault as fault:
                 self.count("faults")
-                self._end(channel, fault.reason, tell=True)
+                self.end(channel, fault.reason, tell=True)
         else:  # CLOSE: what arrived is still written out, then the TCP side closes
             reason = str(payload.get("reason", ""))[:MAX_REASON]
-            self._end(channel, f"closed by {origin}: {reason}", tell=False, drain=True)
+            self.end(channel, f"closed by {origin}: {reason}", tell=False, drain=True)
         return True
 
     def _data(self, frame: OverlayFrame) -> None:
@@ -223,27 +234,33 @@ class ChannelService:
             channel.inbound.accept(frame.offset, len(data))
         except ChannelFault as fault:
             self.count("faults")
-            self._end(channel, fault.reason, tell=True)
+            self.end(channel, fault.reason, tell=True)
             return
         channel.last_active = trio.current_time()
-        # within the window, so the queue is bounded by it
-        channel.inbox_send.send_nowait(data)
+        channel.buffer += data  # within the window: Inbound.accept checked
+        channel.readable.set()
 
     # --- opening --------------------------------------------------------------------------
 
     async def _open(self, tunnel: TunnelEntry, stream: trio.SocketStream) -> None:
         """A connection on a tunnel's listener: open a channel to the tunnel's node."""
-        opened = await self._request(tunnel.node, tunnel.name, tunnel.target,
-                                     {"target": tunnel.target})
+        if len(self.channels) + len(self._opening) >= self.settings.max_channels:
+            self._refused(tunnel.name, tunnel.node, tunnel.target, "here",
+                          f"this node holds its limit of {self.settings.max_channels} channels")
+            return
+        opened = await self.request(tunnel.node, tunnel.name, tunnel.target,
+                                     {"target": tunnel.target}, stream)
         if opened is not None:
-            cid, window, their_window, _answer = opened
-            await self._run(self._register(tunnel.node, cid, tunnel.name, tunnel.target,
-                                           stream, their_window, window))
+            await self.run_channel(opened[0])
 
-    async def _request(self, node: str, name: str, what: str, fields: dict[str, Any]
-                       ) -> tuple[str, int, int, dict[str, Any]] | None:
-        """Ask ``node`` to open a channel (a ``target`` or a ``file`` in ``fields``):
-        (channel id, our window, its window, its answer), or None, refused and logged."""
+    async def request(self, node: str, name: str, what: str, fields: dict[str, Any],
+                       stream: trio.abc.Stream) -> tuple[Channel, dict[str, Any]] | None:
+        """Ask ``node`` to open a channel (a ``target`` or a ``file`` in ``fields``) for
+        ``stream``: the channel, registered, and the answer; or None, refused and logged.
+
+        The channel is registered before the open leaves, with no credit until the answer
+        gives the far end's window: data the far end sends right behind its answer (in the
+        same batch) finds it."""
         cid, mid = uuid.uuid4().hex[:16], uuid.uuid4().hex[:20]
         window = self.settings.window_bytes
         payload: dict[str, Any] = {"channel": cid, **fields, "window": window}
@@ -255,33 +272,44 @@ class ChannelService:
         payload = verdict.frame.payload
         done = trio.Event()
         answer: list[OverlayFrame] = []
+        channel = self._register(node, cid, name, what, stream, 0, window)
         self._pending[mid] = (node, done, answer)
+        why, by = "", "here"
         try:
             await self._send(node, OverlayFrame(CALL, node, (), mid, OPEN, payload))
             with trio.move_on_after(OPEN_TIMEOUT_S):
                 await done.wait()
         except NoRoute:
-            self._refused(name, node, what, "here", f"no route to {node}")
-            return None
+            why = f"no route to {node}"
         finally:
             del self._pending[mid]
-        if not answer:
-            self._refused(name, node, what, "here",
-                          f"no answer from {node} within {OPEN_TIMEOUT_S:g} s")
-            return None
-        reply = answer[0]
-        body = reply.payload if reply.type == CALLRESULT else {}
-        their_window = body.get("window")
-        if type(their_window) is not int or not MIN_WINDOW <= their_window <= MAX_WINDOW:
+        body: dict[str, Any] = {}
+        if not why and not answer:
+            why = f"no answer from {node} within {OPEN_TIMEOUT_S:g} s"
+        elif not why:
+            reply = answer[0]
+            body = reply.payload if reply.type == CALLRESULT else {}
+            their_window = body.get("window")
+            if type(their_window) is int and MIN_WINDOW <= their_window <= MAX_WINDOW:
+                channel.outbound.window = their_window
+                channel.credit.set()
+                return channel, body
             why = (f"{reply.code}: {reply.description}" if reply.type == CALLERROR
                    else "the answer carries no valid window")
-            self._refused(name, node, what, node, why)
-            return None
-        return cid, window, their_window, body
+            by = node
+        if self.channels.get(channel.key) is channel:
+            del self.channels[channel.key]
+        self._refused(name, node, what, by, why)
+        return None
 
     async def _serve_open_counted(self, frame: OverlayFrame) -> None:
         try:
             await self._serve_open(frame)
+        except Exception as exc:
+            # a bug, or a fault nobody foresaw, costs this channel, never the node
+            self.count("faults")
+            log.exception("channel failed", extra={"fields": {"far_node": frame.path[0],
+                                                              "error": repr(exc)}})
         finally:
             self._serving -= 1
 
@@ -292,18 +320,21 @@ class ChannelService:
         payload = frame.payload
         cid, window = payload.get("channel"), payload.get("window")
         target, file = payload.get("target"), payload.get("file")
-        what = str(target if file is None else f"file {file}")[:100]
+        is_file = type(file) is str
+        what = str(f"file {file}" if is_file else target)[:100]
         settings = self.settings
         problem: tuple[str, str] | None = None
         if (type(cid) is not str or not 1 <= len(cid) <= MAX_MESSAGE_ID
                 or type(window) is not int or not MIN_WINDOW <= window <= MAX_WINDOW
-                or (type(target) is str) == (type(file) is str)):
+                or (type(target) is str) == is_file
+                or ("file" in payload and not is_file)
+                or ("target" in payload and type(target) is not str)):
             problem = ("FormationViolation", "ChannelOpen needs channel (1-36 characters), "
                        f"window ({MIN_WINDOW}-{MAX_WINDOW} bytes) and either target or file")
-        elif file is None and target not in settings.allow_targets:
+        elif not is_file and target not in settings.allow_targets:
             problem = ("SecurityError", f"target {what} is not in this node's "
                        "[channels] allow_targets")
-        elif file is not None and settings.files_dir is None:
+        elif is_file and settings.files_dir is None:
             problem = ("SecurityError", "this node serves no files ([channels] files_dir)")
         elif (origin, cid) in self.channels or (origin, cid) in self._opening:
             problem = ("OccurrenceConstraintViolation", f"channel {cid} is open already")
@@ -323,7 +354,7 @@ class ChannelService:
         self._opening.add(key)
         stream: trio.abc.Stream
         try:
-            if file is not None:
+            if is_file:
                 stream, extra = await self._open_file(str(file), payload.get("offset", 0))
             else:
                 stream, extra = await self._connect(str(target)), {}
@@ -344,7 +375,7 @@ class ChannelService:
             self._opening.discard(key)
             if await self._answer(origin, OverlayFrame(CALLRESULT, origin, (), frame.id,
                                                        payload={"window": ours, **extra})):
-                await self._run(channel)
+                await self.run_channel(channel)
             else:
                 del self.channels[key]
         finally:
@@ -366,24 +397,15 @@ class ChannelService:
     async def _open_file(self, name: str, offset: object) -> tuple[FileSource, dict[str, Any]]:
         files_dir = self.settings.files_dir
         assert files_dir is not None
-        path = resolve(files_dir, name)
-        size = path.stat().st_size
-        if type(offset) is not int or not 0 <= offset <= size:
-            raise FileProblem(f"offset must be an integer from 0 to the size, {size}")
-        digest = await self._digest(path)
-        return FileSource(path, offset), {"size": size, "sha256": digest}
-
-    async def _digest(self, path: Path) -> str:
-        """The file's SHA-256, computed once per content (size and modification time)."""
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        digest = self._digests.get(key)
-        if digest is None:
-            digest = await trio.to_thread.run_sync(sha256_of, path)
-            if len(self._digests) >= 64:
-                self._digests.clear()
-            self._digests[key] = digest
-        return digest
+        try:
+            path = resolve(files_dir, name)
+            size = path.stat().st_size
+            if type(offset) is not int or not 0 <= offset <= size:
+                raise FileProblem(f"offset must be an integer from 0 to the size, {size}")
+            digest = await self._digests.of(path)
+            return FileSource(path, offset), {"size": size, "sha256": digest}
+        except OSError as exc:
+            raise FileProblem(f"cannot read {name[:100]}: {why(exc)}") from None
 
     def _refused(self, name: str, other: str, target: str, by: str, reason: str) -> None:
         self.count("refused")
@@ -392,99 +414,34 @@ class ChannelService:
         self._gate().audit("channel_refused", entry)  # audited before it is logged
         log_event(log, logging.WARNING, "channel_refused", **entry)
 
-    # --- fetching a file ----------------------------------------------------------------
-
-    async def fetch(self, node: str, name: str, out: str, *, timeout_s: float = 600.0,
-                    retry_s: float = 1.0) -> dict[str, Any]:
-        """Fetch the file ``name`` that ``node`` serves into ``out`` in this node's
-        ``files_dir``; returns what happened (``ok``, ``bytes``, ``sha256``, ...).
-
-        Bytes go to ``out.part`` as they arrive. When the channel ends early (a route
-        lost, the far node restarting) the fetch asks again from the size of the part,
-        until ``timeout_s``; once all bytes are there, their SHA-256 must be the one the
-        far node announced, and the part becomes ``out``. A part whose digest is wrong
-        (the file changed on the far node) is fetched again from the start, once.
-        """
-        files_dir = self.settings.files_dir
-        if files_dir is None:
-            return {"ok": False, "error": "this node has no [channels] files_dir"}
-        root = files_dir.resolve()
-        final = (root / out).resolve()
-        if not out or not final.is_relative_to(root) or final == root or "\x00" in out:
-            return {"ok": False, "error": "out must name a file inside files_dir"}
-        part = final.with_name(final.name + ".part")
-        await trio.to_thread.run_sync(lambda: final.parent.mkdir(parents=True, exist_ok=True))
-        started = trio.current_time()
-        attempts, received, restarted = 0, 0, False
-        error = f"not complete within {timeout_s:g} s"
-        what = f"file {name}"[:100]
-        log_event(log, logging.INFO, "fetch_started", far_node=node, file=name, out=out)
-        with trio.move_on_after(timeout_s):
-            while True:
-                attempts += 1
-                offset = part.stat().st_size if part.exists() else 0
-                opened = await self._request(node, f"fetch:{out}", what,
-                                             {"file": name, "offset": offset})
-                if opened is not None:
-                    cid, window, their_window, body = opened
-                    size, digest = body.get("size"), body.get("sha256")
-                    if type(size) is not int or type(digest) is not str or size < offset:
-                        part.unlink(missing_ok=True)  # not resumable: start over
-                        continue
-                    sink = FileSink(part, size - offset)
-                    try:
-                        await self._run(self._register(node, cid, f"fetch:{out}", what, sink,
-                                                       their_window, window))
-                    finally:
-                        await sink.aclose()
-                    received += sink.written
-                    if offset + sink.written == size:
-                        if await trio.to_thread.run_sync(sha256_of, part) == digest:
-                            await trio.to_thread.run_sync(part.replace, final)
-                            result = {"ok": True, "bytes": size, "sha256": digest,
-                                      "attempts": attempts, "received": received,
-                                      "seconds": round(trio.current_time() - started, 3)}
-                            log_event(log, logging.INFO, "fetch_done", far_node=node,
-                                      file=name, out=out, **result)
-                            return result
-                        part.unlink()
-                        if restarted:
-                            error = "the SHA-256 did not match twice"
-                            break
-                        restarted = True
-                        continue
-                await trio.sleep(retry_s)
-        result = {"ok": False, "error": error, "attempts": attempts, "received": received}
-        log_event(log, logging.WARNING, "fetch_failed", far_node=node, file=name, out=out,
-                  **result)
-        return result
-
     # --- a channel's life -----------------------------------------------------------------
 
     def _register(self, other: str, cid: str, name: str, target: str,
                   stream: trio.abc.Stream, their_window: int, our_window: int) -> Channel:
         now = trio.current_time()
-        # bounded by our window: Inbound.accept refuses data beyond it
-        inbox_send, inbox_recv = trio.open_memory_channel[bytes](math.inf)
         channel = Channel(other, cid, name, target, stream, Outbound(their_window),
-                          Inbound(our_window), now, now, inbox_send, inbox_recv)
+                          Inbound(our_window), now, now)
         self.channels[channel.key] = channel
         return channel
 
-    async def _run(self, channel: Channel) -> None:
+    async def run_channel(self, channel: Channel) -> None:
+        """Carry a registered channel until it ends; then forget it, audited."""
         other, cid, name, target = channel.other, channel.cid, channel.name, channel.target
-        self.count("opened")
-        opened = {"channel": name, "id": cid, "far_node": other, "target": target}
-        self._gate().audit("channel_opened", opened)  # audited before it is logged
-        log_event(log, logging.INFO, "channel_opened", **opened)
         try:
+            self.count("opened")
+            opened = {"channel": name, "id": cid, "far_node": other, "target": target}
+            self._gate().audit("channel_opened", opened)  # audited before it is logged
+            log_event(log, logging.INFO, "channel_opened", **opened)
             with channel.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._to_stream, channel, nursery.cancel_scope)
                     with channel.reader_scope:
                         await self._from_stream(channel)
         finally:
-            del self.channels[channel.key]
+            if self.channels.get(channel.key) is channel:
+                del self.channels[channel.key]
+            if channel.draining and channel.scope.cancelled_caught:
+                channel.reason += f"; not all written out within {DRAIN_S:g} s"
             self.count("closed")
             entry = {"channel": name, "id": cid, "far_node": other, "target": target,
                      "reason": channel.reason or "closed", "bytes_out": channel.outbound.sent,
@@ -505,10 +462,11 @@ class ChannelService:
                 continue
             try:
                 data = await channel.stream.receive_some(min(CHUNK, credit))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.end(channel, f"{channel.name} side failed: {why(exc)}", tell=True)
+                return
             if not data:
-                self._end(channel, getattr(channel.stream, "end_reason", None)
+                self.end(channel, getattr(channel.stream, "end_reason", None)
                           or f"{channel.name} side closed the connection", tell=True)
                 return
             offset = outbound.take(len(data))
@@ -518,47 +476,67 @@ class ChannelService:
                 await self._send(channel.other, OverlayFrame(
                     CHANNEL_DATA, channel.other, (), channel.cid, payload=data, offset=offset))
             except NoRoute:
-                self._end(channel, f"route to {channel.other} lost", tell=False)
+                self.end(channel, f"route to {channel.other} lost", tell=False)
                 return
 
     async def _to_stream(self, channel: Channel, scope: trio.CancelScope) -> None:
         """Overlay to TCP; acknowledges as it writes. Ends the channel when it ends."""
         try:
-            async for data in channel.inbox_recv:
+            while True:
+                if not channel.buffer:
+                    if channel.draining:
+                        return
+                    channel.readable = trio.Event()
+                    await channel.readable.wait()
+                    continue
+                data = bytes(channel.buffer)
+                channel.buffer.clear()
                 try:
                     await channel.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._end(channel, f"{channel.name} side closed the connection",
-                              tell=True)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self.end(channel, f"{channel.name} side failed: {why(exc)}", tell=True)
                     return
                 self.count("bytes_in", len(data))
                 channel.last_active = trio.current_time()
                 ack = channel.inbound.wrote(len(data))
+                if getattr(channel.stream, "complete", False):
+                    return  # a fetch with every byte: nothing more is due
                 if ack is not None:
                     await self._control(channel, ACK, {"received": ack})
         finally:
             scope.cancel()
 
-    def _end(self, channel: Channel, reason: str, *, tell: bool, drain: bool = False) -> None:
+    def end(self, channel: Channel, reason: str, *, tell: bool, drain: bool = False) -> None:
         """Close a channel once: tell the far end why (if asked and a route exists); with
-        ``drain``, what arrived is written out before the TCP side closes."""
+        ``drain``, what arrived is written out (for at most DRAIN_S) before the TCP side
+        closes."""
         if channel.reason:
             return
         channel.reason = reason
         if tell:
-            link = self.state.link_toward(channel.other)
             frame = OverlayFrame(SEND, channel.other, (), uuid.uuid4().hex[:20], CLOSE,
                                  {"channel": channel.cid, "reason": reason[:MAX_REASON]})
-            try:
-                if link is None or not link.send_nowait(frame):
-                    self.count("dropped")
-            except LinkClosed:
+            if self._nursery is not None:
+                self._nursery.start_soon(self._send_close, frame)
+            else:
                 self.count("dropped")
         if drain:
+            channel.draining = True
+            channel.readable.set()
             channel.reader_scope.cancel()
-            channel.inbox_send.close()
+            channel.scope.deadline = min(channel.scope.deadline,
+                                         trio.current_time() + DRAIN_S)
         else:
             channel.scope.cancel()
+
+    async def _send_close(self, frame: OverlayFrame) -> None:
+        with trio.move_on_after(CLOSE_SEND_S) as waited:
+            try:
+                await self._send(frame.dest, frame)
+            except NoRoute:
+                self.count("dropped")
+        if waited.cancelled_caught:
+            self.count("dropped")
 
     # --- sending --------------------------------------------------------------------------
 
@@ -567,6 +545,11 @@ class ChannelService:
         link = self.state.link_toward(dest)
         if link is None:
             raise NoRoute(dest)
+        if frame.type == CHANNEL_DATA:
+            # bulk: at most half the link's queue, the rest stays for OCPP frames
+            while not link.has_room_for_bulk() and not link.closed:
+                self.count("stalls")
+                await trio.sleep(BULK_WAIT_S)
         try:
             await link.send(frame)
         except LinkClosed:
@@ -578,7 +561,7 @@ class ChannelService:
                 SEND, channel.other, (), uuid.uuid4().hex[:20], action,
                 {"channel": channel.cid, **body}))
         except NoRoute:
-            self._end(channel, f"route to {channel.other} lost", tell=False)
+            self.end(channel, f"route to {channel.other} lost", tell=False)
 
     async def _answer(self, dest: str, frame: OverlayFrame) -> bool:
         try:
@@ -601,3 +584,8 @@ async def _close_gently(stream: trio.SocketStream) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
     await trio.aclose_forcefully(stream)
+
+
+def why(exc: BaseException) -> str:
+    """An exception as a short reason for a log line or a close."""
+    return (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)[:100]

@@ -133,7 +133,7 @@ def _host_port(value: str) -> tuple[str, int] | None:
     """``host:port`` (an IPv6 address in brackets) split, or None if it is not one."""
     host, sep, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
         return None
     if ":" in host:
         try:
@@ -166,7 +166,7 @@ def _tunnels(c: _Checker, raw: dict[str, Any], node_id: str) -> tuple[TunnelEntr
         if node and (node == node_id or node in RESERVED_IDS or len(node) > MAX_ID):
             c.fail(f"{base}.node", "must be another node's id")
         target = c.string(t, base, "target", required=True) or ""
-        if target and (_host_port(target) is None or target.endswith(":0")):
+        if target and (_host_port(target) or ("", 0))[1] == 0:
             c.fail(f"{base}.target", "must be host:port, e.g. \"192.168.7.50:502\"")
         host, port = listen or ("127.0.0.1", 0)
         out.append(TunnelEntry(name, host, port, node, target))
@@ -181,13 +181,14 @@ def _channels(c: _Checker, raw: dict[str, Any], root: Path) -> ChannelsSection:
                                               "max_channels", "files_dir"})
     targets = c.strings(t, "channels", "allow_targets", ())
     for target in targets:
-        if _host_port(target) is None or target.endswith(":0"):
+        if (_host_port(target) or ("", 0))[1] == 0:
             c.fail("channels.allow_targets", f"{target!r} is not host:port")
     return ChannelsSection(
         allow_targets=tuple(targets),
         window_bytes=c.integer(t, "channels", "window_bytes", 256 * 1024, 4096, 16 * 2**20),
         idle_timeout_s=c.number(t, "channels", "idle_timeout_s", 300.0, 1.0, 86400.0),
-        connect_timeout_s=c.number(t, "channels", "connect_timeout_s", 10.0, 0.1, 120.0),
+        # below the opener's 15 s wait for the answer (docs/protocol.md section 10.1)
+        connect_timeout_s=c.number(t, "channels", "connect_timeout_s", 10.0, 0.1, 10.0),
         max_channels=c.integer(t, "channels", "max_channels", 256, 1, 10_000),
         files_dir=c.path(t, "channels", "files_dir", root, must_exist=False),
     )

@@ -94,6 +94,11 @@ class PeerLink:
             raise LinkClosed(1001, "peer link closed") from None
         return True
 
+    def has_room_for_bulk(self) -> bool:
+        """Whether bulk frames (a channel's data) may be queued now: they may fill at most
+        half the queue, so the other half always has room for OCPP frames."""
+        return self._out_send.statistics().current_buffer_used < _QUEUE // 2
+
     def stop(self, why: str) -> None:
         """End the link from another task (a new link replaces it): its own task stops
         reading and closes the WebSocket, so no two tasks ever use the socket at once."""
