@@ -70,6 +70,14 @@ class Checker:
                 self.fail(f"{key}.{name}", f"unknown key (known: {', '.join(sorted(allowed))})")
         return raw
 
+    def tables(self, raw: dict[str, Any], key: str) -> list[Any]:
+        """The entries of an optional array of tables (``[[key]]``); none if it is not one."""
+        items = raw.get(key, [])
+        if not isinstance(items, list):
+            self.fail(key, f"must be an array of tables ([[{key}]])")
+            return []
+        return items
+
     def string(
         self, t: dict[str, Any], base: str, name: str, default: str | None = None,
         required: bool = False,

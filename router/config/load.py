@@ -146,10 +146,7 @@ def _host_port(value: str) -> tuple[str, int] | None:
 
 
 def _tunnels(c: _Checker, raw: dict[str, Any], node_id: str) -> tuple[TunnelEntry, ...]:
-    items = raw.get("tunnels", [])
-    if not isinstance(items, list):
-        c.fail("tunnels", "must be an array of tables ([[tunnels]])")
-        return ()
+    items = c.tables(raw, "tunnels")
     out: list[TunnelEntry] = []
     names: set[str] = set()
     for i, item in enumerate(items):
@@ -397,10 +394,7 @@ def _listen(c: _Checker, raw: dict[str, Any], root: Path) -> ListenSection:
 
 def _peers(c: _Checker, raw: dict[str, Any], node_id: str,
            listen: ListenSection, root: Path) -> tuple[PeerEntry, ...]:
-    items = raw.get("peers", [])
-    if not isinstance(items, list):
-        c.fail("peers", "must be an array of tables ([[peers]])")
-        return ()
+    items = c.tables(raw, "peers")
     out: list[PeerEntry] = []
     seen: set[str] = set()
     for i, item in enumerate(items):
