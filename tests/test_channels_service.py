@@ -16,7 +16,7 @@ from router.channels.service import ACK, CLOSE, DRAIN_S, OPEN, Channel, ChannelS
 from router.config import ChannelsSection
 from router.overlay.state import OverlayState
 from router.relay.gate import Gate
-from router.wire.frames import CALL, SEND
+from router.wire.frames import CALL, CALLRESULT, SEND
 from router.wire.overlay_frames import CHANNEL_DATA, OverlayFrame
 from topology import RouteTable
 
@@ -189,3 +189,44 @@ async def test_a_tcp_side_that_stops_reading_after_a_close_is_cut_off(
     assert trio.current_time() - started == pytest.approx(DRAIN_S, abs=0.1)
     assert channel.reason.endswith(f"not all written out within {DRAIN_S:g} s")
     assert not service.channels
+
+
+async def test_a_late_answer_to_a_given_up_open_is_closed_at_the_far_end() -> None:
+    service = _service()
+    async with trio.open_nursery() as nursery:
+        service._nursery = nursery
+        service._given_up["m1"] = (FAR, "c5")
+        late = OverlayFrame(CALLRESULT, "edge-7", (FAR,), "m1", payload={"window": 65536})
+        assert service.handle(late)
+        assert "m1" not in service._given_up
+        sent: list[OverlayFrame] = []
+
+        async def send(dest: str, frame: OverlayFrame) -> None:
+            sent.append(frame)
+
+        service._send = send  # type: ignore[method-assign]
+    assert [(f.action, f.payload["channel"]) for f in sent] == [(CLOSE, "c5")]
+
+
+async def test_concurrent_opens_of_one_file_hash_it_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from router.channels import files
+
+    calls: list[Path] = []
+    real = files.sha256_of
+
+    def counting(path: Path) -> str:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(files, "sha256_of", counting)
+    (tmp_path / "fw.bin").write_bytes(b"x" * 1000)
+    digests, results = files.Digests(), []
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(lambda: _append(results, digests.of(tmp_path / "fw.bin")))
+    assert len(calls) == 1 and len(set(results)) == 1
+
+
+async def _append(results: list[str], digest: object) -> None:
+    results.append(await digest)  # type: ignore[misc]

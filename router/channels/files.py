@@ -59,13 +59,21 @@ class Digests:
 
     def __init__(self) -> None:
         self._known: dict[tuple[str, int, int], str] = {}
+        self._running: dict[tuple[str, int, int], trio.Event] = {}  # one hash per content
 
     async def of(self, path: Path) -> str:
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
+        while (running := self._running.get(key)) is not None:
+            await running.wait()  # another open of the same file hashes it already
         digest = self._known.get(key)
         if digest is None:
-            digest = await trio.to_thread.run_sync(sha256_of, path)
+            self._running[key] = done = trio.Event()
+            try:
+                digest = await trio.to_thread.run_sync(sha256_of, path)
+            finally:
+                del self._running[key]
+                done.set()
             if len(self._known) >= 64:
                 self._known.clear()
             self._known[key] = digest

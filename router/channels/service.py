@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from router.channels.channel import Channel
 from router.channels.files import Digests, FileProblem, FileSource, resolve
 from router.channels.flow import (
     CHUNK,
@@ -54,38 +54,11 @@ DRAIN_S = 10.0  # a closed channel writes out what arrived for at most this long
 CLOSE_SEND_S = 5.0  # a close waits at most this long for room on the peer link
 BULK_WAIT_S = 0.005  # a channel's data waits this long for room on a busy link
 MAX_REASON = 200
+GIVEN_UP_KEPT = 256  # opens given up on, remembered for a late answer
 
 
 class NoRoute(Exception):
     """No open peer link leads to the channel's other end."""
-
-
-@dataclass(slots=True, eq=False)
-class Channel:
-    """One channel at this end: a TCP stream on one side, the overlay on the other."""
-
-    other: str  # the node at the far end
-    cid: str
-    name: str  # the tunnel's name (opening end) or the target (serving end)
-    target: str
-    stream: trio.abc.Stream
-    outbound: Outbound
-    inbound: Inbound
-    opened_at: float
-    last_active: float
-    # bytes received and not yet written out: one buffer, so its memory is what the
-    # window allows however small the frames (a queue of 1-byte frames would not be)
-    buffer: bytearray = field(default_factory=bytearray)
-    readable: trio.Event = field(default_factory=trio.Event)  # set when buffer grows
-    draining: bool = False  # the far end closed: write out the buffer, then end
-    credit: trio.Event = field(default_factory=trio.Event)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    reader_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    reason: str = ""  # why it closed, once closing
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.other, self.cid)
 
 
 class ChannelService:
@@ -101,6 +74,8 @@ class ChannelService:
         self.channels: dict[tuple[str, str], Channel] = {}
         # ChannelOpen CALLs of this node awaiting their answer: id -> (from whom, done, answer)
         self._pending: dict[str, tuple[str, trio.Event, list[OverlayFrame]]] = {}
+        # opens given up on, for an answer that comes late: id -> (node, channel id)
+        self._given_up: dict[str, tuple[str, str]] = {}
         self._nursery: trio.Nursery | None = None
         # opens being served (checked, dialling, answering): they count as channels
         self._opening: set[tuple[str, str]] = set()
@@ -178,7 +153,12 @@ class ChannelService:
         if mtype in (CALLRESULT, CALLERROR):
             pending = self._pending.get(frame.id)
             if pending is None:
-                return False
+                late = self._given_up.pop(frame.id, None)
+                if late is not None and mtype == CALLRESULT and frame.path[:1] == (late[0],):
+                    # the far end opened the channel after we stopped waiting: close it
+                    # there, or it would hold its target until its idle timeout
+                    self._close_late(*late)
+                return late is not None
             expected_from, done, answer = pending
             if frame.path[:1] != (expected_from,):
                 self.count("dropped")
@@ -286,6 +266,9 @@ class ChannelService:
         body: dict[str, Any] = {}
         if not why and not answer:
             why = f"no answer from {node} within {OPEN_TIMEOUT_S:g} s"
+            if len(self._given_up) >= GIVEN_UP_KEPT:
+                self._given_up.pop(next(iter(self._given_up)))
+            self._given_up[mid] = (node, cid)
         elif not why:
             reply = answer[0]
             body = reply.payload if reply.type == CALLRESULT else {}
@@ -528,6 +511,12 @@ class ChannelService:
                                          trio.current_time() + DRAIN_S)
         else:
             channel.scope.cancel()
+
+    def _close_late(self, node: str, cid: str) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._send_close, OverlayFrame(
+                SEND, node, (), uuid.uuid4().hex[:20], CLOSE,
+                {"channel": cid, "reason": "the open was given up before its answer came"}))
 
     async def _send_close(self, frame: OverlayFrame) -> None:
         with trio.move_on_after(CLOSE_SEND_S) as waited:
