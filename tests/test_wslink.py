@@ -196,3 +196,23 @@ async def test_a_refused_upgrade_leaves_no_reference_cycles() -> None:
         assert b"401" in await station.receive_some(4096)
     finally:
         gc.enable()
+
+
+async def test_open_tcp_connects_to_addresses_straight_and_to_names_as_trio_does() -> None:
+    from router.net.handshake import open_tcp
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    accepted: list[trio.SocketStream] = []
+    for host in ("127.0.0.1", "localhost"):
+        stream = await open_tcp(host, port)
+        accepted.append(await listeners[0].accept())
+        await stream.send_all(b"x")
+        assert await accepted[-1].receive_some(1) == b"x"
+        await stream.aclose()
+    for listener in listeners:
+        await listener.aclose()
+    with pytest.raises(OSError):
+        await open_tcp("127.0.0.1", port)  # nothing listens there now
+    for stream in accepted:
+        await stream.aclose()

@@ -36,6 +36,7 @@ from router.channels.flow import (
 )
 from router.config import ChannelsSection, TunnelEntry
 from router.logs import log_event
+from router.net.handshake import open_tcp
 from router.net.wslink import LinkClosed
 from router.overlay.state import OverlayState
 from router.relay.gate import Gate
@@ -375,7 +376,7 @@ class ChannelService:
     async def _connect(self, target: str) -> trio.abc.Stream:
         host, _, port = target.rpartition(":")
         with trio.fail_after(self.settings.connect_timeout_s):
-            return await trio.open_tcp_stream(host.strip("[]"), int(port))
+            return await open_tcp(host.strip("[]"), int(port))
 
     async def _open_file(self, name: str, offset: object) -> tuple[FileSource, dict[str, Any]]:
         files_dir = self.settings.files_dir
