@@ -104,6 +104,16 @@ def test_a_file_resumes_after_the_route_breaks(tmp_path: Path) -> None:
         assert SIZE <= sum(sent) <= SIZE + WINDOW
         assert closes[1]["reason"] == "end of file"
         assert closes[0]["reason"] == f"route to {EDGE} lost"  # both ends saw the loss
+        # a file the core does not offer: refused by it once, not asked for again
+        missing = subprocess.run(
+            [sys.executable, "-m", "router", "fetch",
+             "--admin", f"http://127.0.0.1:{admin_port}", "--node", CORE,
+             "--path", "../etc/passwd", "--out", "x.bin", "--timeout", "120"],
+            capture_output=True, text=True, env={**os.environ, **node_env()}, timeout=60)
+        assert missing.returncode == 1
+        assert f"refused by {CORE}" in missing.stderr and "files_dir" in missing.stderr
+        [failed] = wait_log(edge, "fetch_failed")
+        assert failed["attempts"] == 1
     finally:
         for node in reversed(nodes):
             if node.proc.poll() is None:

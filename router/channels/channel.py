@@ -35,3 +35,11 @@ class Channel:
     @property
     def key(self) -> tuple[str, str]:
         return (self.other, self.cid)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Why an open this node asked for did not happen (logged and audited already)."""
+
+    by: str  # "here" (no route, no answer, a local policy or limit), or the far node
+    why: str

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from router.channels.channel import Refused
 from router.channels.files import FileSink, sha256_of
 from router.channels.service import ChannelService, why
 from router.logs import log_event
@@ -80,14 +81,16 @@ async def _fetch(service: ChannelService, node: str, name: str, out: str, final:
         sink = FileSink(part, MAX_FILE_BYTES)
         try:
             opened = await service.request(node, f"fetch:{out}", what,
-                                         {"file": name, "offset": offset}, sink)
-            if opened is not None:
+                                           {"file": name, "offset": offset}, sink)
+            if isinstance(opened, Refused):
+                if opened.by != "here":  # the far node said no: asking again changes nothing
+                    return {"ok": False, "error": f"refused by {opened.by}: {opened.why}"}
+            else:
                 channel, body = opened
                 size, digest = body.get("size"), body.get("sha256")
                 if (type(size) is not int or type(digest) is not str
                         or not offset <= size <= MAX_FILE_BYTES):
-                    service.end(channel, "the answer's size or digest is unusable",
-                              tell=True)
+                    service.end(channel, "the answer's size or digest is unusable", tell=True)
                     del service.channels[channel.key]
                     return {"ok": False, "error": f"{node} announced a size of {size!r} "
                             f"(at most {MAX_FILE_BYTES}) and a digest of {digest!r}"}
@@ -96,7 +99,7 @@ async def _fetch(service: ChannelService, node: str, name: str, out: str, final:
         finally:
             await sink.aclose()
         progress["received"] += sink.written
-        if opened is not None and sink.complete:
+        if not isinstance(opened, Refused) and sink.complete:
             if await trio.to_thread.run_sync(sha256_of, part) == digest:
                 await trio.to_thread.run_sync(part.replace, final)
                 return {"ok": True, "bytes": size, "sha256": digest,

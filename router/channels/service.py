@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from router.channels.channel import Channel
+from router.channels.channel import Channel, Refused
 from router.channels.files import Digests, FileProblem, FileSource, resolve
 from router.channels.flow import (
     CHUNK,
@@ -231,13 +231,13 @@ class ChannelService:
             return
         opened = await self.request(tunnel.node, tunnel.name, tunnel.target,
                                      {"target": tunnel.target}, stream)
-        if opened is not None:
+        if not isinstance(opened, Refused):
             await self.run_channel(opened[0])
 
     async def request(self, node: str, name: str, what: str, fields: dict[str, Any],
-                       stream: trio.abc.Stream) -> tuple[Channel, dict[str, Any]] | None:
+                       stream: trio.abc.Stream) -> tuple[Channel, dict[str, Any]] | Refused:
         """Ask ``node`` to open a channel (a ``target`` or a ``file`` in ``fields``) for
-        ``stream``: the channel, registered, and the answer; or None, refused and logged.
+        ``stream``: the channel, registered, and the answer; or why not (logged).
 
         The channel is registered before the open leaves, with no credit until the answer
         gives the far end's window: data the far end sends right behind its answer (in the
@@ -248,8 +248,8 @@ class ChannelService:
         verdict = self._gate().check(Frame(CALL, mid, action=OPEN, payload=payload), None,
                                      OPEN, DIRECTION, name, None, True)
         if not verdict.forward:
-            self._refused(name, node, what, "here", verdict.refusal or "refused by policy")
-            return None
+            return self._refused(name, node, what, "here",
+                                 verdict.refusal or "refused by policy")
         payload = verdict.frame.payload
         done = trio.Event()
         answer: list[OverlayFrame] = []
@@ -283,8 +283,7 @@ class ChannelService:
             by = node
         if self.channels.get(channel.key) is channel:
             del self.channels[channel.key]
-        self._refused(name, node, what, by, why)
-        return None
+        return self._refused(name, node, what, by, why)
 
     async def _serve_open_counted(self, frame: OverlayFrame) -> None:
         try:
@@ -391,12 +390,13 @@ class ChannelService:
         except OSError as exc:
             raise FileProblem(f"cannot read {name[:100]}: {why(exc)}") from None
 
-    def _refused(self, name: str, other: str, target: str, by: str, reason: str) -> None:
+    def _refused(self, name: str, other: str, target: str, by: str, reason: str) -> Refused:
         self.count("refused")
         entry = {"channel": name, "far_node": other, "target": target, "refused_by": by,
                  "reason": reason}
         self._gate().audit("channel_refused", entry)  # audited before it is logged
         log_event(log, logging.WARNING, "channel_refused", **entry)
+        return Refused(by, reason)
 
     # --- a channel's life -----------------------------------------------------------------
 
