@@ -160,7 +160,8 @@ class Node:
             task_status.started(self)
 
     async def _keep_gc(self, keeper: GcHousekeeper) -> None:
-        """Once a second: collect or freeze the young, sweep after churn (router/gcwatch.py)."""
+        """Once a second: freeze the young, end a burst's hold, sweep after churn
+        (router/gcwatch.py)."""
         sessions = self.sessions
         with keeper:
             while True:

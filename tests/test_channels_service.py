@@ -230,3 +230,20 @@ async def test_concurrent_opens_of_one_file_hash_it_once(
 
 async def _append(results: list[str], digest: object) -> None:
     results.append(await digest)  # type: ignore[misc]
+
+
+async def test_a_busy_tunnel_port_is_reported_by_name() -> None:
+    from router.channels.service import TunnelBindError
+    from router.config import TunnelEntry
+
+    held = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = held[0].socket.getsockname()[1]
+    state = OverlayState("edge-7", RouteTable("edge-7", rng=random.Random(1)))
+    service = ChannelService(state, lambda: Gate(None, None, None),
+                             (TunnelEntry("meter", "127.0.0.1", port, FAR, "10.0.0.5:502"),),
+                             lambda: ChannelsSection())
+    with pytest.raises(TunnelBindError) as refused:
+        await service.run()
+    assert str(refused.value).startswith(f"tunnel meter: cannot listen on 127.0.0.1:{port}: ")
+    for listener in held:
+        await listener.aclose()

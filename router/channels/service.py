@@ -58,6 +58,13 @@ MAX_REASON = 200
 GIVEN_UP_KEPT = 256  # opens given up on, remembered for a late answer
 
 
+class TunnelBindError(OSError):
+    """A ``[[tunnels]]`` listener cannot listen where it says (port in use, bad host)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class NoRoute(Exception):
     """No open peer link leads to the channel's other end."""
 
@@ -100,11 +107,24 @@ class ChannelService:
     # --- running ------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen for every tunnel and watch open channels, until cancelled."""
+        """Listen for every tunnel and watch open channels, until cancelled; raises
+        TunnelBindError (before anything runs) when a tunnel cannot listen."""
+        bound: list[tuple[TunnelEntry, list[Any]]] = []
+        try:
+            for tunnel in self.tunnels:
+                bound.append((tunnel, await trio.open_tcp_listeners(tunnel.port,
+                                                                    host=tunnel.host)))
+        except OSError as exc:
+            for _tunnel, listeners in bound:
+                for listener in listeners:
+                    await listener.aclose()
+            log_event(log, logging.ERROR, "tunnel_failed", tunnel=tunnel.name,
+                      host=tunnel.host, port=tunnel.port, reason=why(exc))
+            raise TunnelBindError(exc.errno or 0, f"tunnel {tunnel.name}: cannot listen on "
+                                  f"{tunnel.host}:{tunnel.port}: {why(exc)}") from exc
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for tunnel in self.tunnels:
-                listeners = await trio.open_tcp_listeners(tunnel.port, host=tunnel.host)
+            for tunnel, listeners in bound:
                 self.ports[tunnel.name] = listeners[0].socket.getsockname()[1]
                 nursery.start_soon(self._serve_tunnel, tunnel, listeners)
                 log_event(log, logging.INFO, "tunnel_listening", tunnel=tunnel.name,

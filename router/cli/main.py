@@ -141,6 +141,7 @@ def _run(path: str, log_level: str) -> int:
     keep_gc = tune_gc()
     from router.admin import AdminBindError
     from router.backends.outbox import OutboxError
+    from router.channels.service import TunnelBindError
 
     try:
         trio.run(serve_until_signalled, cfg, keep_gc)
@@ -149,7 +150,7 @@ def _run(path: str, log_level: str) -> int:
         cause = exc
         while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
             cause = cause.exceptions[0]
-        if isinstance(cause, AdminBindError | OutboxError):
+        if isinstance(cause, AdminBindError | OutboxError | TunnelBindError):
             print(f"ocpp-router: {cause}", file=sys.stderr)
             return EXIT_RUNTIME
         if isinstance(cause, OSError):
