@@ -233,7 +233,7 @@ async def _append(results: list[str], digest: object) -> None:
 
 
 async def test_a_busy_tunnel_port_is_reported_by_name() -> None:
-    from router.channels.service import TunnelBindError
+    from router.channels.channel import TunnelBindError
     from router.config import TunnelEntry
 
     held = await trio.open_tcp_listeners(0, host="127.0.0.1")

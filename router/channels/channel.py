@@ -43,3 +43,10 @@ class Refused:
 
     by: str  # "here" (no route, no answer, a local policy or limit), or the far node
     why: str
+
+
+class TunnelBindError(OSError):
+    """A ``[[tunnels]]`` listener cannot listen where it says (port in use, bad host)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)

@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from router.channels.channel import Channel, Refused
+from router.channels.channel import Channel, Refused, TunnelBindError
 from router.channels.files import Digests, FileProblem, FileSource, resolve
 from router.channels.flow import (
     CHUNK,
@@ -56,13 +56,6 @@ CLOSE_SEND_S = 5.0  # a close waits at most this long for room on the peer link
 BULK_WAIT_S = 0.005  # a channel's data waits this long for room on a busy link
 MAX_REASON = 200
 GIVEN_UP_KEPT = 256  # opens given up on, remembered for a late answer
-
-
-class TunnelBindError(OSError):
-    """A ``[[tunnels]]`` listener cannot listen where it says (port in use, bad host)."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 class NoRoute(Exception):

@@ -141,7 +141,7 @@ def _run(path: str, log_level: str) -> int:
     keep_gc = tune_gc()
     from router.admin import AdminBindError
     from router.backends.outbox import OutboxError
-    from router.channels.service import TunnelBindError
+    from router.channels.channel import TunnelBindError
 
     try:
         trio.run(serve_until_signalled, cfg, keep_gc)
