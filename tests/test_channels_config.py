@@ -7,19 +7,9 @@ from pathlib import Path
 import pytest
 
 from router.config import ConfigError, parse
+from tests.peers import edge_config
 
-BASE = """\
-[node]
-id = "core-1"
-[listen]
-port = 0
-security_profile = 0
-[[stations]]
-match = "*"
-[[backends]]
-name = "csms"
-url = "ws://127.0.0.1:1/ocpp"
-"""
+BASE = edge_config("ws://127.0.0.1:1/ocpp", node_id="core-1")
 
 
 def test_tunnels_and_channels_are_read(tmp_path: Path) -> None:

@@ -162,10 +162,8 @@ class AdminApp:
 
     async def _reload(self, scope: HTTPScope) -> tuple[int, bytes, bytes,
                                                        list[tuple[bytes, bytes]]]:
-        origins = _headers(scope, b"origin")
-        if origins and not self._same_origin(origins, _header(scope, b"host")):
+        if self._cross_origin(scope):
             # a web page elsewhere must not make an operator's browser reload the node
-            self._refuse(scope, "origin", origin=origins[0][:200])
             return 403, _TEXT, b"cross-origin reload refused\n", []
         reload = getattr(self.node, "reload", None)
         if reload is None or not callable(reload):
@@ -189,9 +187,7 @@ class AdminApp:
         """``POST /fetch?node=N&path=P&out=F[&timeout_s=S]``: this node fetches the file P
         that node N serves into F in its own files_dir (router/channels/), and answers
         when done (200) or given up (502), with what happened."""
-        origins = _headers(scope, b"origin")
-        if origins and not self._same_origin(origins, _header(scope, b"host")):
-            self._refuse(scope, "origin", origin=origins[0][:200])
+        if self._cross_origin(scope):
             return 403, _TEXT, b"cross-origin fetch refused\n", []
         query = parse_qs(scope["query_string"].decode("utf-8", "replace"))
         node, name, out = (query.get(k, [""])[0] for k in ("node", "path", "out"))
@@ -203,6 +199,15 @@ class AdminApp:
                   file=name[:255], out=out[:255])
         result = await fetch(self.node.channels, node, name, out, timeout_s=int(timeout))
         return (200 if result.get("ok") else 502), _JSON, _json(result), []
+
+    def _cross_origin(self, scope: HTTPScope) -> bool:
+        """A POST from a page of another origin (refused, counted and logged); scripts
+        send no Origin."""
+        origins = _headers(scope, b"origin")
+        if origins and not self._same_origin(origins, _header(scope, b"host")):
+            self._refuse(scope, "origin", origin=origins[0][:200])
+            return True
+        return False
 
     def _same_origin(self, origins: list[str], host: str) -> bool:
         """One Origin naming a host we serve, and the same authority as ``Host`` ("null",

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from router.channels.channel import Refused
-from router.channels.files import FileSink, sha256_of
+from router.channels.files import FileProblem, FileSink, inside, sha256_of
 from router.channels.service import ChannelService, why
 from router.logs import log_event
 
@@ -41,11 +41,9 @@ async def fetch(service: ChannelService, node: str, name: str, out: str, *,
     files_dir = service.settings.files_dir
     if files_dir is None:
         return {"ok": False, "error": "this node has no [channels] files_dir"}
-    if not out or "\x00" in out or len(out) > 255:
-        return {"ok": False, "error": "out must name a file inside files_dir"}
-    root = files_dir.resolve()
-    final = (root / out).resolve()
-    if not final.is_relative_to(root) or final == root:
+    try:
+        final = inside(files_dir, out)
+    except FileProblem:
         return {"ok": False, "error": "out must name a file inside files_dir"}
     if final in service.fetching or len(service.fetching) >= MAX_FETCHES:
         return {"ok": False, "error": f"a fetch into {out} is under way, or "

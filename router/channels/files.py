@@ -23,9 +23,9 @@ class FileProblem(Exception):
     """A requested file cannot be served (the reason is the CALLERROR description)."""
 
 
-def resolve(files_dir: Path, name: str) -> Path:
-    """The file ``name`` names inside ``files_dir``; raises FileProblem for anything else
-    (an absolute path, ``..``, a link out of the directory, a missing file)."""
+def inside(files_dir: Path, name: str) -> Path:
+    """The path ``name`` names inside ``files_dir`` (it need not exist); raises FileProblem
+    for anything else (an absolute path, ``..``, a link out of the directory)."""
     if not name or len(name) > 255 or name.startswith("/") or "\x00" in name:
         raise FileProblem("file must be a relative path of 1-255 characters")
     root = files_dir.resolve()
@@ -35,6 +35,12 @@ def resolve(files_dir: Path, name: str) -> Path:
         raise FileProblem(f"file cannot be resolved: {exc}") from None
     if not path.is_relative_to(root) or path == root:
         raise FileProblem("file must name a file inside the node's files_dir")
+    return path
+
+
+def resolve(files_dir: Path, name: str) -> Path:
+    """The existing file ``name`` names inside ``files_dir`` (see :func:`inside`)."""
+    path = inside(files_dir, name)
     try:
         found = path.is_file()
     except (OSError, ValueError):

@@ -53,7 +53,6 @@ DIRECTION = "to-station"  # the policy direction of an open: toward the site's n
 OPEN_TIMEOUT_S = 15.0
 DRAIN_S = 10.0  # a closed channel writes out what arrived for at most this long
 CLOSE_SEND_S = 5.0  # a close waits at most this long for room on the peer link
-BULK_WAIT_S = 0.005  # a channel's data waits this long for room on a busy link
 MAX_REASON = 200
 GIVEN_UP_KEPT = 256  # opens given up on, remembered for a late answer
 
@@ -93,6 +92,10 @@ class ChannelService:
     @property
     def settings(self) -> ChannelsSection:
         return self._settings()
+
+    def _full(self) -> bool:
+        """Channels open and being opened, both ends, at ``max_channels``."""
+        return len(self.channels) + len(self._opening) >= self.settings.max_channels
 
     def count(self, what: str, by: int = 1) -> None:
         self.counters[what] = self.counters.get(what, 0) + by
@@ -238,7 +241,7 @@ class ChannelService:
 
     async def _open(self, tunnel: TunnelEntry, stream: trio.SocketStream) -> None:
         """A connection on a tunnel's listener: open a channel to the tunnel's node."""
-        if len(self.channels) + len(self._opening) >= self.settings.max_channels:
+        if self._full():
             self._refused(tunnel.name, tunnel.node, tunnel.target, "here",
                           f"this node holds its limit of {self.settings.max_channels} channels")
             return
@@ -334,7 +337,7 @@ class ChannelService:
             problem = ("SecurityError", "this node serves no files ([channels] files_dir)")
         elif (origin, cid) in self.channels or (origin, cid) in self._opening:
             problem = ("OccurrenceConstraintViolation", f"channel {cid} is open already")
-        elif len(self.channels) + len(self._opening) >= settings.max_channels:
+        elif self._full():
             problem = ("GenericError", f"this node holds its limit of "
                        f"{settings.max_channels} channels")
         if problem is None:
@@ -548,13 +551,11 @@ class ChannelService:
         link = self.state.link_toward(dest)
         if link is None:
             raise NoRoute(dest)
-        if frame.type == CHANNEL_DATA:
-            # bulk: at most half the link's queue, the rest stays for OCPP frames
-            while not link.has_room_for_bulk() and not link.closed:
-                self.count("stalls")
-                await trio.sleep(BULK_WAIT_S)
         try:
-            await link.send(frame)
+            if frame.type != CHANNEL_DATA:
+                await link.send(frame)
+            elif await link.send_bulk(frame):  # at most half the link's queue
+                self.count("stalls")
         except LinkClosed:
             raise NoRoute(dest) from None
 

@@ -197,17 +197,17 @@ def _dns(c: _Checker, raw: dict[str, Any]) -> DnsSection:
     t = c.table(raw["dns"], "dns", {"nameservers", "ttl_floor_s", "ttl_ceiling_s", "timeout_s"})
     servers = []
     for item in c.strings(t, "dns", "nameservers", ()):
-        host, sep, port = item.rpartition(":")
-        address = host.strip("[]")
-        if not sep or not address or not port.isdigit() or not 0 < int(port) < 65536:
+        split = _host_port(item)
+        if split is None or split[1] == 0:
             c.fail("dns.nameservers", f"{item!r} is not address:port")
             continue
+        address, port = split
         try:
             ipaddress.ip_address(address)
         except ValueError:
             c.fail("dns.nameservers", f"{item!r}: a nameserver is given by IP address")
             continue
-        servers.append((address, int(port)))
+        servers.append((address, port))
     floor = c.number(t, "dns", "ttl_floor_s", 5.0, 0.0, 86400.0)
     ceiling = c.number(t, "dns", "ttl_ceiling_s", 3600.0, 0.0, 7 * 86400.0)
     if ceiling < floor:

@@ -22,7 +22,7 @@ from router.overlay.peer_link import PeerLink
 from router.overlay.state import OverlayState
 from router.overlay.virtual import DISCONNECT
 from router.wire.frames import CALL, CALLERROR, SEND
-from router.wire.overlay_frames import ANYCAST_CSMS, CHANNEL_DATA, OverlayFrame
+from router.wire.overlay_frames import ANYCAST_CSMS, OverlayFrame
 from topology import RouteTable
 
 log = logging.getLogger("router.mesh")
@@ -124,11 +124,6 @@ class Forwarder:
             log_event(log, logging.INFO, "overlay_no_route", dest=frame.dest, id=frame.id)
             if frame.type == CALL and frame.path:
                 await self._answer_error(frame, "InternalError", f"no route to {frame.dest}")
-            return
-        if frame.type == CHANNEL_DATA and not link.has_room_for_bulk():
-            # a channel's bytes never take the last half of a link's queue from OCPP
-            # frames; the channel's far end sees the gap and closes it
-            state.count("congested")
             return
         try:
             queued = link.send_nowait(frame)

@@ -20,13 +20,14 @@ from router.logs import log_event
 from router.net.wslink import LinkClosed, WsLink
 from router.overlay.codec import PeerCodec, WrongEncoding
 from router.wire.frames import SEND, FrameError
-from router.wire.overlay_frames import OverlayFrame
+from router.wire.overlay_frames import CHANNEL_DATA, OverlayFrame
 from topology import ACTION, ExchangeSession
 
 log = logging.getLogger("router.mesh")
 
 _BATCH = 256  # frames per write: one msgpack message, or this many JSON messages
 _QUEUE = 1024  # frames waiting for the writer before senders wait
+_BULK_WAIT_S = 0.005  # a channel's data waits this long for room on a busy link
 
 
 class LinkOwner(Protocol):
@@ -83,9 +84,12 @@ class PeerLink:
             raise LinkClosed(1001, "peer link closed") from None
 
     def send_nowait(self, frame: OverlayFrame) -> bool:
-        """Queue a frame if there is room now; False when the queue is full."""
+        """Queue a frame if there is room now; False when the queue is full (for a
+        channel's data: half full, see :meth:`has_room_for_bulk`)."""
         if self.closed:
             raise LinkClosed(1001, "peer link closed")
+        if frame.type == CHANNEL_DATA and not self.has_room_for_bulk():
+            return False
         try:
             self._out_send.send_nowait(frame)
         except trio.WouldBlock:
@@ -98,6 +102,16 @@ class PeerLink:
         """Whether bulk frames (a channel's data) may be queued now: they may fill at most
         half the queue, so the other half always has room for OCPP frames."""
         return self._out_send.statistics().current_buffer_used < _QUEUE // 2
+
+    async def send_bulk(self, frame: OverlayFrame) -> bool:
+        """Queue a channel's data frame once the queue is less than half full; True if it
+        had to wait for that (a stall)."""
+        waited = False
+        while not self.has_room_for_bulk() and not self.closed:
+            waited = True
+            await trio.sleep(_BULK_WAIT_S)
+        await self.send(frame)
+        return waited
 
     def stop(self, why: str) -> None:
         """End the link from another task (a new link replaces it): its own task stops
