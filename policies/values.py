@@ -14,6 +14,8 @@ import json
 import math
 from typing import Any
 
+import orjson
+
 __all__ = ["MAX_DEPTH", "MAX_INT", "MIN_INT", "UnfitValue", "encodable", "parse_json",
            "unique_keys", "value_flaw"]
 
@@ -165,9 +167,36 @@ def _may_nest_too_deep(text: str) -> bool:
     return len(text) > 2 * MAX_DEPTH and text.count("[") + text.count("{") > MAX_DEPTH
 
 
+def _compact(text: str) -> Any:
+    """The value of ``text`` when it is exactly what orjson writes for that value, else
+    None (also for ``null`` itself, which the full parse then reads).
+
+    Most peers send compact JSON (the ``ocpp`` package, JavaScript's ``JSON.stringify``,
+    Jackson, Gson): for those, parsing with orjson and writing the value back is a third of
+    the hooked parse below (4 against 10 us on a 370-byte MeterValues), and equal text
+    proves the value fit. A duplicate key would be missing from the text written back, an
+    integer beyond 64 bits (which orjson reads as a float) or a float beyond the double
+    range would be written otherwise, NaN and lone surrogates are not read at all. Any
+    other text, equal in meaning but not in bytes (spaces after separators, ``\\u``
+    escapes, ``1E2``), takes the full parse: correct, and about 4 us slower.
+    """
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None  # not JSON, or not fit: the full parse says which, and why
+    try:
+        same = orjson.dumps(value) == text.encode("utf-8")
+    except (orjson.JSONEncodeError, UnicodeEncodeError):
+        return None
+    return value if same else None
+
+
 def parse_json(text: str) -> tuple[Any, str | None]:
     """Parse JSON text: the value, and why it must not be passed on (None when it may).
     Text that is not JSON at all, NaN included, raises ValueError."""
+    value = _compact(text)
+    if value is not None:
+        return value, value_flaw(value) if _may_nest_too_deep(text) else None
     try:
         value = _parse(text)
     except UnfitValue as exc:

@@ -46,12 +46,13 @@ class Version(enum.Enum):
     @property
     def message_types(self) -> frozenset[int]:
         """Message types this version defines (5 and 6 arrived with OCPP 2.1)."""
-        if self is Version.V21:
-            return frozenset((CALL, CALLRESULT, CALLERROR, CALLRESULTERROR, SEND))
-        return frozenset((CALL, CALLRESULT, CALLERROR))
+        return _TYPES_21 if self is Version.V21 else _TYPES_BEFORE_21
 
 
 SUBPROTOCOLS = tuple(v.value for v in Version)
+# read for every frame decoded: made once
+_TYPES_BEFORE_21 = frozenset((CALL, CALLRESULT, CALLERROR))
+_TYPES_21 = frozenset((CALL, CALLRESULT, CALLERROR, CALLRESULTERROR, SEND))
 
 
 class Problem(enum.Enum):
