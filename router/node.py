@@ -109,8 +109,10 @@ class Node:
         return config.primary_for(station, entry)
 
     async def _dial_backend(self, station: str, backend: BackendEntry, offered: list[str],
-                            authorization: str | None) -> tuple[WsLink, int]:
-        return await self.dialer.dial(station, backend, offered, authorization)
+                            authorization: str | None,
+                            better_than: int | None) -> tuple[WsLink, int]:
+        return await self.dialer.dial(station, backend, offered, authorization,
+                                      better_than=better_than)
 
     # --- what the admin endpoint reads ----------------------------------------------------
 
@@ -216,6 +218,7 @@ class Node:
                 needs_restart.append(f"queue or outbox bounds of {old_entry.name}")
         self.duplicator.reconfigure(config.backends)
         old_config = self.config
+        gate.recent.extend(self.gate.recent)  # the admin's recent refusals survive a reload
         old_gate, self.gate, self.config, self.tls = self.gate, gate, config, tls
         deps = self.session_deps
         deps.gate, deps.settings = gate, config.node

@@ -25,7 +25,14 @@ from policies import (
     verify_signatures,
 )
 from router.config import Config, parse
-from router.relay.gate import Gate, GateError, Verdict, audit_lines, with_body
+from router.relay.gate import (
+    RECENT_DECISIONS,
+    Gate,
+    GateError,
+    Verdict,
+    audit_lines,
+    with_body,
+)
 from router.wire.frames import (
     CALL,
     CALLERROR,
@@ -318,6 +325,26 @@ def test_forwarded_frames_are_counted_but_not_audited(gate: Gate, tmp_path: Path
         assert verdict.decision is not None and verdict.decision.outcome is Outcome.FORWARD
     assert gate.decisions == {("default", "forward"): 3}
     assert audit_lines(tmp_path / "audit" / "firewall.jsonl") == []
+
+
+def test_the_last_refusals_and_drops_are_kept_in_a_bounded_ring(gate: Gate) -> None:
+    beat, beat_text = call("f-1", "Heartbeat", {})
+    assert check(gate, beat, beat_text, "Heartbeat", direction="from-station").forward
+    assert list(gate.recent) == []  # a forward is counted, not kept
+    for number in range(RECENT_DECISIONS + 7):
+        frame, text = call(f"r-{number}", "SetVariables", {"setVariableData": []})
+        assert not check(gate, frame, text, "SetVariables", source="analytics").forward
+    dropped, dropped_text = call("d-last", "Heartbeat", {})
+    check(gate, dropped, dropped_text, "Heartbeat", direction="from-station", source="shadow")
+
+    assert len(gate.recent) == RECENT_DECISIONS == 50
+    # the oldest went first; the newest is last, with what the admin's table shows
+    assert [e["message_id"] for e in gate.recent][:2] == ["r-8", "r-9"]
+    last = gate.recent[-1]
+    assert (last["outcome"], last["rule"], last["action"], last["source"],
+            last["direction"]) == ("drop", SHADOW_RULE, "Heartbeat", "shadow", "from-station")
+    assert last["ts"].endswith("Z")
+    assert gate.decisions[(READ_ONLY_RULE, "reject")] == RECENT_DECISIONS + 7
 
 
 def test_the_audit_log_is_appended_to_across_gates(tmp_path: Path) -> None:

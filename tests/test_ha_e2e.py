@@ -48,6 +48,7 @@ from tests.dns_server import DnsServer, Srv
 from tests.nodeproc import NodeProcess, start_node
 from tests.overlay_support import (
     GaveUp,
+    PeerLink,
     ReconnectingStation,
     await_log,
     overlay_config,
@@ -810,3 +811,90 @@ async def _peer_failover(edge: NodeProcess, core1: NodeProcess, core2: NodeProce
                              f"{stderr_tail(edge)}")
     assert not load.mismatches, load.mismatches
     assert [line["peer"] for line in edge.events("peer_connected")] == [CORE_1, CORE_2]
+
+
+# --- stations attached over the overlay fail over and back like local ones ----------------
+
+CHAIN_CORE, CHAIN_EDGE = "ha-chain-core", "ha-chain-edge"
+
+
+def test_stations_behind_an_edge_follow_the_cores_srv_failover_and_failback(
+    dns_server: DnsServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The core holds the CSMS connection by SRV; the stations are connected to an edge
+    chained under it. Their backend links (the core's, for stations it does not see
+    directly) move to priority 2 and back without their station links closing."""
+    with Csms() as csms1, Csms() as csms2:
+        dns_server.set_srv(SRV_CSMS, [Srv(1, 10, csms1.port, "csms1.test."),
+                                      Srv(2, 10, csms2.port, "csms2.test.")], ttl=1)
+        core = start_node(ha_config(CHAIN_CORE, dns_server.nameserver,
+                                    backends=[srv_backend("main", SRV_CSMS)],
+                                    peers=[{"id": CHAIN_EDGE}]),
+                          tmp_path_factory.mktemp("core"), env=node_env())
+        try:
+            edge = start_node(overlay_config(CHAIN_EDGE,
+                                             peers=[PeerLink.to(core, CHAIN_CORE, "msgpack")]),
+                              tmp_path_factory.mktemp("edge"), env=node_env())
+            try:
+                asyncio.run(_chained_failover(core, edge, csms1, csms2))
+            finally:
+                edge.stop()
+        finally:
+            core.stop()
+
+
+async def _chained_failover(core: NodeProcess, edge: NodeProcess, csms1: Csms,
+                            csms2: Csms) -> None:
+    await await_log(edge, "routes_changed", routes_to("CSMS"), timeout=STEP)
+    ids = {"HA-C-CP16": "1.6", "HA-C-CS201": "2.0.1"}
+    stations = {identity: ReconnectingStation(edge.url(identity), version,
+                                              response_timeout=STEP, open_timeout=STEP)
+                for identity, version in ids.items()}
+    await entered(stations)
+    load = Load(stations)
+    try:
+        for identity, station in stations.items():
+            await station.must("boot")
+            assert on(csms1, identity), f"{identity} is not on the priority-1 CSMS"
+            await await_log(core, "overlay_station", station=identity, via=CHAIN_EDGE)
+        load.start()
+        for identity in stations:
+            await csms_calls(csms1, identity, 4)
+
+        await asyncio.to_thread(csms1.stop)
+        for identity in stations:
+            try:
+                await await_log(core, "backend_failover", station=identity, backend="main",
+                                timeout=STEP)
+            except TimeoutError:
+                pytest.fail(f"{identity}: no backend_failover at the core; core log:\n"
+                            f"{stderr_tail(core)}")
+            count = len(csms2.calls(identity))
+            await csms_calls(csms2, identity, count + 3,
+                             f"CALLs of {identity} at the priority-2 CSMS")
+
+        await asyncio.to_thread(csms1.start)
+        for identity in stations:
+            try:
+                await await_log(core, "backend_failback", station=identity, timeout=STEP)
+            except TimeoutError:
+                pytest.fail(f"{identity}: no backend_failback at the core; core log:\n"
+                            f"{stderr_tail(core)}")
+            count = len(csms1.calls(identity))
+            await csms_calls(csms1, identity, count + 3,
+                             f"CALLs of {identity} at the priority-1 CSMS after failback")
+    finally:
+        await load.stop()
+        await left(stations)
+
+    assert not load.lost(), (f"CALLs without an answer: {load.lost()}; core log:\n"
+                             f"{stderr_tail(core)}")
+    assert not load.mismatches, load.mismatches
+    for identity, station in stations.items():
+        assert station.generation == 1 and not station.closes, (
+            f"{identity}: its station link was closed (closes {station.closes}) instead of "
+            f"its backend link moving at the core")
+        for outcome in station.outcomes:
+            if outcome.kind == "callerror":
+                assert "InternalError" in outcome.detail, (identity, outcome)
+    assert not edge.events("overlay_attach_failed")

@@ -11,13 +11,14 @@ from router.relay.registry import SessionRegistry
 
 
 async def fail_back(sessions: SessionRegistry, dialer: BackendDialer, period_s: float) -> None:
-    """Every ``period_s``, offer each idle SRV-backed link of a local station the best
-    priority its backend's SRV name has now; runs until cancelled."""
+    """Every ``period_s``, offer each idle SRV-backed link of a station (connected here,
+    or attached over the overlay from another node) the best priority its backend's SRV
+    name has now; runs until cancelled."""
     while True:
         await trio.sleep(period_s)
         best: dict[str, int] = {}
         gave_up: set[str] = set()
-        for session in list(sessions.local.values()):
+        for session in sessions.all():
             link = session.backend.ws
             if not isinstance(link, FailoverLink) or link.moving or not session.idle():
                 continue

@@ -26,6 +26,7 @@ from router.overlay.forwarding import CONNECT
 from router.overlay.peer_link import PeerLink
 from router.overlay.state import OverlayState
 from router.overlay.virtual import VirtualLink
+from router.relay.failover import FailoverLink
 from router.relay.registry import SessionRegistry
 from router.relay.session import SessionDeps, StationSession
 from router.wire.frames import CALL, CALLERROR, CALLRESULT, Version
@@ -33,10 +34,11 @@ from router.wire.overlay_frames import ANYCAST_CSMS, OverlayFrame
 
 log = logging.getLogger("router.mesh")
 
-DialBackend = Callable[[str, BackendEntry, list[str], str | None],
+DialBackend = Callable[[str, BackendEntry, list[str], str | None, int | None],
                        Awaitable[tuple[WsLink, int]]]
 """Opens a station's backend link: (station, backend, offered subprotocols,
-Authorization header) -> (link, priority); raises DialFailed."""
+Authorization header, a priority the target must be better than or None) -> (link,
+priority); raises DialFailed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +187,9 @@ class Attacher:
             if not offered:
                 raise DialFailed(400, "no supported OCPP subprotocol offered")
             # an existing session is stopped only once its replacement is dialled
-            backend_ws, _ = await context.dial_backend(
-                station, backend, offered,
-                authorization if isinstance(authorization, str) else None)
+            authorization = authorization if isinstance(authorization, str) else None
+            backend_ws, priority = await context.dial_backend(station, backend, offered,
+                                                              authorization, None)
         except DialFailed as refused:
             await state.reply(link, OverlayFrame(
                 CALLERROR, requester, (), frame.id, code="GenericError",
@@ -195,6 +197,16 @@ class Attacher:
             return
         await context.sessions.stop(station, "replaced by a new attach",
                                     context.settings().shutdown_timeout_s + 1, held=True)
+        link_to_backend: WsLink | FailoverLink = backend_ws
+        if backend.srv is not None:
+            # an SRV backend: the station's link fails over and back like a local one's
+            # (router/relay/failover.py), without the station at the far node noticing
+            async def redial(better_than: int | None) -> tuple[WsLink, int]:
+                return await context.dial_backend(station, backend, offered, authorization,
+                                                  better_than)
+
+            link_to_backend = FailoverLink(station, backend, backend_ws, priority, redial,
+                                           lambda: context.settings().failover_grace_s)
         chosen = backend_ws.subprotocol or ""
         try:
             await state.reply(link, OverlayFrame(CALLRESULT, requester, (), frame.id,
@@ -205,12 +217,14 @@ class Attacher:
                                   on_flood=self.flooded)
             link.bound.add(virtual)
             session = StationSession(context.session_deps, station,
-                                     Version.from_subprotocol(chosen), virtual, backend_ws,
-                                     backend.name,
+                                     Version.from_subprotocol(chosen), virtual,
+                                     link_to_backend, backend.name,
                                      backend_keeps_signatures=backend.keep_signatures,
                                      station_keeps_signatures=True,
                                      backend_unwraps_signed=unwraps_signed(
                                          backend.signed_messages, chosen))
+            if isinstance(link_to_backend, FailoverLink):
+                link_to_backend.on_lost = session.backend_lost
             state.held[station] = virtual
             log_event(log, logging.INFO, "overlay_station", station=station,
                       via=link.peer_id, backend=backend.name, subprotocol=chosen)
@@ -224,7 +238,10 @@ class Attacher:
                     del state.held[station]
         finally:
             with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(backend_ws.stream)
+                if isinstance(link_to_backend, FailoverLink):
+                    await link_to_backend.close_stream()  # whichever target it is on now
+                else:
+                    await trio.aclose_forcefully(backend_ws.stream)
 
 
 def _http_status(details: Any) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +35,7 @@ from router.wire.frames import (
 log = logging.getLogger("router.gate")
 
 _MESSAGE_KIND = {CALL: "call", SEND: "call", CALLRESULT: "result"}
+RECENT_DECISIONS = 50  # refusals and drops kept for the admin's live picture
 
 
 class GateError(Exception):
@@ -87,6 +88,8 @@ class Gate:
         self.node_key = node_key
         self._audit = audit
         self.decisions: Counter[tuple[str, str]] = Counter()  # (rule, outcome) -> count
+        # the last refusals and drops, newest last (forwards are only counted: no per-frame work)
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
 
     @classmethod
     def from_config(cls, config: Config) -> Gate:
@@ -175,6 +178,7 @@ class Gate:
             "message_id": frame.id,
             "key_ids": list(decision.key_ids),
         }
+        self.recent.append(entry)
         log_event(log, logging.WARNING, "policy_" + decision.outcome.value, **entry)
         if self._audit is not None:
             self._audit.write(json.dumps(entry) + "\n")
