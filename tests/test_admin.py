@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.browser import chromium_binary, png_size, run_chromium
 from tests.nodeproc import NodeProcess, start_node
 from tests.overlay_support import PeerLink, await_log, overlay_config, routes_to, wait_log
 from tests.peers import edge_config, node_env
@@ -283,7 +283,9 @@ async def _topology(overlay: Overlay, chromium: str, tmp_path: Path) -> None:
         assert backends == {(CORE, "csms")}
 
         page = await asyncio.to_thread(fetch, overlay.edge_b.admin + "/topology")
-        assert page.status == 200 and "<script" not in page.text.lower()
+        # no inline script: the one script element loads /topology.js from the endpoint
+        assert page.status == 200 and page.text.lower().count("<script") == 1
+        assert '<script src="/topology.js" defer></script>' in page.text
         edge_b = svg_of(page.text)
         nodes = drawn_nodes(edge_b)
         assert {k: v["data-kind"] for k, v in nodes.items()} == {
@@ -329,53 +331,3 @@ def test_routes_and_links_of_a_running_node(overlay: Overlay) -> None:
         else:
             assert any(x.split()[:3] == [CORE, "open", "msgpack"]
                        for x in done.stdout.splitlines())
-
-
-# --- Chromium -----------------------------------------------------------------------------
-
-_CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                   "--no-first-run", "--disable-background-networking",
-                   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                   "--window-size=1200,800"]
-
-
-def chromium_binary() -> str:
-    """Debian's chromium, installed with apt-get when missing; skips only if that fails."""
-    for name in ("chromium", "chromium-browser"):
-        found = shutil.which(name)
-        if found:
-            return found
-    if shutil.which("apt-get") is None:
-        pytest.skip("chromium is not installed and there is no apt-get to install it")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    steps = (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends",
-                                     "chromium"])
-    for argv in steps:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env,
-                                  check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            pytest.skip(f"chromium is not installed and `{' '.join(argv)}` failed: {exc}")
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            pytest.skip(f"chromium is not installed and `{' '.join(argv)}` failed "
-                        f"(exit {done.returncode}): {tail[0]}")
-    found = shutil.which("chromium")
-    if found is None:
-        pytest.skip("apt-get installed chromium but no chromium binary is on PATH")
-    return found
-
-
-def run_chromium(binary: str, tmp_path: Path, args: list[str]) -> str:
-    """Run headless Chromium once with a fresh profile; returns its stdout."""
-    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-    done = subprocess.run([binary, *_CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, f"chromium exit {done.returncode}: {done.stderr[-2000:]}"
-    return done.stdout
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-

@@ -7,9 +7,12 @@ in tests/test_admin.py.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
 import logging
+import re
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
@@ -21,11 +24,13 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.admin import (
     AdminApp,
     AdminBindError,
+    RateMeter,
     listener_problem,
     render_svg,
     serve_admin,
@@ -38,6 +43,7 @@ from router.net.handshake import dial
 from router.net.wslink import WsLink
 from router.node import Node
 from router.overlay.peer_link import PeerLink
+from router.wire.frames import CALL, Frame
 from tests.raw_backend import RawBackend
 
 STEP = 10.0
@@ -350,10 +356,10 @@ async def test_srv_backends_are_probed_at_their_targets(tmp_path: Path) -> None:
 # --- topology -----------------------------------------------------------------------------
 
 
-def _overlay_node(tmp_path: Path) -> Node:
+def _overlay_node(tmp_path: Path, extra: str = "") -> Node:
     node = make_node(tmp_path, extra='\n[[peers]]\nid = "core"\nurl = "ws://127.0.0.1:1/ocpp"\n'
                                      '\n[[peers]]\nid = "spare"\n'
-                                     'url = "ws://127.0.0.1:1/ocpp"\n')
+                                     'url = "ws://127.0.0.1:1/ocpp"\n' + extra)
     overlay = node.overlay
     overlay.links["core"] = PeerLink(overlay, "core", NO_SOCKET, "msgpack",
                                      overlay.new_exchange("core"))
@@ -389,19 +395,160 @@ def test_topology_draws_nodes_links_backends_and_stations(tmp_path: Path) -> Non
     assert "msgpack" in texts
 
 
-async def test_topology_page_has_no_script_and_escapes_names(tmp_path: Path) -> None:
+async def test_topology_page_loads_only_its_own_script_and_escapes_names(
+    tmp_path: Path,
+) -> None:
     node = _overlay_node(tmp_path)
     node.overlay.table.learn("core", "<b>x</b>", ("<b>x</b>", "core"), 0, 1, "<b>x</b>", 1,
                           float("inf"))
     status, body = await asgi(node, "/topology")
     page = body.decode()
     assert status == 200
-    assert "<script" not in page.lower()
+    # one script element, empty, loaded from the endpoint itself: nothing inline
+    assert re.findall(r"<script[^>]*>.*?</script>", page, re.S | re.I) == [
+        '<script src="/topology.js" defer></script>']
+    assert page.lower().count("<script") == 1
+    assert re.search(r"\son[a-z]+\s*=", page, re.I) is None  # no event handler attributes
     assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
     start, end = page.index("<svg"), page.index("</svg>") + len("</svg>")
     ET.fromstring(page[start:end])  # well-formed
     status, body = await asgi(node, "/topology.svg")
     assert status == 200 and body.startswith(b"<svg")
+
+
+async def test_every_answer_forbids_inline_scripts_framing_and_sniffing(tmp_path: Path) -> None:
+    node = _overlay_node(tmp_path)
+    app = AdminApp(node)
+    for path in ("/topology", "/topology.js", "/topology.svg", "/live", "/links", "/nope"):
+        _, headers, _ = await asgi_reply(node, path, app=app)
+        policy = dict(part.strip().split(" ", 1)
+                      for part in headers["content-security-policy"].split(";"))
+        assert policy["default-src"] == "'none'"
+        assert policy["script-src"] == "'self'" and policy["connect-src"] == "'self'"
+        assert policy["frame-ancestors"] == "'none'" and policy["base-uri"] == "'none'"
+        assert "unsafe" not in headers["content-security-policy"]
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["x-frame-options"] == "DENY"
+        assert headers["referrer-policy"] == "no-referrer"
+    # the page's one style block is admitted by its hash, and only it
+    _, headers, body = await asgi_reply(node, "/topology", app=app)
+    [style] = re.findall(r"<style>(.*?)</style>", body.decode(), re.S)
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    assert f"style-src 'sha256-{digest}';" in headers["content-security-policy"]
+
+
+async def test_the_page_script_is_served_and_writes_text_only(tmp_path: Path) -> None:
+    status, headers, body = await asgi_reply(make_node(tmp_path), "/topology.js")
+    assert status == 200
+    assert headers["content-type"] == "text/javascript; charset=utf-8"
+    script = body.decode()
+    assert 'fetch(liveUrl' in script and "textContent" in script
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                 "new Function"):
+        assert sink not in script, sink
+
+
+# --- the live picture ---------------------------------------------------------------------
+
+
+def test_rates_are_counter_differences_over_a_sliding_window() -> None:
+    meter = RateMeter(window_s=10.0)
+    key, other = ("peer", "a", "in"), ("peer", "b", "in")
+    rates, span = meter.read(100.0, {key: 5})
+    assert (rates, span) == ({key: None}, None)  # one reading: no rate yet
+    rates, span = meter.read(102.0, {key: 25})
+    assert (rates, span) == ({key: 10.0}, 2.0)
+    rates, span = meter.read(104.0, {key: 45, other: 8})  # a link that came up meanwhile
+    assert (rates, span) == ({key: 10.0, other: 2.0}, 4.0)
+    # after the window, the baseline is the newest reading at least 10 s old (t=102)
+    rates, span = meter.read(113.0, {key: 70, other: 8})
+    assert span == 11.0 and rates[key] == 45 / 11
+    rates, span = meter.read(115.0, {key: 3, other: 8})  # restarted: counts from zero
+    assert span == 11.0 and rates[key] == 3 / 11 and rates[other] == 0.0
+
+
+def test_rate_readings_are_bounded() -> None:
+    meter = RateMeter(window_s=10.0, keep=4)
+    for tick in range(100):  # many lookers at once: the window shrinks, memory does not grow
+        rates, span = meter.read(tick * 0.01, {("stations", "", "up"): tick})
+    assert span == pytest.approx(0.03)
+    assert rates[("stations", "", "up")] == pytest.approx(100.0)
+
+
+async def test_live_shows_rates_encodings_backlogs_and_refusals(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock,
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('default = "forward"\n\n[[rules]]\nname = "no resets"\n'
+                      'actions = ["Reset"]\ndirection = "to-station"\nthen = "reject"\n')
+    node = _overlay_node(tmp_path, extra=f'\n[policy]\nfile = "{policy}"\n')
+    app = AdminApp(node)
+    link = node.overlay.links["core"]
+    first = json.loads((await asgi(node, "/live", app=app))[1])
+    assert first["rate_window_s"] is None
+    assert first["peers"][0]["in_per_s"] is None
+
+    link.frames_in, link.frames_out = 30, 12
+    node.stats.frames_up, node.stats.frames_down = 8, 4
+    [copies] = node.duplicator.secondaries
+    copies.backlog = 17
+    for number in range(3):
+        frame = Frame(CALL, f"rs-{number}", action="Reset", payload={"type": "Hard"})
+        verdict = node.gate.check(frame, None, "Reset", "to-station", "main", "ocpp1.6", True)
+        assert not verdict.forward
+    await trio.sleep(2.0)  # the mock clock jumps
+    live = json.loads((await asgi(node, "/live", app=app))[1])
+
+    assert live["node"] == "adm-unit" and live["rate_window_s"] == 2.0
+    assert live["time"].endswith("Z")
+    peers = {p["id"]: p for p in live["peers"]}
+    assert peers["core"] == {"id": "core", "encoding": "msgpack", "state": "syncing",
+                             "frames_in": 30, "frames_out": 12, "in_per_s": 15.0,
+                             "out_per_s": 6.0}
+    assert peers["spare"]["state"] == "down" and peers["spare"]["in_per_s"] is None
+    assert live["stations"] == {"local": 0, "overlay": 0, "frames_up": 8, "frames_down": 4,
+                                "up_per_s": 4.0, "down_per_s": 2.0}
+    assert live["secondaries"] == [{"name": "copies", "queued": 0, "queue_capacity": 10_000,
+                                    "backlog": 17, "delivered": 0, "delivered_per_s": 0.0,
+                                    "dropped": 0}]
+    assert {b["name"]: b["role"] for b in live["backends"]} == {"main": "primary",
+                                                                "copies": "secondary"}
+    firewall = live["firewall"]
+    assert firewall["policy"] is True
+    assert [d["rule"] for d in firewall["recent"]] == ["no resets"] * 3
+    newest = firewall["recent"][0]
+    assert set(newest) == {"ts", "outcome", "rule", "action", "source", "direction", "reason"}
+    assert (newest["outcome"], newest["action"], newest["source"]) == ("reject", "Reset", "main")
+    assert firewall["decisions"] == [{"rule": "no resets", "outcome": "reject", "count": 3}]
+    topology = live["topology"]
+    assert {n["id"]: n["kind"] for n in topology["nodes"]} == {
+        "adm-unit": "self", "core": "peer", "spare": "down", "edge-b": "remote"}
+    assert {(e["a"], e["b"]): (e["kind"], e["encoding"]) for e in topology["edges"]} == {
+        ("adm-unit", "core"): ("link", "msgpack"), ("adm-unit", "spare"): ("down", None),
+        ("core", "edge-b"): ("route", None)}
+
+    # the page shows the same numbers before its script first runs
+    page = (await asgi(node, "/topology", app=app))[1].decode()
+    svg = ET.fromstring(page[page.index("<svg"):page.index("</svg>") + len("</svg>")])
+    ns = "{http://www.w3.org/2000/svg}"
+    [rate] = [t for t in svg.iter(f"{ns}text") if t.get("class") == "rate"]
+    assert rate.get("data-peer") == "core" and rate.text == "in 15.0/s, out 6.0/s"
+    assert '<tbody id="decisions"><tr><td>' in page and '<td class="reject">reject</td>' in page
+
+
+async def test_live_from_the_served_endpoint_counts_the_traffic(running: Running) -> None:
+    ws = await dial(running.station_url("CP-LIVE"), ["ocpp1.6"], {}, 65536)
+    for number in range(3):
+        await call(ws, f"lv-{number}")
+    reply = await fetch(running.admin + "/live")
+    assert reply.status == 200 and reply.headers["content-type"] == "application/json"
+    live = json.loads(reply.text)
+    assert live["stations"]["local"] == 1
+    assert (live["stations"]["frames_up"], live["stations"]["frames_down"]) == (3, 3)
+    # serve_admin took a reading when it started, so the first look has a rate already
+    assert live["rate_window_s"] is not None and live["stations"]["up_per_s"] is not None
+    assert live["firewall"] == {"policy": False, "recent": [], "decisions": []}
+    await ws.aclose()
 
 
 # --- the HTTP surface ---------------------------------------------------------------------
@@ -411,6 +558,14 @@ async def asgi(node: Node, path: str, method: str = "GET",
                headers: list[tuple[bytes, bytes]] | None = None,
                app: AdminApp | None = None) -> tuple[int, bytes]:
     """One request straight into the ASGI app (no sockets)."""
+    status, _, body = await asgi_reply(node, path, method, headers, app)
+    return status, body
+
+
+async def asgi_reply(node: Node, path: str, method: str = "GET",
+                     headers: list[tuple[bytes, bytes]] | None = None,
+                     app: AdminApp | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request into the ASGI app: status, headers (names in lower case) and body."""
     sent: list[dict[str, Any]] = []
 
     async def receive() -> Any:
@@ -419,12 +574,14 @@ async def asgi(node: Node, path: str, method: str = "GET",
     async def send(message: Any) -> None:
         sent.append(message)
 
-    scope: Any = {"type": "http", "method": method, "path": path, "query_string": b"",
+    path, _, query = path.partition("?")
+    scope: Any = {"type": "http", "method": method, "path": path, "query_string": query.encode(),
                   "headers": headers or [(b"host", b"127.0.0.1:9090")],
                   "client": ("127.0.0.1", 5555)}
     await (app or AdminApp(node))(scope, receive, send)
     assert sent[0]["type"] == "http.response.start"
-    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+    reply_headers = {k.decode().lower(): v.decode() for k, v in sent[0]["headers"]}
+    return sent[0]["status"], reply_headers, b"".join(m.get("body", b"") for m in sent[1:])
 
 
 async def asgi_text(node: Node, path: str) -> str:
@@ -433,9 +590,19 @@ async def asgi_text(node: Node, path: str) -> str:
     return body.decode()
 
 
+async def test_a_refresh_that_is_not_a_plain_number_is_ignored(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    for query in ("refresh=%C2%B2", "refresh=-1", "refresh=99999", "refresh=x"):
+        page = await asgi_text(node, "/topology?" + query)  # 200, not an internal error
+        assert 'http-equiv="refresh"' not in page, query
+    assert 'http-equiv="refresh" content="5"' in await asgi_text(node, "/topology?refresh=5")
+
+
 async def test_unknown_paths_and_methods(tmp_path: Path) -> None:
     node = make_node(tmp_path)
-    assert (await asgi(node, "/nope"))[0] == 404
+    status, body = await asgi(node, "/nope")
+    assert status == 404 and b" /live " in body and b" /topology" in body
+    assert (await asgi(node, "/live", "POST"))[0] == 405
     assert (await asgi(node, "/metrics", "POST"))[0] == 405
     assert (await asgi(node, "/reload", "GET"))[0] == 405
 
@@ -490,6 +657,26 @@ async def test_reload_answers_what_the_node_did(tmp_path: Path) -> None:
     assert "policy.toml" in answer["message"]
 
 
+async def test_recent_refusals_survive_a_reload(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('default = "forward"\n\n[[rules]]\nname = "no resets"\n'
+                      'actions = ["Reset"]\ndirection = "to-station"\nthen = "reject"\n')
+    text = CONFIG.format(state=tmp_path / "state", backend="ws://127.0.0.1:1/ocpp",
+                         extra=f'\n[policy]\nfile = "{policy}"\n')
+    source = tmp_path / "node.toml"
+    source.write_text(text)
+    node = Node(parse(text, str(source), tmp_path))
+    frame = Frame(CALL, "rs-1", action="Reset", payload={"type": "Hard"})
+    assert not node.gate.check(frame, None, "Reset", "to-station", "main", "ocpp1.6",
+                               True).forward
+    before = node.gate
+    assert (await asgi(node, "/reload", "POST"))[0] == 200
+    assert node.gate is not before
+    live = json.loads((await asgi(node, "/live"))[1])
+    assert [(d["rule"], d["outcome"]) for d in live["firewall"]["recent"]] == [
+        ("no resets", "reject")]
+
+
 async def test_serve_admin_logs_where_it_listens(tmp_path: Path, nursery: trio.Nursery) -> None:
     node = make_node(tmp_path)
     seen: list[logging.LogRecord] = []
@@ -542,7 +729,7 @@ def allowed_node(tmp_path: Path) -> Node:
 
 
 @pytest.mark.parametrize("path", ["/links", "/routes", "/topology", "/metrics", "/healthz",
-                                  "/nope"])
+                                  "/live", "/topology.js", "/nope"])
 async def test_a_rebound_host_is_misdirected(tmp_path: Path, path: str) -> None:
     node = make_node(tmp_path)
     status, body = await asgi(node, path, headers=REBOUND)

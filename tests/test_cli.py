@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.example_dirs import prepare_examples
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -15,8 +17,10 @@ def cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.Complete
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def test_shipped_example_passes_check() -> None:
-    done = cli("check", "--config", "examples/edge-gateway.toml")
+def test_shipped_example_passes_check(tmp_path: Path) -> None:
+    """The README's edge gateway, once its script has made the TLS certificate (in a copy)."""
+    examples = prepare_examples(tmp_path, only=["edge-gateway"])
+    done = cli("check", "--config", str(examples / "edge-gateway" / "node.toml"))
     assert done.returncode == 0, done.stderr
     assert "ok" in done.stdout
 
@@ -46,18 +50,25 @@ def test_usage_errors_exit_2() -> None:
     assert cli("run").returncode == 2
 
 
-def test_demo_runs_and_stops_cleanly() -> None:
-    done = cli("demo", "--stations", "4", "--duration", "5")
+def test_demo_runs_a_small_scene_and_stops_cleanly() -> None:
+    """``--stations 1``: one station at each node; the whole demo is tests/test_demo.py."""
+    done = cli("demo", "--stations", "1", "--duration", "6")
     assert done.returncode == 0, done.stderr
-    lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
-    assert len(lines) >= 3
-    last = lines[-1]
-    assert "stations 4/4" in last
-    forwarded = int(re.search(r"forwarded (\d+)", last).group(1))  # type: ignore[union-attr]
-    assert forwarded >= 4 * 3 * 2  # boot, status, authorize: request and answer each
-    assert "commands 4 delivered, 4 answered" in last
-    assert "node errors 0" in last
-    assert "demo: done." in done.stdout
+    summaries = [line for line in done.stdout.splitlines() if " | stations " in line]
+    for node in ("core", "edge-a", "edge-b"):
+        rows = [line for line in summaries if re.match(rf"\[\s*[\d.]+s\] {node} ", line)]
+        assert len(rows) >= 3, (node, done.stdout)
+        assert "stations 1/1" in rows[-1], rows[-1]
+    assert "+ 2 over the overlay" in summaries[-3]  # the core holds the edges' stations
+    forwarded = int(re.search(r"core (\d+),", done.stdout.splitlines()[-1]).group(1))  # type: ignore[union-attr]
+    assert forwarded >= 3 * 2 * 2  # boot and status of each station: request and answer
+    assert done.stdout.splitlines()[-1].startswith("demo: done.")
+
+
+def test_demo_usage_mistakes_exit_2() -> None:
+    assert cli("demo", "--stations", "0").returncode == 2
+    assert cli("demo", "--duration", "0").returncode == 2
+    assert cli("demo", "--log-level", "loud").returncode == 2
 
 
 def test_frames_are_logged_at_debug_and_secrets_never(tmp_path: Path) -> None:

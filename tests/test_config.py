@@ -8,6 +8,7 @@ import pytest
 
 from router.config import ConfigError, env_name, load, parse
 from router.passwords import hash_password
+from tests.example_dirs import prepare_examples
 
 GOOD = """\
 [node]
@@ -161,10 +162,13 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     assert "cannot read" in str(info.value)
 
 
-def test_shipped_example_passes_check() -> None:
-    example = Path(__file__).resolve().parent.parent / "examples" / "edge-gateway.toml"
-    cfg = load(example)
-    assert cfg.listen.security_profile >= 1
+def test_shipped_example_passes_check(tmp_path: Path) -> None:
+    """The edge-gateway example: TLS + Basic toward stations, wss:// toward the CSMS."""
+    examples = prepare_examples(tmp_path, only=["edge-gateway"])
+    cfg = load(examples / "edge-gateway" / "node.toml")
+    assert cfg.listen.security_profile == 2
+    assert cfg.listen.tls_cert is not None and cfg.listen.tls_cert.is_file()
+    assert all(b.url.startswith("wss://") for b in cfg.backends)
 
 
 def test_admin_allowed_hosts_are_exact_host_names() -> None:

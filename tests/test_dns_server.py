@@ -1,4 +1,4 @@
-"""Self-test of the loopback DNS server (tests/dns_server.py) with dnspython's own resolvers."""
+"""Self-test of the loopback DNS server (router/demo/dns_server.py) with dnspython's resolvers."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ PACKAGES = ("router", "policies", "topology")
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("router.__main__",),  # python -m router
     ("router.cli",),  # the command line: builds a node, serves its admin endpoint
+    ("router.demo",),  # the demo scene: three nodes, DNS, CSMSs and stations on loopback
     ("router.node", "router.admin"),  # the composition root; the admin endpoint (a NodeView)
     ("router.listener", "router.channels"),  # who connects, sent where; tunnels, files
     ("router.overlay", "router.backends"),  # peers and forwarding; dialer and duplication

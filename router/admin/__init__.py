@@ -10,7 +10,10 @@ to loopback or a management network (see docs/operations.md).
 ``GET /metrics``   Prometheus text (or OpenMetrics when asked), ``ocpp_router_*``
 ``GET /routes``    the route table as JSON
 ``GET /links``     stations, backends, peers and secondaries as JSON
-``GET /topology``  an HTML page with the overlay drawn as inline SVG (no scripts);
+``GET /live``      the moving parts as JSON: topology, frame rates per peer link and
+                   for stations and secondaries, backlogs, recent firewall refusals
+``GET /topology``  an HTML page with the overlay drawn as inline SVG; its one script,
+                   ``GET /topology.js``, polls ``/live`` and updates it in place;
                    ``GET /topology.svg`` the drawing alone
 ``POST /reload``   ``node.reload()`` where the node has it (policy, credentials, ...)
 =================  ==========================================================
@@ -19,6 +22,7 @@ to loopback or a management network (see docs/operations.md).
 from router.admin.app import AdminApp, AdminBindError, serve_admin
 from router.admin.drawing import render_page, render_svg
 from router.admin.health import Health, HealthCheck, listener_problem
+from router.admin.live import RateMeter, live_view
 from router.admin.metrics import NodeCollector, render_metrics
 from router.admin.topology import Topology, topology_model
 from router.admin.view import NodeView
@@ -26,6 +30,6 @@ from router.admin.views import links_view, routes_view
 
 __all__ = [
     "AdminApp", "AdminBindError", "Health", "HealthCheck", "NodeCollector", "NodeView",
-    "Topology", "links_view", "listener_problem", "render_metrics", "render_page",
-    "render_svg", "routes_view", "serve_admin", "topology_model",
+    "RateMeter", "Topology", "links_view", "listener_problem", "live_view", "render_metrics",
+    "render_page", "render_svg", "routes_view", "serve_admin", "topology_model",
 ]

@@ -10,6 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -20,8 +21,9 @@ from hypercorn.trio import serve
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 from prometheus_client.registry import CollectorRegistry
 
-from router.admin.drawing import render_page, render_svg
+from router.admin.drawing import STYLE_SOURCE, render_page, render_svg
 from router.admin.health import HealthCheck
+from router.admin.live import WINDOW_S, RateMeter, counters, live_view
 from router.admin.metrics import NodeCollector, render_metrics
 from router.admin.topology import topology_model
 from router.admin.view import NodeView
@@ -36,7 +38,22 @@ _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
 _HTML = b"text/html; charset=utf-8"
 _SVG = b"image/svg+xml"
-_GET_PATHS = ("/healthz", "/metrics", "/routes", "/links", "/topology", "/topology.svg")
+_JS = b"text/javascript; charset=utf-8"
+_GET_PATHS = ("/healthz", "/metrics", "/routes", "/links", "/live", "/topology",
+              "/topology.svg", "/topology.js")
+# the page's script, served from here so that the policy below admits it and nothing inline
+_SCRIPT = resources.files("router.admin").joinpath("topology.js").read_bytes()
+# on every answer: scripts only from this endpoint, fetches only to it, the page's one
+# style block by its hash, no framing, no forms, no referrer, no type sniffing
+_SECURITY_HEADERS = [
+    (b"content-security-policy",
+     f"default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self'; "
+     f"style-src {STYLE_SOURCE}; base-uri 'none'; form-action 'none'; "
+     f"frame-ancestors 'none'".encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
 # a Host header value (RFC 9110 7.2): a bracketed IPv6 literal or a name / IPv4, then a port
 _AUTHORITY = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::\d{0,5})?")
 # an Origin header value (RFC 6454 6.1): scheme "://" authority, nothing after it
@@ -79,7 +96,7 @@ def _is_ip(text: str, kind: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Add
 
 
 class AdminApp:
-    """The admin endpoint as an ASGI 3 application (no framework: six routes)."""
+    """The admin endpoint as an ASGI 3 application (no framework: a handful of routes)."""
 
     def __init__(self, node: NodeView) -> None:
         self.node = node
@@ -93,6 +110,17 @@ class AdminApp:
         self.collector = NodeCollector(node)
         self.registry = CollectorRegistry()  # for prometheus_client's own tools
         self.registry.register(self.collector)
+        self.meter = RateMeter()  # frame counters read over time, for /live's rates
+
+    def take_reading(self) -> None:
+        """Read the frame counters now: the baseline of the next look's rates."""
+        self.meter.read(trio.current_time(), counters(self.node))
+
+    async def keep_reading(self, every_s: float = WINDOW_S / 2) -> None:
+        """Take a reading every ``every_s`` seconds, so a first look has recent rates."""
+        while True:
+            self.take_reading()
+            await trio.sleep(every_s)
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
                        send: ASGISendCallable) -> None:
@@ -115,7 +143,7 @@ class AdminApp:
             status, content_type, body, extra = (500, _TEXT, b"internal error: see the node "
                                                  b"log (admin request failed)\n", [])
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-                   (b"cache-control", b"no-store"), *extra]
+                   (b"cache-control", b"no-store"), *_SECURITY_HEADERS, *extra]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body",
                     "body": b"" if scope["method"] == "HEAD" else body, "more_body": False})
@@ -136,7 +164,8 @@ class AdminApp:
                 return 405, _TEXT, b"use POST\n", [(b"allow", b"POST")]
             return await self._fetch(scope)
         if path not in _GET_PATHS:
-            return 404, _TEXT, b"not found; try /healthz /metrics /routes /links /topology\n", []
+            return 404, _TEXT, (b"not found; try /healthz /metrics /routes /links /live "
+                                b"/topology\n"), []
         if method not in ("GET", "HEAD"):
             return 405, _TEXT, b"use GET\n", [(b"allow", b"GET, HEAD")]
         if path == "/healthz":
@@ -154,11 +183,18 @@ class AdminApp:
             return 200, _JSON, _json(links_view(self.node)), []
         if path == "/topology.svg":
             return 200, _SVG, render_svg(topology_model(self.node)).encode(), []
+        if path == "/topology.js":
+            return 200, _JS, _SCRIPT, []
+        topo = topology_model(self.node)
+        live = live_view(self.node, topo, self.meter, trio.current_time())
+        if path == "/live":
+            return 200, _JSON, _json(live), []
         query = parse_qs(scope["query_string"].decode("latin-1"))
         refresh = query.get("refresh", [""])[0]
-        refresh_s = int(refresh) if refresh.isdigit() and 0 < int(refresh) <= 3600 else None
-        page = render_page(topology_model(self.node), links_view(self.node), refresh_s)
-        return 200, _HTML, page.encode(), []
+        # ASCII digits only: "²".isdigit() holds, and int() refuses it
+        plain = refresh.isascii() and refresh.isdigit()
+        refresh_s = int(refresh) if plain and 0 < int(refresh) <= 3600 else None
+        return 200, _HTML, render_page(topo, live, refresh_s).encode(), []
 
     async def _reload(self, scope: HTTPScope) -> tuple[int, bytes, bytes,
                                                        list[tuple[bytes, bytes]]]:
@@ -287,7 +323,9 @@ async def serve_admin(node: NodeView, *,
     listening = False
     try:
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(serve, AdminApp(node), config)
+            app = AdminApp(node)
+            binds = await nursery.start(serve, app, config)
+            nursery.start_soon(app.keep_reading)
             port = int(binds[0].rsplit(":", 1)[1])
             listening = True
             log_event(log, logging.INFO, "admin_listening", host=admin.host, port=port,

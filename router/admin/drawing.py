@@ -1,12 +1,20 @@
-"""Drawing the overlay (pure: a Topology in, SVG and HTML text out; no scripts)."""
+"""Drawing the overlay (pure: a Topology in, SVG and HTML text out).
+
+The page carries no inline script: it loads ``/topology.js`` from the endpoint itself,
+which polls ``/live`` and updates the numbers (the page works without it, as a snapshot).
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
+from router.admin.live import per_s, rate_labels
 from router.admin.topology import Topology, TopoNode
 
 _MAX_DRAWN_NODES = 120
@@ -68,8 +76,9 @@ def _radius(n: TopoNode) -> int:
     return 34 if n.kind == "self" else 26
 
 
-def render_svg(topo: Topology) -> str:
-    """The overlay as an SVG document (nodes, links, backends, station counts)."""
+def render_svg(topo: Topology, rates: Mapping[str, str] | None = None) -> str:
+    """The overlay as an SVG document (nodes, links, backends, station counts); ``rates``
+    (peer id -> text) labels this node's links with their frame rates."""
     _layout(topo)
     esc = html.escape
     drawn = dict(sorted(topo.nodes.items(), key=lambda kv: (kv[1].hops, kv[0]))
@@ -122,6 +131,13 @@ def render_svg(topo: Topology) -> str:
             tx, ty = (na.x + nb.x) / 2 + px * 10, (na.y + nb.y) / 2 + py * 10 + 4
             out.append(f'<text class="encoding" x="{tx:.1f}" y="{ty:.1f}" font-size="12" '
                        f'fill="#57606a" text-anchor="start" {_HALO}>{esc(encoding)}</text>')
+            if kind == "link" and topo.me in (a, b):
+                # the frame rate goes under the encoding; the page's script keeps it current
+                peer = b if a == topo.me else a
+                out.append(f'<text class="rate" data-peer="{esc(peer)}" x="{tx:.1f}" '
+                           f'y="{ty + 15:.1f}" font-size="12" fill="#0969da" '
+                           f'text-anchor="start" {_HALO}>{esc((rates or {}).get(peer, ""))}'
+                           "</text>")
     out.append("</g>")
 
     out.append('<g class="backends">')
@@ -205,48 +221,100 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def render_page(topo: Topology, links: dict[str, Any], refresh_s: int | None = None) -> str:
-    """The /topology page: the SVG and tables of peers and backends (``links`` is the
-    ``/links`` view), no scripts."""
-    svg = render_svg(topo)
+PAGE_STYLE = """
+body { font-family: sans-serif; margin: 16px; color: #24292f; }
+h1 { font-size: 20px; margin: 0 0 4px 0; }
+p.sub { color: #57606a; margin: 0 0 12px 0; }
+p.stale { color: #cf222e; }
+svg { border: 1px solid #d0d7de; max-width: 100%; height: auto; }
+table { border-collapse: collapse; margin: 12px 24px 0 0; display: inline-table;
+        vertical-align: top; }
+caption { text-align: left; font-weight: bold; padding-bottom: 2px; }
+th, td { border: 1px solid #d0d7de; padding: 3px 8px; font-size: 13px; text-align: left; }
+td.reject { color: #cf222e; font-weight: bold; }
+td.drop { color: #9a6700; font-weight: bold; }
+"""
+STYLE_SOURCE = "'sha256-" + base64.b64encode(
+    hashlib.sha256(PAGE_STYLE.encode()).digest()).decode() + "'"
+"""The page's one style block as a Content-Security-Policy source (no inline styles else)."""
+
+POLL_MS = 2000  # how often the page's script asks /live
+
+_TABLES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    # (tbody id, caption, column headings): /topology.js fills the same bodies
+    ("peers", "peer links", ("peer", "state", "encoding", "in, frames/s", "out, frames/s")),
+    ("traffic", "stations", ("local", "over the overlay", "to backends, frames/s",
+                              "to stations, frames/s")),
+    ("backends", "backends", ("name", "role", "target")),
+    ("secondaries", "secondaries", ("name", "queued", "backlog", "copies/s", "dropped")),
+    ("decisions", "recent firewall refusals and drops",
+     ("time", "outcome", "rule", "action", "source")),
+)
+
+
+def _cells(live: Mapping[str, Any]) -> dict[str, list[list[tuple[str, str]]]]:
+    """Every table's rows as (text, class) cells, from the ``/live`` view."""
+    s = live["stations"]
+    return {
+        "peers": [[(p["id"], ""), (p["state"], ""), (p["encoding"], ""),
+                   (per_s(p["in_per_s"]), "rate"), (per_s(p["out_per_s"]), "rate")]
+                  for p in live["peers"]],
+        "traffic": [[(str(s["local"]), ""), (str(s["overlay"]), ""),
+                     (per_s(s["up_per_s"]), "rate"), (per_s(s["down_per_s"]), "rate")]],
+        "backends": [[(b["name"], ""), (b["role"], ""), (b["target"], "")]
+                     for b in live["backends"]],
+        "secondaries": [[(c["name"], ""), (f"{c['queued']}/{c['queue_capacity']}", ""),
+                         (str(c["backlog"]), "backlog"), (per_s(c["delivered_per_s"]), "rate"),
+                         (str(c["dropped"]), "")] for c in live["secondaries"]],
+        "decisions": [[(d["ts"] or "", ""), (d["outcome"] or "", d["outcome"] or ""),
+                       (d["rule"] or "", ""), (d["action"] or "", ""), (d["source"] or "", "")]
+                      for d in live["firewall"]["recent"]],
+    }
+
+
+def _table(body_id: str, caption: str, headings: tuple[str, ...],
+           rows: list[list[tuple[str, str]]]) -> str:
     esc = html.escape
-    peers = "".join(
-        f"<tr><td>{esc(p['id'])}</td><td>{esc(p['state'])}</td><td>{esc(p['encoding'])}</td>"
-        f"<td>{p['routes_learned']}</td><td>{p['stations_bound']}</td></tr>"
-        for p in links["peers"]) or '<tr><td colspan="5">no peers</td></tr>'
-    backends = "".join(
-        f"<tr><td>{esc(b['name'])}</td><td>{esc(b['role'])}</td>"
-        f"<td>{esc(b['url'] or 'SRV ' + str(b['srv']))}</td>"
-        f"<td>{'' if b['stations'] is None else b['stations']}</td></tr>"
-        for b in links["backends"]) or '<tr><td colspan="4">no backends</td></tr>'
+    head = "".join(f"<th>{esc(h)}</th>" for h in headings)
+    body = "".join("<tr>" + "".join(f'<td class="{esc(cls)}">{esc(text)}</td>' if cls else
+                                    f"<td>{esc(text)}</td>" for text, cls in row) + "</tr>"
+                   for row in rows)
+    if not body:
+        body = f'<tr><td colspan="{len(headings)}">none</td></tr>'
+    return (f'<table><caption>{esc(caption)}</caption><thead><tr>{head}</tr></thead>'
+            f'<tbody id="{body_id}">{body}</tbody></table>')
+
+
+def render_page(topo: Topology, live: Mapping[str, Any], refresh_s: int | None = None) -> str:
+    """The /topology page: the SVG and tables of links, traffic, secondaries and recent
+    firewall refusals (``live`` is the ``/live`` view); ``/topology.js`` keeps it current."""
+    svg = render_svg(topo, rate_labels(live))
+    esc = html.escape
+    cells = _cells(live)
+    tables = "\n".join(_table(body_id, caption, headings, cells[body_id])
+                        for body_id, caption, headings in _TABLES)
     meta = f'<meta http-equiv="refresh" content="{refresh_s}">' if refresh_s else ""
-    known = len(topo.nodes)
-    stations = sum(n.stations for n in topo.nodes.values())
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">{meta}
 <title>{esc(topo.me)}: overlay topology</title>
-<style>
-body {{ font-family: sans-serif; margin: 16px; color: #24292f; }}
-h1 {{ font-size: 20px; margin: 0 0 4px 0; }}
-p.sub {{ color: #57606a; margin: 0 0 12px 0; }}
-svg {{ border: 1px solid #d0d7de; max-width: 100%; height: auto; }}
-table {{ border-collapse: collapse; margin: 12px 24px 0 0; display: inline-table;
-         vertical-align: top; }}
-th, td {{ border: 1px solid #d0d7de; padding: 3px 8px; font-size: 13px; text-align: left; }}
-</style></head>
-<body>
+<style>{PAGE_STYLE}</style>
+<script src="/topology.js" defer></script>
+</head>
+<body data-live="/live" data-svg="/topology.svg" data-poll-ms="{POLL_MS}">
 <h1>Overlay as seen by {esc(topo.me)}</h1>
-<p class="sub">{known} node(s), {stations} station(s), {len(topo.edges)} link(s) known;
-drawn {when}</p>
-{svg}
+<p class="sub" id="summary">{_summary(topo)}</p>
+<p class="sub" id="live-status" data-updates="0">drawn {when}; without scripts this is a
+snapshot</p>
+<div id="picture">{svg}</div>
 <div>
-<table><caption>peers</caption><tr><th>peer</th><th>state</th><th>encoding</th>
-<th>routes learned</th><th>stations bound</th></tr>{peers}</table>
-<table><caption>backends of {esc(topo.me)}</caption><tr><th>name</th><th>role</th>
-<th>target</th><th>stations</th></tr>{backends}</table>
+{tables}
 </div>
 </body></html>
 """
 
 
+def _summary(topo: Topology) -> str:
+    stations = sum(n.stations for n in topo.nodes.values())
+    return (f"{len(topo.nodes)} node(s), {stations} station(s), {len(topo.edges)} link(s) "
+            "known")

@@ -33,11 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="a node in front of a demo CSMS with simulated stations")
-    demo.add_argument("--stations", type=int, default=4, help="simulated stations (default 4)")
+    demo = sub.add_parser("demo", help="three chained nodes on loopback with demo CSMSs, "
+                          "stations, a firewall, a secondary and a failover, narrated")
+    demo.add_argument("--stations", type=int, default=3,
+                      help="simulated stations at each of the three nodes (default 3)")
     demo.add_argument("--duration", type=float, default=None,
                       help="stop after this many seconds (default: run until Ctrl-C)")
-    demo.add_argument("--log-level", default="warning", help="node log level (default warning)")
+    demo.add_argument("--log-level", default="error",
+                      choices=["debug", "info", "warning", "error"],
+                      help="the nodes' JSON log lines on stderr (default error: the demo "
+                      "tells the events that matter itself)")
 
     run = sub.add_parser("run", help="run a node until SIGINT/SIGTERM")
     run.add_argument("--config", required=True, help="the node's TOML config file")

@@ -66,6 +66,9 @@ class PeerLink:
         self._out_send, self._out_recv = trio.open_memory_channel[OverlayFrame](_QUEUE)
         self.bound: set[Any] = set()  # virtual links of station sessions riding on this link
         self.closed = False
+        # overlay frames read and written; the admin turns them into rates when it looks
+        self.frames_in = 0
+        self.frames_out = 0
         self.finished = trio.Event()  # set once run() has cleaned up
         self._scope = trio.CancelScope()
         self._why = "peer link closed"
@@ -157,6 +160,7 @@ class PeerLink:
                 log_event(log, logging.WARNING, "overlay_frame_error", peer=self.peer_id,
                           reason=err.description)
                 continue
+            self.frames_in += len(frames)
             for frame in frames:
                 if debug:
                     log_event(log, logging.DEBUG, "overlay_frame", peer=self.peer_id,
@@ -175,6 +179,7 @@ class PeerLink:
                         frames.append(self._out_recv.receive_nowait())
                     except trio.WouldBlock:
                         break
+                self.frames_out += len(frames)
                 for message in codec.encode(frames):
                     if isinstance(message, str):
                         await ws.send_message(message)
