@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 _SECRET_KEYS = frozenset({"password", "authorization", "password_hash", "secret", "token"})
 _REDACTED = "[redacted]"
+_OWN_KEYS = frozenset({"ts", "level", "logger", "event"})  # every line's, set by the formatter
 
 
 class JsonLineFormatter(logging.Formatter):
@@ -31,6 +32,8 @@ class JsonLineFormatter(logging.Formatter):
         if isinstance(fields, dict):
             line["event"] = record.getMessage()
             for key, value in fields.items():
+                if key in _OWN_KEYS:
+                    key += "_"  # the line's own time, level, logger and event stay as they are
                 line[key] = _REDACTED if key.lower() in _SECRET_KEYS else value
         else:
             line["event"] = "message"

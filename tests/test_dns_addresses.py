@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from router.net.dns import DnsCache
+from tests.log_events import events_of
 
 
 class FakeAddresses:
@@ -106,6 +107,17 @@ async def test_a_failed_refresh_keeps_the_last_good_address_and_backs_off(
     await trio.sleep(1)
     await cache.address("csms.example")
     assert len(fake.calls) == 3
+
+
+async def test_a_failed_address_lookup_is_logged_as_such_not_as_an_srv_failure(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake = FakeAddresses([dns.exception.Timeout()])
+    with events_of("router.srv") as log:
+        assert await make(fake).address("csms.example") is None
+    assert log.named("srv_failed") == []
+    [failed] = log.named("address_failed")
+    assert (failed["name"], failed["using"]) == ("csms.example", "nothing")
 
 
 async def test_a_host_never_resolved_falls_back_to_the_system_resolver(

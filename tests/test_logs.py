@@ -59,3 +59,20 @@ def test_secrets_are_redacted_either_way() -> None:
         logs.flush()
         line = json.loads(stream.getvalue())
         assert line["password"] == "[redacted]" and line["url"] == "ws://x"
+
+
+@pytest.mark.usefixtures("restore_router_logger")
+def test_a_field_cannot_replace_the_lines_own_time_level_logger_or_event() -> None:
+    stream = CountingStream()
+    logs.setup("info", stream, buffered=False)
+    # log_event's own parameters cannot be fields; a record made by hand shows the rule
+    fields = {"ts": "2026-01-01T00:00:00Z", "level": "info", "logger": "x", "event": "forged",
+              "rule": "r"}
+    logging.getLogger("router.test").warning("policy_reject", extra={"fields": fields})
+    line = json.loads(stream.getvalue())
+    assert line["ts"].endswith("Z") and line["ts"] != "2026-01-01T00:00:00Z"
+    assert len(line["ts"]) == len("2026-11-28T07:00:00.123Z")  # to the millisecond
+    assert (line["level"], line["logger"], line["event"]) == ("warning", "router.test",
+                                                               "policy_reject")
+    assert (line["ts_"], line["level_"], line["logger_"], line["event_"], line["rule"]) == (
+        "2026-01-01T00:00:00Z", "info", "x", "forged", "r")

@@ -378,10 +378,11 @@ class DnsCache:
             if scope.cancelled_caught:
                 reason = "timeout"
             now = trio.current_time()
+            srv = ask == self._srv_answer
             if reason:
-                self._failed(name, entry, reason, now)
+                self._failed(name, entry, reason, now, srv=srv)
             else:
-                self._resolved(name, entry, answer, ttl, now, srv=ask == self._srv_answer)
+                self._resolved(name, entry, answer, ttl, now, srv=srv)
         finally:
             entry.inflight = None
             done.set()
@@ -403,13 +404,15 @@ class DnsCache:
                                for t in sorted(answer, key=lambda t: (t.priority, -t.weight))],
                       after_failures=recovered_after)
 
-    def _failed(self, name: str, entry: _Entry, reason: str, now: float) -> None:
+    def _failed(self, name: str, entry: _Entry, reason: str, now: float, *, srv: bool) -> None:
         entry.failures += 1
         # The exponent is capped so a DNS server down for days cannot overflow the float.
         backoff = min(BACKOFF_INITIAL_S * 2 ** min(entry.failures - 1, 32), BACKOFF_MAX_S)
         entry.retry_at = now + backoff
         entry.reason = reason
-        log_event(logger, logging.WARNING, "srv_failed", name=name, reason=reason,
+        # a host name's addresses (a backend's url, an SRV target) are not an SRV lookup
+        event = "srv_failed" if srv else "address_failed"
+        log_event(logger, logging.WARNING, event, name=name, reason=reason,
                   failures=entry.failures, retry_in_s=backoff,
                   using="last good answer" if entry.answer is not None else "nothing")
 

@@ -179,7 +179,10 @@ class Gate:
             "key_ids": list(decision.key_ids),
         }
         self.recent.append(entry)
-        log_event(log, logging.WARNING, "policy_" + decision.outcome.value, **entry)
+        # the log line has its own time stamp, to the millisecond; the audit entry's is for
+        # the audit file
+        log_event(log, logging.WARNING, "policy_" + decision.outcome.value,
+                  **{k: v for k, v in entry.items() if k != "ts"})
         if self._audit is not None:
             self._audit.write(json.dumps(entry) + "\n")
 
