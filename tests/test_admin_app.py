@@ -36,6 +36,7 @@ from router.admin import (
     serve_admin,
     topology_model,
 )
+from router.admin.view import shown_url
 from router.cli import admin_views as admin_cli
 from router.config import parse
 from router.net.dns import SrvTarget
@@ -841,3 +842,9 @@ async def test_fetch_needs_post_a_same_origin_and_its_parameters(tmp_path: Path)
     assert (await asgi(node, "/fetch", "POST", cross))[0] == 403
     status, body = await asgi(node, "/fetch", "POST")
     assert status == 400 and b"node, path and out" in body
+
+
+def test_urls_are_shown_without_their_credentials() -> None:
+    assert shown_url("ws://user:secret@csms.example:9000/ocpp") == "ws://csms.example:9000/ocpp"
+    assert shown_url("wss://csms.example/ocpp") == "wss://csms.example/ocpp"
+    assert shown_url(None) is None

@@ -54,9 +54,11 @@ def test_the_demo_shows_the_whole_mission_and_exits_0(tmp_path: Path) -> None:
     """One 40-second run: its live picture is opened in headless Chromium while it runs,
     and its terminal output is read back once it has ended by itself."""
     chromium = chromium_binary()  # installs Debian's chromium when missing, or skips
-    proc = subprocess.Popen([sys.executable, "-m", "router", "demo", "--duration", "40"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)
+    # stderr into a file: a pipe nobody reads while stdout is read could fill and stall it
+    errors = tmp_path / "demo.err"
+    with errors.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "router", "demo", "--duration", "40"],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT)
     try:
         assert proc.stdout is not None
         seen: list[str] = []
@@ -70,12 +72,13 @@ def test_the_demo_shows_the_whole_mission_and_exits_0(tmp_path: Path) -> None:
                 break
         assert url is not None, "".join(seen)
         the_live_picture_shows_the_scene(chromium, url, tmp_path)
-        rest, err = proc.communicate(timeout=120)
+        rest, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     out = "".join(seen) + rest
+    err = errors.read_text()
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     lines = stamped(out)

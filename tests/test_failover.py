@@ -9,6 +9,7 @@ on trio's MockClock.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator
 
@@ -570,3 +571,42 @@ async def test_a_target_lost_during_a_failback_waits_for_it_and_keeps_the_better
     assert session.lost == []
     assert events.named("backend_failover") == []
     assert len(events.named("backend_failback")) == 1
+
+
+async def test_a_failback_dialling_while_the_session_ends_drops_the_new_link(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    old_node, old_backend = ws_pair()
+    new_node, _new_backend = ws_pair()
+    hold = trio.Event()
+    redial = ScriptedRedial((new_node, 1), hold=hold)
+    link = failover_link(old_node, 5, redial)
+    moved: list[bool] = []
+
+    async def fail_back() -> None:
+        moved.append(await link.move_to_better(lambda: True))
+
+    async def old_target_answers_the_close() -> None:
+        with contextlib.suppress(LinkClosed):
+            await old_backend.get_message()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fail_back)
+        await redial.holding.wait()  # the better target is being dialled...
+        nursery.start_soon(old_target_answers_the_close)
+        await link.aclose(1001, "station link closed", wait_s=0.5)  # ...as the session ends
+        await link.close_stream()
+        hold.set()
+    assert moved == [False] and link.current is old_node
+    with pytest.raises(trio.ClosedResourceError):
+        await new_node.stream.send_all(b"x")  # the dialled link was dropped, not kept
+
+
+async def test_no_failback_once_the_stream_is_closed() -> None:
+    old_node, _ = ws_pair()
+    new_node, _ = ws_pair()
+    redial = ScriptedRedial((new_node, 1))
+    link = failover_link(old_node, 5, redial)
+    await link.close_stream()  # the session ended without closing its links first
+    assert not await link.move_to_better(lambda: True)
+    assert redial.calls == []

@@ -725,3 +725,11 @@ def test_signed_messages_are_unwrapped_for_a_peer_that_asks() -> None:
     odd = Frame(CALL, "m2", action="Odd-Signed", payload={"a": 1})
     assert gate.check(odd, None, "Odd-Signed", "to-station", "csms", "ocpp1.6", False,
                       True).frame == odd
+
+
+def test_a_long_action_is_kept_cut_short_among_the_recent_refusals(gate: Gate) -> None:
+    action = "X" * 70_000
+    frame, text = call("long-1", action, {})
+    assert not check(gate, frame, text, action, source="analytics").forward
+    kept = gate.recent[-1]
+    assert kept["action"] == action[:200] and len(kept["reason"]) <= 200

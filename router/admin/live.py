@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from router.admin.topology import Topology
-from router.admin.view import PEER_STATES, NodeView
+from router.admin.view import PEER_STATES, NodeView, shown_url
 
 WINDOW_S = 10.0
 """Rates span about this long: the baseline is the newest reading at least this old."""
@@ -129,7 +129,7 @@ def live_view(node: NodeView, topo: Topology, meter: RateMeter, now: float) -> d
         "topology": topology_json(topo),
         "peers": peers,
         "stations": stations,
-        "backends": [{"name": b.name, "role": b.role, "target": b.url or f"SRV {b.srv}"}
+        "backends": [{"name": b.name, "role": b.role, "target": shown_url(b.url) or f"SRV {b.srv}"}
                      for b in node.config.backends],
         "secondaries": secondaries,
         "firewall": {"policy": gate.firewall is not None, "recent": recent,

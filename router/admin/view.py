@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from router.backends.duplication import Duplicator
 from router.channels.service import ChannelService
@@ -13,6 +14,18 @@ from router.overlay.mesh import Overlay
 from router.relay.gate import Gate
 from router.relay.registry import SessionRegistry
 from router.stats import Stats
+
+
+def shown_url(url: str | None) -> str | None:
+    """A configured URL as the admin endpoint shows it: without a user name and password
+    (``ws://user:secret@host`` is a working way to give a backend's credentials)."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
 
 PEER_STATES = {"up": "open", "down": "syncing", "expired": "expired"}
 """A peer link's route-exchange state, as the operator is shown it."""

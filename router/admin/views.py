@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from router.admin.view import PEER_STATES, NodeView
+from router.admin.view import PEER_STATES, NodeView, shown_url
 
 
 def routes_view(node: NodeView) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def links_view(node: NodeView) -> dict[str, Any]:
     backends = [{
         "name": b.name,
         "role": b.role,
-        "url": b.url or None,
+        "url": shown_url(b.url),
         "srv": b.srv,
         "stations": per_backend.get(b.name, 0) if b.role == "primary" else None,
     } for b in node.config.backends]
@@ -96,7 +96,7 @@ def links_view(node: NodeView) -> dict[str, Any]:
         s = sub.stats
         secondaries.append({
             "name": sub.name,
-            "url": sub.entry.url,
+            "url": shown_url(sub.entry.url),
             "queued": sub.queued,
             "queue_capacity": sub.entry.queue,
             "backlog": sub.backlog,

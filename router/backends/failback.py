@@ -20,7 +20,8 @@ async def fail_back(sessions: SessionRegistry, dialer: BackendDialer, period_s: 
         gave_up: set[str] = set()
         for session in sessions.all():
             link = session.backend.ws
-            if not isinstance(link, FailoverLink) or link.moving or not session.idle():
+            if (not isinstance(link, FailoverLink) or link.moving or session.done.is_set()
+                    or not session.idle()):
                 continue
             name = link.backend.name
             if name in gave_up:

@@ -93,7 +93,9 @@ class FailoverLink:
         await self.current.aclose(code, reason, wait_s)
 
     async def close_stream(self) -> None:
-        """Drop the connection in use without a close handshake (the session has ended)."""
+        """Drop the connection in use without a close handshake (the session has ended).
+        No move starts after this, and one under way drops the link it dialled."""
+        self._stopping = True
         await trio.aclose_forcefully(self.current.stream)
 
     async def _fail_over(self, lost: WsLink) -> bool:
@@ -159,6 +161,11 @@ class FailoverLink:
                 if not idle():
                     return False
                 ws, priority = await self._redial(self.priority)
+                if self._stopping:
+                    # the session ended while the better target was dialled: nobody would
+                    # read the new link, and it would stand in for the station at the CSMS
+                    await trio.aclose_forcefully(ws.stream)
+                    return False
                 if ws.subprotocol != self.subprotocol:
                     await ws.aclose(1002, "the station's subprotocol is fixed")
                     return False

@@ -36,6 +36,7 @@ log = logging.getLogger("router.gate")
 
 _MESSAGE_KIND = {CALL: "call", SEND: "call", CALLRESULT: "result"}
 RECENT_DECISIONS = 50  # refusals and drops kept for the admin's live picture
+_SHOWN = 200  # characters of each text field kept with them
 
 
 class GateError(Exception):
@@ -178,7 +179,10 @@ class Gate:
             "message_id": frame.id,
             "key_ids": list(decision.key_ids),
         }
-        self.recent.append(entry)
+        # what a peer chose (an action, a reason quoting it) is kept for the admin cut short:
+        # 50 refused CALLs with 64 KiB action names would be megabytes on every look
+        self.recent.append({k: v[:_SHOWN] if isinstance(v, str) else v
+                            for k, v in entry.items()})
         # the log line has its own time stamp, to the millisecond; the audit entry's is for
         # the audit file
         log_event(log, logging.WARNING, "policy_" + decision.outcome.value,
