@@ -10,12 +10,15 @@ link encodings and frames moving (the screenshot is kept in the test's tmp_path)
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -26,6 +29,19 @@ from tests.browser import chromium_binary, parse, png_size, rate_pair, run_chrom
 ROOT = Path(__file__).resolve().parent.parent
 LINE = re.compile(r"^\[\s*(\d+\.\d)s\] (\S+)\s+(\S+)\s+(.*)$")
 RULE = "resets need an admin signature"
+
+
+@contextlib.contextmanager
+def running_demo(stderr: Any, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """``ocpp-router demo`` with its stdout piped; killed if the block leaves it running."""
+    proc = subprocess.Popen([sys.executable, "-m", "router", "demo", *args],
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def stamped(stdout: str) -> list[tuple[float, str, str, str]]:
@@ -56,10 +72,7 @@ def test_the_demo_shows_the_whole_mission_and_exits_0(tmp_path: Path) -> None:
     chromium = chromium_binary()  # installs Debian's chromium when missing, or skips
     # stderr into a file: a pipe nobody reads while stdout is read could fill and stall it
     errors = tmp_path / "demo.err"
-    with errors.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "router", "demo", "--duration", "40"],
-                                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT)
-    try:
+    with errors.open("w") as stderr, running_demo(stderr, "--duration", "40") as proc:
         assert proc.stdout is not None
         seen: list[str] = []
         url = None
@@ -73,10 +86,6 @@ def test_the_demo_shows_the_whole_mission_and_exits_0(tmp_path: Path) -> None:
         assert url is not None, "".join(seen)
         the_live_picture_shows_the_scene(chromium, url, tmp_path)
         rest, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     out = "".join(seen) + rest
     err = errors.read_text()
     assert proc.returncode == 0, err[-3000:]
@@ -162,10 +171,7 @@ def the_live_picture_shows_the_scene(chromium: str, url: str, tmp_path: Path) ->
 
 
 def test_ctrl_c_stops_the_demo_cleanly() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "router", "demo", "--stations", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)
-    try:
+    with running_demo(subprocess.PIPE, "--stations", "1") as proc:
         assert proc.stdout is not None
         seen = []
         for line in proc.stdout:  # until the first once-a-second line
@@ -174,10 +180,6 @@ def test_ctrl_c_stops_the_demo_cleanly() -> None:
                 break
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     out = "".join(seen) + rest
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err

@@ -207,6 +207,13 @@ async def csms_calls(csms: Csms, identity: str, count: int, what: str = "") -> N
                             what or f"{count} CALLs from {identity}")
 
 
+def reconnecting(node: NodeProcess, ids: Mapping[str, str]) -> dict[str, ReconnectingStation]:
+    """Stations that redial like real ones, at ``node``: identity -> OCPP version."""
+    return {identity: ReconnectingStation(node.url(identity), version, response_timeout=STEP,
+                                          open_timeout=STEP)
+            for identity, version in ids.items()}
+
+
 async def entered(stations: Mapping[str, ReconnectingStation]) -> None:
     for station in stations.values():
         await station.__aenter__()
@@ -246,9 +253,7 @@ def test_stopping_the_priority_1_csms_moves_stations_and_no_call_is_lost(
 async def _failover_and_failback(node: NodeProcess, csms1: Csms, csms2: Csms,
                                  csms3: Csms) -> None:
     ids = {"HA-F-CP16A": "1.6", "HA-F-CS201": "2.0.1", "HA-F-CP16B": "1.6"}
-    stations = {identity: ReconnectingStation(node.url(identity), version,
-                                              response_timeout=STEP, open_timeout=STEP)
-                for identity, version in ids.items()}
+    stations = reconnecting(node, ids)
     # HOLD's CALL is in flight at the priority-1 CSMS (received, never answered) when it stops
     csms1.set_raw(HOLD)
     hold = ReconnectingStation(node.url(HOLD), "2.0.1", response_timeout=STEP,
@@ -773,9 +778,7 @@ async def _peer_failover(edge: NodeProcess, core1: NodeProcess, core2: NodeProce
     assert not core2.events("peer_connected"), "the edge dialled priority 2 first"
 
     ids = {"HA-P-CP16": "1.6", "HA-P-CS201": "2.0.1"}
-    stations = {identity: ReconnectingStation(edge.url(identity), version,
-                                              response_timeout=STEP, open_timeout=STEP)
-                for identity, version in ids.items()}
+    stations = reconnecting(edge, ids)
     await entered(stations)
     load = Load(stations)
     try:
@@ -847,9 +850,7 @@ async def _chained_failover(core: NodeProcess, edge: NodeProcess, csms1: Csms,
                             csms2: Csms) -> None:
     await await_log(edge, "routes_changed", routes_to("CSMS"), timeout=STEP)
     ids = {"HA-C-CP16": "1.6", "HA-C-CS201": "2.0.1"}
-    stations = {identity: ReconnectingStation(edge.url(identity), version,
-                                              response_timeout=STEP, open_timeout=STEP)
-                for identity, version in ids.items()}
+    stations = reconnecting(edge, ids)
     await entered(stations)
     load = Load(stations)
     try:
