@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +62,31 @@ def write_results(results: object, name: str, path: str | None) -> Path:
     out.write_text(json.dumps(results, indent=1))
     print(f"written to {out}", file=sys.stderr)
     return out
+
+
+class GcPauses:
+    """Collector passes of this process that took at least ``min_ms`` of wall time: a
+    bench helper's own pauses stall every station it serves, in both scenarios alike, so
+    they are reported beside the figures they may have shaped."""
+
+    def __init__(self, min_ms: float = 20.0) -> None:
+        self.min_ms = min_ms
+        self.pauses: list[tuple[int, float]] = []  # (generation, ms)
+        self._started = 0.0
+        self.on_pause: Callable[[int, float], None] | None = None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self._started) * 1e3
+        if ms >= self.min_ms:
+            self.pauses.append((info["generation"], round(ms, 1)))
+            if self.on_pause is not None:
+                self.on_pause(info["generation"], ms)
+
+    def take(self) -> list[tuple[int, float]]:
+        """The pauses since the last call."""
+        pauses, self.pauses = self.pauses, []
+        return pauses

@@ -16,8 +16,10 @@ import asyncio
 import json
 import signal
 import ssl
+import sys
+import time
 
-from benchutil import emit, raise_nofile_limit
+from benchutil import GcPauses, emit, raise_nofile_limit
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
@@ -46,6 +48,12 @@ def answer(frame: str) -> str | None:
 
 
 STALL = False  # --stall: accept and read everything, answer nothing (a stalled secondary)
+
+
+def log_gc_pause(generation: int, ms: float) -> None:
+    """A long collector pause, as one JSON line on stderr (bench/fleet.py reads them)."""
+    sys.stderr.write(json.dumps({"event": "gc_pause", "ts": time.time(),
+                                 "generation": generation, "ms": round(ms, 1)}) + "\n")
 
 
 async def handle(ws: ServerConnection) -> None:
@@ -93,6 +101,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     STALL = args.stall
     raise_nofile_limit()
+    GcPauses().on_pause = log_gc_pause
     server_tls = None
     if args.tls_cert:
         server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

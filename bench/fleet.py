@@ -13,6 +13,15 @@ processes and measures, in one run:
   round trip, CPU % of the middle process, CALLs answered and lost;
 * **reconnect storm**: every station's link closed, then all dial again at once.
 
+The stations' process runs no collector pass during the measured window
+(``--loadgen-gc`` lets it): with 9,000 stations in one asyncio process a young
+collection stalled all of them for 40-55 ms every two seconds and a full one for 130-170
+ms every twenty, and they then sent what had come due in one burst. Those stalls set
+the p99 of both scenarios (direct 38-62 ms, 4-10 ms without them, 2026-11-28). Real
+stations are each their own machine. The CSMS's and the stations' own collector pauses
+of 20 ms or more in the window are printed beside the figures, as are their CPU shares:
+all three processes share this machine's cores.
+
 ``--profile 2`` runs both hops with TLS and the stations with Basic auth (security profile
 2, a PKI made for the run, one password for all stations: see bench/forwarding.Profile2).
 
@@ -22,6 +31,7 @@ process at 20,000 open files, two per station through the node: N = 9,000 is the
 
     .venv/bin/python bench/fleet.py                              # N = 9000, ~6 minutes
     .venv/bin/python bench/fleet.py --stations 1000 --seconds 20 # quicker
+    .venv/bin/python bench/fleet.py --trace /tmp/calls             # when was each CALL slow
 
 Aims (issue 15): node p99 <= direct p99 + 20 ms; connect rate >= 0.5x direct; RSS <= 25 KiB
 per station; every CALL answered. No aim is asserted: the figures are printed (and written
@@ -31,6 +41,7 @@ to bench/results/fleet-<time>.json).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -79,7 +90,10 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
                 str(BENCH_DIR / "loadgen.py"), "--url", middle.url, "--stations", str(n),
                 "--rate", str(n / opts.heartbeat), "--mix", opts.mix, "--storm",
                 "--connect-concurrency", str(opts.connect_concurrency),
-                *(profile2.loadgen_flags() if profile2 else [])], workdir)
+                "--no-wire-bytes", *(["--gc-off-in-window"] if not opts.loadgen_gc else []),
+                *(profile2.loadgen_flags() if profile2 else []),
+                *(["--trace", str(Path(opts.trace).resolve().with_suffix(f".{kind}.json"))]
+                  if opts.trace else [])], workdir)
             phases = {"dial": _now()}
             connected = loadgen.wait_for("connected", 900.0)
             phases["connected"] = _now()
@@ -94,7 +108,10 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             cpu0 = cpu_seconds_sum(middle.procs)
             csms_ps = psutil.Process(csms.proc.pid)
             csms0 = cpu_seconds(csms_ps)
+            loadgen_ps = psutil.Process(loadgen.proc.pid)
+            loadgen0 = cpu_seconds(loadgen_ps)
             wall0 = time.perf_counter()
+            epoch0 = time.time()
             phases["window"] = _now()
             loadgen.send("mark")
             loadgen.wait_for("marked", 30.0)
@@ -102,7 +119,9 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             loadgen.send("end")
             cpu1 = cpu_seconds_sum(middle.procs)
             csms1 = cpu_seconds(csms_ps)
+            loadgen1 = cpu_seconds(loadgen_ps)
             wall = time.perf_counter() - wall0
+            epoch1 = time.time()
             summary = loadgen.wait_for("summary", 120.0)
             loadgen.wait_for("closed", 120.0)
             time.sleep(1.0)  # the middle sees every station leave
@@ -114,6 +133,8 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             checks = middle.checks()
         finally:
             stop_all(loadgen, middle, csms)
+        csms_pauses = [(p["generation"], p["ms"]) for p in _json_lines(csms.stderr_path)
+                       if p.get("event") == "gc_pause" and epoch0 <= p["ts"] <= epoch1]
     measured = bool(middle.procs)
     return {
         "scenario": kind,
@@ -135,10 +156,25 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
         "call_errors": summary["call_errors"] + summary["bad_answers"],
         "middle_cpu_pct": (cpu1 - cpu0) / wall * 100 if measured else None,
         "csms_cpu_pct": (csms1 - csms0) / wall * 100,
+        "loadgen_cpu_pct": (loadgen1 - loadgen0) / wall * 100,
         "kib_per_station": (rss_connected - rss_before) / 1024 / n if measured else None,
         "middle_checks": checks,
+        "helper_gc_pauses": {"csms": csms_pauses,
+                             "loadgen": [tuple(p) for p in summary["gc_pauses"]]},
         "phases": phases,
     }
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects among a helper's stderr lines."""
+    found = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+    return found
 
 
 def _now() -> str:
@@ -161,6 +197,10 @@ def report(results: list[dict[str, Any]]) -> list[str]:
                      f"{r['calls_per_s']:8.0f} {r['p50_ms']:7.1f} {r['p99_ms']:7.1f} "
                      f"{r['max_ms']:7.0f} {cpu:>6} {kib:>7} {r['unanswered']:5d} "
                      f"{r['call_errors']:6d}")
+        lines.append(f"  {r['scenario']}: CPU % of the CSMS {r['csms_cpu_pct']:.0f}, of the "
+                     f"stations' process {r['loadgen_cpu_pct']:.0f} (the machine has "
+                     f"{psutil.cpu_count()} cores); their collector pauses >= 20 ms in the "
+                     f"window (generation, ms): {r['helper_gc_pauses']}")
         checks = r["middle_checks"]
         if "gc_long_pauses" in checks:
             lines.append(f"  {r['scenario']}: {checks['gc_long_pauses']} GC pauses >= 20 ms, "
@@ -197,6 +237,13 @@ def main() -> int:
     parser.add_argument("--distinct-passwords", action="store_true",
                         help="with --profile 2: a password (and a [[stations]] entry) per "
                              "station, so each first connection costs the node a scrypt check")
+    parser.add_argument("--loadgen-gc", action="store_true",
+                        help="let the stations' process run its collector in the measured "
+                             "window too (it stalls all stations for 40-170 ms at a time at "
+                             "N = 9,000, in both scenarios)")
+    parser.add_argument("--trace", default=None,
+                        help="write every measured CALL's send time and round trip to "
+                             "<this path>.<scenario>.json")
     parser.add_argument("--json", default=None, help="results file (default bench/results/...)")
     opts = parser.parse_args()
     standalone_options(opts, opts.stations)

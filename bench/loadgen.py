@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import random
 import socket
 import ssl
@@ -38,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from benchutil import emit, percentile, raise_nofile_limit
+from benchutil import GcPauses, emit, percentile, raise_nofile_limit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.extensions.base import Extension
@@ -147,6 +148,7 @@ class Run:
     window_end: float = float("inf")
     window_calls: int = 0
     latencies: list[float] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)  # each latency's send time (--trace)
     total_calls: int = 0
     call_errors: int = 0
     bad_answers: int = 0
@@ -208,6 +210,7 @@ async def station_loop(ws: ClientConnection, name: str, run: Run, interval: floa
                 run.window_calls += 1
                 if sent >= run.window_start:
                     run.latencies.append(done - sent)
+                    run.sent_at.append(sent)
     except ConnectionClosed:
         run.disconnects += 1
 
@@ -290,6 +293,7 @@ async def main(args: argparse.Namespace) -> None:
     gc.collect()
     gc.freeze()  # keep the collector from rescanning the long-lived connection objects
     run = Run()
+    gc_pauses = GcPauses()
     interval = len(links) / args.rate if args.rate > 0 else 0.0
     rng = random.Random(args.seed)
     now = time.perf_counter()
@@ -304,17 +308,27 @@ async def main(args: argparse.Namespace) -> None:
     emit("running")
 
     await expect(reader, "mark")
-    wire_at_mark = wire_bytes(links)
+    wire_at_mark = wire_bytes(links) if not args.no_wire_bytes else None
+    gc_pauses.take()
+    if args.gc_off_in_window:
+        gc.disable()
     run.window_start = time.perf_counter()
     emit("marked")
     await expect(reader, "end")
     run.window_end = time.perf_counter()
-    wire_at_end = wire_bytes(links)
+    window_gc_pauses = gc_pauses.take()
+    if args.gc_off_in_window:
+        gc.enable()
+    wire_at_end = wire_bytes(links) if not args.no_wire_bytes else None
     run.running = False
     _, stuck = await asyncio.wait(tasks, timeout=15.0)
     for task in stuck:
         task.cancel()
 
+    if args.trace:
+        with open(args.trace, "w") as out:
+            json.dump([[round(at - run.window_start, 6), round(latency, 6)]
+                       for at, latency in zip(run.sent_at, run.latencies, strict=True)], out)
     lat = sorted(run.latencies)
     window = run.window_end - run.window_start
     emit(
@@ -333,6 +347,7 @@ async def main(args: argparse.Namespace) -> None:
         bad_answers=run.bad_answers,
         disconnects=run.disconnects,
         timeouts=run.timeouts,
+        gc_pauses=window_gc_pauses,
         departures=run.departures,
         rejoin_failures=run.rejoin_failures,
         stuck_stations=len(stuck),
@@ -371,6 +386,19 @@ if __name__ == "__main__":
                         help="meter: MeterValues only; heartbeat: Heartbeats only; fleet: a "
                              "Heartbeat every N/rate s plus StatusNotification and MeterValues "
                              "every 10-60 s")
+    parser.add_argument("--no-wire-bytes", action="store_true",
+                        help="skip reading every socket's byte counts at the window's edges "
+                             "(at N = 9,000 that holds all stations up for tens of ms just "
+                             "as the window opens)")
+    parser.add_argument("--gc-off-in-window", action="store_true",
+                        help="no collector passes in this process during the measured window "
+                             "(with thousands of stations a pass stalls them all for 40-170 "
+                             "ms, and they then send what was due in one burst: a tail real "
+                             "stations, each its own machine, do not have)")
+    parser.add_argument("--trace", default=None,
+                        help="write every measured CALL as [send time in the window, "
+                             "round trip] (seconds) to this JSON file, to see when slow ones "
+                             "happened")
     parser.add_argument("--seed", type=int, default=1, help="random seed of --mix fleet")
     parser.add_argument("--churn", type=float, default=0.0,
                         help="mean seconds a station stays before it leaves and dials "
