@@ -112,6 +112,7 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             loadgen0 = cpu_seconds(loadgen_ps)
             wall0 = time.perf_counter()
             epoch0 = time.time()
+            box0 = psutil.cpu_times()
             phases["window"] = _now()
             loadgen.send("mark")
             loadgen.wait_for("marked", 30.0)
@@ -122,6 +123,7 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             loadgen1 = cpu_seconds(loadgen_ps)
             wall = time.perf_counter() - wall0
             epoch1 = time.time()
+            box1 = psutil.cpu_times()
             summary = loadgen.wait_for("summary", 120.0)
             loadgen.wait_for("closed", 120.0)
             time.sleep(1.0)  # the middle sees every station leave
@@ -157,12 +159,21 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
         "middle_cpu_pct": (cpu1 - cpu0) / wall * 100 if measured else None,
         "csms_cpu_pct": (csms1 - csms0) / wall * 100,
         "loadgen_cpu_pct": (loadgen1 - loadgen0) / wall * 100,
+        "machine_busy_pct": _busy_pct(box0, box1),
         "kib_per_station": (rss_connected - rss_before) / 1024 / n if measured else None,
         "middle_checks": checks,
         "helper_gc_pauses": {"csms": csms_pauses,
                              "loadgen": [tuple(p) for p in summary["gc_pauses"]]},
         "phases": phases,
     }
+
+
+def _busy_pct(before: Any, after: Any) -> float:
+    """How busy all the machine's cores were between two ``psutil.cpu_times()``, in %."""
+    total = sum(after) - sum(before)
+    idle = (after.idle - before.idle) + (getattr(after, "iowait", 0.0)
+                                         - getattr(before, "iowait", 0.0))
+    return 100.0 * (1.0 - idle / total) if total > 0 else 0.0
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:
@@ -198,9 +209,9 @@ def report(results: list[dict[str, Any]]) -> list[str]:
                      f"{r['max_ms']:7.0f} {cpu:>6} {kib:>7} {r['unanswered']:5d} "
                      f"{r['call_errors']:6d}")
         lines.append(f"  {r['scenario']}: CPU % of the CSMS {r['csms_cpu_pct']:.0f}, of the "
-                     f"stations' process {r['loadgen_cpu_pct']:.0f} (the machine has "
-                     f"{psutil.cpu_count()} cores); their collector pauses >= 20 ms in the "
-                     f"window (generation, ms): {r['helper_gc_pauses']}")
+                     f"stations' process {r['loadgen_cpu_pct']:.0f}; all {psutil.cpu_count()} "
+                     f"cores {r['machine_busy_pct']:.0f}% busy; their collector pauses >= 20 "
+                     f"ms in the window (generation, ms): {r['helper_gc_pauses']}")
         checks = r["middle_checks"]
         if "gc_long_pauses" in checks:
             lines.append(f"  {r['scenario']}: {checks['gc_long_pauses']} GC pauses >= 20 ms, "
