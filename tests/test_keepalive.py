@@ -9,7 +9,7 @@ import gc
 import trio
 import trio.testing
 
-from router.net.keepalive import Spawner, watch
+from router.net.keepalive import COALESCE_S, Spawner, watch
 
 
 class Link:
@@ -42,6 +42,24 @@ async def test_looks_come_when_asked_and_end_when_the_link_says(
     assert [t - start for t in fast.looked_at] == [3, 6, 9]
     assert [t - start for t in slow.looked_at] == [10, 20, 30]
     assert fast.pinged == slow.pinged == 3
+
+
+async def test_looks_due_close_together_share_a_wake_up(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # 600 links due at their own moments within one second (backend links of a busy node,
+    # each due a minute after its last read): a few dozen wake-ups, not 600, and no look
+    # comes before its time or later than COALESCE_S after it
+    start = trio.current_time()
+    links = [Link(60.0, looks=1) for _ in range(600)]
+    due = [start + 1 + i / 600 for i in range(600)]
+    for link, at in zip(links, due, strict=True):
+        watch(link, at)
+    await trio.sleep(3)
+    assert all(len(link.looked_at) == 1 and link.pinged == 1 for link in links)
+    for link, at in zip(links, due, strict=True):
+        assert at <= link.looked_at[0] <= at + COALESCE_S
+    wake_ups = {link.looked_at[0] for link in links}
+    assert len(wake_ups) <= 1 / COALESCE_S + 1
 
 
 async def test_a_failing_look_costs_only_its_link(

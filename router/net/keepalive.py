@@ -8,6 +8,12 @@ reader, which then sees the link closed (1006) with the reason. Each link costs 
 watcher one heap entry per interval, not per frame; a cancel scope around every read
 cost about 20% of the forwarding CPU (measured with ``bench/forwarding.py``).
 
+Looks that come due close together are taken in one wake-up: the watcher wakes at most
+every ``COALESCE_S``, so a link may be looked at up to that much after its time. With
+9,000 stations' backend links each due once a minute, at their own moments, the watcher
+woke 150 times a second for one look each (2.4% of the node's samples in
+``bench/fleet.py``); now it wakes 20 times.
+
 The watcher is a trio system task started by the first link that needs it, so links made
 anywhere (dialled, accepted, in tests) need no plumbing; it ends with the run.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -25,6 +32,10 @@ import trio
 from trio.lowlevel import RunVar, spawn_system_task
 
 log = logging.getLogger("router.net")
+
+# the shortest time between two wake-ups of the watcher (the smallest ping interval a
+# config may set is 0.1 s)
+COALESCE_S = 0.05
 
 
 class Spawner(Protocol):
@@ -57,12 +68,17 @@ class _Watcher:
         heapq.heappush(self._heap, (at, next(self._order), weakref.ref(link)))
 
     async def run(self) -> None:
+        not_before = -math.inf
         async with trio.open_nursery() as nursery:
             while True:
                 self._wake = trio.Event()
-                with trio.move_on_at(self._heap[0][0] if self._heap else float("inf")):
+                due = self._heap[0][0] if self._heap else math.inf
+                with trio.move_on_at(max(due, not_before)):
                     await self._wake.wait()
                 now = trio.current_time()
+                if now < not_before:
+                    continue  # an earlier link came in: sleep until it is due instead
+                not_before = now + COALESCE_S
                 heap = self._heap
                 while heap and heap[0][0] <= now:
                     _, _, ref = heapq.heappop(heap)
