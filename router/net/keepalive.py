@@ -12,7 +12,7 @@ Looks that come due close together are taken in one wake-up: the watcher wakes a
 every ``COALESCE_S``, so a link may be looked at up to that much after its time. With
 9,000 stations' backend links each due once a minute, at their own moments, the watcher
 woke 150 times a second for one look each (2.4% of the node's samples in
-``bench/fleet.py``); now it wakes 20 times.
+``bench/fleet.py``); now it wakes at most 20 times a second.
 
 The watcher is a trio system task started by the first link that needs it, so links made
 anywhere (dialled, accepted, in tests) need no plumbing; it ends with the run.
@@ -77,7 +77,7 @@ class _Watcher:
                     await self._wake.wait()
                 now = trio.current_time()
                 if now < not_before:
-                    continue  # an earlier link came in: sleep until it is due instead
+                    continue  # woken early by a link added: sleep on until not_before
                 not_before = now + COALESCE_S
                 heap = self._heap
                 while heap and heap[0][0] <= now:
