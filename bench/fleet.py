@@ -92,7 +92,7 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
                 "--connect-concurrency", str(opts.connect_concurrency),
                 "--no-wire-bytes", *(["--gc-off-in-window"] if not opts.loadgen_gc else []),
                 *(profile2.loadgen_flags() if profile2 else []),
-                *(["--trace", str(Path(opts.trace).resolve().with_suffix(f".{kind}.json"))]
+                *(["--trace", str(Path(f"{opts.trace}.{kind}.json").resolve())]
                   if opts.trace else [])], workdir)
             phases = {"dial": _now()}
             connected = loadgen.wait_for("connected", 900.0)
@@ -135,8 +135,10 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             checks = middle.checks()
         finally:
             stop_all(loadgen, middle, csms)
+        # a pause line is written as it ends: count those that overlap the window
         csms_pauses = [(p["generation"], p["ms"]) for p in _json_lines(csms.stderr_path)
-                       if p.get("event") == "gc_pause" and epoch0 <= p["ts"] <= epoch1]
+                       if p.get("event") == "gc_pause"
+                       and p["ts"] >= epoch0 and p["ts"] - p["ms"] / 1e3 <= epoch1]
     measured = bool(middle.procs)
     return {
         "scenario": kind,
@@ -170,7 +172,10 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
 
 def _busy_pct(before: Any, after: Any) -> float:
     """How busy all the machine's cores were between two ``psutil.cpu_times()``, in %."""
-    total = sum(after) - sum(before)
+    # guest time is counted in user and nice already (as psutil's cpu_percent does)
+    guest = sum(getattr(after, name, 0.0) - getattr(before, name, 0.0)
+                for name in ("guest", "guest_nice"))
+    total = sum(after) - sum(before) - guest
     idle = (after.idle - before.idle) + (getattr(after, "iowait", 0.0)
                                          - getattr(before, "iowait", 0.0))
     return 100.0 * (1.0 - idle / total) if total > 0 else 0.0

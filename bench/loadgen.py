@@ -325,10 +325,6 @@ async def main(args: argparse.Namespace) -> None:
     for task in stuck:
         task.cancel()
 
-    if args.trace:
-        with open(args.trace, "w") as out:
-            json.dump([[round(at - run.window_start, 6), round(latency, 6)]
-                       for at, latency in zip(run.sent_at, run.latencies, strict=True)], out)
     lat = sorted(run.latencies)
     window = run.window_end - run.window_start
     emit(
@@ -355,6 +351,10 @@ async def main(args: argparse.Namespace) -> None:
         wire_sent=wire_at_end[0] - wire_at_mark[0] if wire_at_mark and wire_at_end else None,
         wire_received=wire_at_end[1] - wire_at_mark[1] if wire_at_mark and wire_at_end else None,
     )
+    if args.trace is not None:  # opened when the arguments were read: a bad path fails early
+        with args.trace as out:
+            json.dump([[round(at - run.window_start, 6), round(latency, 6)]
+                       for at, latency in zip(run.sent_at, run.latencies, strict=True)], out)
     if current:
         await asyncio.wait([asyncio.create_task(ws.close()) for ws in current.values()],
                            timeout=10.0)
@@ -395,7 +395,7 @@ if __name__ == "__main__":
                              "(with thousands of stations a pass stalls them all for 40-170 "
                              "ms, and they then send what was due in one burst: a tail real "
                              "stations, each its own machine, do not have)")
-    parser.add_argument("--trace", default=None,
+    parser.add_argument("--trace", default=None, type=argparse.FileType("w"),
                         help="write every measured CALL as [send time in the window, "
                              "round trip] (seconds) to this JSON file, to see when slow ones "
                              "happened")

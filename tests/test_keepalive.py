@@ -62,6 +62,21 @@ async def test_looks_due_close_together_share_a_wake_up(
     assert len(wake_ups) <= 1 / COALESCE_S + 1
 
 
+async def test_a_link_added_between_passes_is_looked_at_within_the_bound(
+        autojump_clock: trio.testing.MockClock) -> None:
+    start = trio.current_time()
+    first, early, later = Link(60.0, looks=1), Link(60.0, looks=1), Link(60.0, looks=1)
+    watch(first, start + 1)
+    await trio.sleep(1.01)  # the watcher has just run a pass for ``first``
+    watch(early, start + 1.02)  # the new head, due inside the window of that pass
+    await trio.sleep(1)
+    watch(later, start + 2.02)  # the new head, due after the window: on time
+    await trio.sleep(1)
+    assert [t - start for t in first.looked_at] == [1]
+    assert start + 1.02 <= early.looked_at[0] <= start + 1 + COALESCE_S
+    assert later.looked_at == [start + 2.02]
+
+
 async def test_a_failing_look_costs_only_its_link(
         autojump_clock: trio.testing.MockClock) -> None:
     bad, good = Link(1.0, fail=True), Link(5.0)

@@ -8,11 +8,11 @@ reader, which then sees the link closed (1006) with the reason. Each link costs 
 watcher one heap entry per interval, not per frame; a cancel scope around every read
 cost about 20% of the forwarding CPU (measured with ``bench/forwarding.py``).
 
-Looks that come due close together are taken in one wake-up: the watcher wakes at most
-every ``COALESCE_S``, so a link may be looked at up to that much after its time. With
+Looks that come due close together are taken in one pass: the watcher runs at most one
+pass every ``COALESCE_S``, so a link may be looked at up to that much after its time. With
 9,000 stations' backend links each due once a minute, at their own moments, the watcher
 woke 150 times a second for one look each (2.4% of the node's samples in
-``bench/fleet.py``); now it wakes at most 20 times a second.
+``bench/fleet.py``); now it runs at most 20 passes a second.
 
 The watcher is a trio system task started by the first link that needs it, so links made
 anywhere (dialled, accepted, in tests) need no plumbing; it ends with the run.
@@ -76,10 +76,10 @@ class _Watcher:
                 with trio.move_on_at(max(due, not_before)):
                     await self._wake.wait()
                 now = trio.current_time()
-                if now < not_before:
-                    continue  # woken early by a link added: sleep on until not_before
-                not_before = now + COALESCE_S
                 heap = self._heap
+                if now < not_before or not heap or heap[0][0] > now:
+                    continue  # woken by a link added: nothing due yet, or in the window
+                not_before = now + COALESCE_S
                 while heap and heap[0][0] <= now:
                     _, _, ref = heapq.heappop(heap)
                     link = ref()
