@@ -69,11 +69,12 @@ class GcPauses:
     bench helper's own pauses stall every station it serves, in both scenarios alike, so
     they are reported beside the figures they may have shaped."""
 
-    def __init__(self, min_ms: float = 20.0) -> None:
+    def __init__(self, min_ms: float = 20.0,
+                 on_pause: Callable[[int, float], None] | None = None) -> None:
         self.min_ms = min_ms
         self.pauses: list[tuple[int, float]] = []  # (generation, ms)
         self._started = 0.0
-        self.on_pause: Callable[[int, float], None] | None = None
+        self.on_pause = on_pause  # told of each long pause as it ends
         gc.callbacks.append(self._callback)
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:

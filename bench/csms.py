@@ -101,7 +101,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     STALL = args.stall
     raise_nofile_limit()
-    GcPauses().on_pause = log_gc_pause
+    GcPauses(on_pause=log_gc_pause)
     server_tls = None
     if args.tls_cert:
         server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -59,6 +59,7 @@ from forwarding import (
     cpu_seconds,
     cpu_seconds_sum,
     csms_argv,
+    machine_busy_seconds,
     rss_bytes_sum,
     standalone_options,
     start_middle,
@@ -112,7 +113,7 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             loadgen0 = cpu_seconds(loadgen_ps)
             wall0 = time.perf_counter()
             epoch0 = time.time()
-            box0 = psutil.cpu_times()
+            busy0 = machine_busy_seconds()
             phases["window"] = _now()
             loadgen.send("mark")
             loadgen.wait_for("marked", 30.0)
@@ -123,7 +124,7 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             loadgen1 = cpu_seconds(loadgen_ps)
             wall = time.perf_counter() - wall0
             epoch1 = time.time()
-            box1 = psutil.cpu_times()
+            busy1 = machine_busy_seconds()
             summary = loadgen.wait_for("summary", 120.0)
             loadgen.wait_for("closed", 120.0)
             time.sleep(1.0)  # the middle sees every station leave
@@ -161,24 +162,13 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
         "middle_cpu_pct": (cpu1 - cpu0) / wall * 100 if measured else None,
         "csms_cpu_pct": (csms1 - csms0) / wall * 100,
         "loadgen_cpu_pct": (loadgen1 - loadgen0) / wall * 100,
-        "machine_busy_pct": _busy_pct(box0, box1),
+        "machine_busy_pct": (busy1 - busy0) / (wall * (psutil.cpu_count() or 1)) * 100,
         "kib_per_station": (rss_connected - rss_before) / 1024 / n if measured else None,
         "middle_checks": checks,
         "helper_gc_pauses": {"csms": csms_pauses,
                              "loadgen": [tuple(p) for p in summary["gc_pauses"]]},
         "phases": phases,
     }
-
-
-def _busy_pct(before: Any, after: Any) -> float:
-    """How busy all the machine's cores were between two ``psutil.cpu_times()``, in %."""
-    # guest time is counted in user and nice already (as psutil's cpu_percent does)
-    guest = sum(getattr(after, name, 0.0) - getattr(before, name, 0.0)
-                for name in ("guest", "guest_nice"))
-    total = sum(after) - sum(before) - guest
-    idle = (after.idle - before.idle) + (getattr(after, "iowait", 0.0)
-                                         - getattr(before, "iowait", 0.0))
-    return 100.0 * (1.0 - idle / total) if total > 0 else 0.0
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:

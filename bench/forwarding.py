@@ -175,9 +175,12 @@ def cpu_seconds_sum(procs: list[psutil.Process]) -> float:
 
 
 def machine_busy_seconds() -> float:
-    """CPU seconds spent not idle, summed over all CPUs (includes steal and interrupts)."""
+    """CPU seconds spent not idle, summed over all CPUs (includes steal and interrupts;
+    guest time is counted in user and nice already, so not again, as psutil's
+    cpu_percent does)."""
     t = psutil.cpu_times()
-    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+    guest = getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0) - guest)
 
 
 def rss_bytes(proc: psutil.Process | None) -> int:
