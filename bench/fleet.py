@@ -96,7 +96,11 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
                 *(["--trace", str(Path(f"{opts.trace}.{kind}.json").resolve())]
                   if opts.trace else [])], workdir)
             phases = {"dial": _now()}
+            csms_ps = psutil.Process(csms.proc.pid)
+            loadgen_ps = psutil.Process(loadgen.proc.pid)
+            dial0 = _cpu_marks(middle.procs, csms_ps, loadgen_ps)
             connected = loadgen.wait_for("connected", 900.0)
+            dial1 = _cpu_marks(middle.procs, csms_ps, loadgen_ps)
             phases["connected"] = _now()
             if connected["failed"]:
                 raise BenchError(f"{connected['failed']} of {n} stations failed to connect "
@@ -107,9 +111,7 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             loadgen.wait_for("running", 60.0)
             time.sleep(opts.warmup)
             cpu0 = cpu_seconds_sum(middle.procs)
-            csms_ps = psutil.Process(csms.proc.pid)
             csms0 = cpu_seconds(csms_ps)
-            loadgen_ps = psutil.Process(loadgen.proc.pid)
             loadgen0 = cpu_seconds(loadgen_ps)
             wall0 = time.perf_counter()
             epoch0 = time.time()
@@ -126,11 +128,16 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             epoch1 = time.time()
             busy1 = machine_busy_seconds()
             summary = loadgen.wait_for("summary", 120.0)
+            leave0 = _cpu_marks(middle.procs, csms_ps, loadgen_ps)
             loadgen.wait_for("closed", 120.0)
-            time.sleep(1.0)  # the middle sees every station leave
+            # the middle sees every station leave: wait until it and the CSMS are idle, so
+            # the storm measures dialling again and not the last sessions' wind-down
+            _wait_idle([*middle.procs, csms_ps])
             phases["window_end"] = _now()
+            storm0 = _cpu_marks(middle.procs, csms_ps, loadgen_ps)
             loadgen.send("storm")
             stormed = loadgen.wait_for("stormed", 900.0)
+            storm1 = _cpu_marks(middle.procs, csms_ps, loadgen_ps)
             phases["storm_done"] = _now()
             loadgen.wait_for("storm_closed", 120.0)
             checks = middle.checks()
@@ -168,7 +175,48 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
         "helper_gc_pauses": {"csms": csms_pauses,
                              "loadgen": [tuple(p) for p in summary["gc_pauses"]]},
         "phases": phases,
+        # CPU ms per station dialled, by process, and how busy the machine was: the
+        # stations' figure for the first connect includes their process's start
+        "connect_cpu": _per_station(dial0, dial1, n, connected["seconds"]),
+        "storm_cpu": _per_station(storm0, storm1, stormed["stations"], stormed["seconds"]),
+        # every station closing its link, until the middle and the CSMS are idle again
+        "leave_cpu": _per_station(leave0, storm0, n, storm0[4] - leave0[4]),
     }
+
+
+def _wait_idle(procs: list[psutil.Process], timeout_s: float = 60.0) -> None:
+    """Return once these processes together used under 5% of a core over 0.5 s (at least
+    1 s after the call, at most ``timeout_s``)."""
+    time.sleep(0.5)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = cpu_seconds_sum(procs)
+        time.sleep(0.5)
+        if cpu_seconds_sum(procs) - before < 0.025:
+            return
+
+
+def _cpu_marks(middle: list[psutil.Process], csms: psutil.Process,
+               loadgen: psutil.Process) -> tuple[float, float, float, float, float]:
+    """CPU seconds so far of the middle, the CSMS and the stations, the machine's busy
+    seconds, and the wall time: read at both ends of a phase."""
+    return (cpu_seconds_sum(middle), cpu_seconds(csms), cpu_seconds(loadgen),
+            machine_busy_seconds(), time.perf_counter())
+
+
+def _per_station(before: tuple[float, ...], after: tuple[float, ...], stations: int,
+                 seconds: float) -> dict[str, float | None]:
+    """A connect phase's CPU per station dialled (ms) for each process, and the share of
+    the machine that was busy over the phase's wall time."""
+    middle, csms, loadgen, busy, wall = (b - a for a, b in zip(before, after, strict=True))
+
+    def ms(cpu_s: float) -> float | None:
+        return cpu_s / stations * 1e3 if stations else None
+
+    return {"middle_ms": ms(middle) if middle else None, "csms_ms": ms(csms),
+            "stations_ms": ms(loadgen), "seconds": seconds,
+            "machine_busy_pct": busy / (wall * (psutil.cpu_count() or 1)) * 100
+            if wall > 0 else None}
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:
@@ -207,6 +255,7 @@ def report(results: list[dict[str, Any]]) -> list[str]:
                      f"stations' process {r['loadgen_cpu_pct']:.0f}; all {psutil.cpu_count()} "
                      f"cores {r['machine_busy_pct']:.0f}% busy; their collector pauses >= 20 "
                      f"ms in the window (generation, ms): {r['helper_gc_pauses']}")
+        lines.append(f"  {r['scenario']}: {_connect_cpu_line(r)}")
         checks = r["middle_checks"]
         if "gc_long_pauses" in checks:
             lines.append(f"  {r['scenario']}: {checks['gc_long_pauses']} GC pauses >= 20 ms, "
@@ -225,6 +274,19 @@ def report(results: list[dict[str, Any]]) -> list[str]:
                      f"(aim <= {AIM_KIB_PER_STATION:g}); "
                      f"{n['unanswered']} CALLs unanswered")
     return lines
+
+
+def _connect_cpu_line(r: dict[str, Any]) -> str:
+    """CPU per station, by process: first connect, leaving, storm."""
+    phases = (r["connect_cpu"], r["leave_cpu"], r["storm_cpu"])
+
+    def each(key: str, spec: str = ".2f") -> str:
+        return "/".join("-" if p[key] is None else f"{p[key]:{spec}}" for p in phases)
+
+    node = f"node {each('middle_ms')}, " if phases[0]["middle_ms"] is not None else ""
+    return (f"CPU ms per station (connect/leave/storm): {node}CSMS {each('csms_ms')}, "
+            f"stations {each('stations_ms')} (their connect includes their process's "
+            f"start); all cores busy {each('machine_busy_pct', '.0f')}%")
 
 
 def main() -> int:

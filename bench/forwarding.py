@@ -174,6 +174,12 @@ def cpu_seconds_sum(procs: list[psutil.Process]) -> float:
     return sum(cpu_seconds(proc) for proc in procs)
 
 
+def kernel_seconds_sum(procs: list[psutil.Process]) -> float:
+    """The part of :func:`cpu_seconds_sum` spent in the kernel (system time): for a relay
+    on loopback, mostly the TCP work of its sends and receives, which any relay pays."""
+    return sum(float(proc.cpu_times().system) for proc in procs)
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds spent not idle, summed over all CPUs (includes steal and interrupts;
     guest time is counted in user and nice already, so not again, as psutil's
@@ -465,6 +471,7 @@ def run_one(kind: str, stations: int, mode: str, opts: argparse.Namespace) -> di
             me = psutil.Process()
             cpu0 = (cpu_seconds_sum(middle.procs), cpu_seconds(loadgen_ps), cpu_seconds(csms_ps),
                     cpu_seconds(me), machine_busy_seconds())
+            kernel0 = kernel_seconds_sum(middle.procs)
             wall0 = time.perf_counter()
             loadgen.send("mark")
             loadgen.wait_for("marked", 10.0)
@@ -472,6 +479,7 @@ def run_one(kind: str, stations: int, mode: str, opts: argparse.Namespace) -> di
             loadgen.send("end")
             cpu1 = (cpu_seconds_sum(middle.procs), cpu_seconds(loadgen_ps), cpu_seconds(csms_ps),
                     cpu_seconds(me), machine_busy_seconds())
+            kernel1 = kernel_seconds_sum(middle.procs)
             wall = time.perf_counter() - wall0
             rss_loaded = rss_bytes_sum(middle.procs)
 
@@ -483,6 +491,7 @@ def run_one(kind: str, stations: int, mode: str, opts: argparse.Namespace) -> di
 
     frames = 2 * summary["window_calls"]
     mid_cpu = cpu1[0] - cpu0[0]
+    mid_kernel = kernel1 - kernel0
     measured = bool(middle.procs)
     calls = summary["window_calls"]
     sent, received = summary.get("wire_sent"), summary.get("wire_received")
@@ -503,6 +512,8 @@ def run_one(kind: str, stations: int, mode: str, opts: argparse.Namespace) -> di
         "middle_processes": len(middle.procs),
         "middle_cpu_s": mid_cpu if measured else None,
         "us_per_frame": (mid_cpu / frames * 1e6) if measured and frames else None,
+        # of which in the kernel (system time); the rest is the process's own code
+        "kernel_us_per_frame": (mid_kernel / frames * 1e6) if measured and frames else None,
         "middle_cpu_pct": mid_cpu / wall * 100 if measured else None,
         "loadgen_cpu_pct": (cpu1[1] - cpu0[1]) / wall * 100,
         "csms_cpu_pct": (cpu1[2] - cpu0[2]) / wall * 100,
@@ -543,6 +554,20 @@ def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
         return None
     return a / b
+
+
+def _cpu_split(node: dict[str, Any], ngx: dict[str, Any]) -> str | None:
+    """Where a frame's CPU goes in each relay, user (its own code) against kernel (the
+    loopback TCP work of its sends and receives), and what the node's own code may take
+    for node/nginx to be 3x with the kernel share as measured."""
+    if None in (node["us_per_frame"], node.get("kernel_us_per_frame"),
+                ngx["us_per_frame"], ngx.get("kernel_us_per_frame")):
+        return None
+    node_k, ngx_k = node["kernel_us_per_frame"], ngx["kernel_us_per_frame"]
+    room = 3 * ngx["us_per_frame"] - node_k
+    return (f"user + kernel us per frame: node {node['us_per_frame'] - node_k:.1f} + "
+            f"{node_k:.1f}, nginx {ngx['us_per_frame'] - ngx_k:.1f} + {ngx_k:.1f}; "
+            f"3x nginx leaves the node's own code {room:.1f} us")
 
 
 def report(results: list[dict[str, Any]], stations: list[int], mode: str) -> list[str]:
@@ -621,6 +646,9 @@ def report(results: list[dict[str, Any]], stations: list[int], mode: str) -> lis
             out.append(f"  N={n:<4} node/nginx CPU per frame: {fmt(cpu, '.1f')}x   "
                        f"node/nginx throughput: {fmt(rate, '.2f')}x   "
                        f"node/direct throughput: {fmt(vs_direct, '.2f')}x")
+            split = _cpu_split(node, ngx)
+            if split:
+                out.append(f"         {split}")
 
     nodes = [by[("node", n)] for n in stations if ("node", n) in by]
     aim_kib = AIM_KIB_PER_STATION_DEFLATE if mode == "deflate" else AIM_KIB_PER_STATION
