@@ -38,7 +38,7 @@ from router.config import (
 from router.logs import log_event
 from router.net.handshake import DialFailed, HandshakeFailed, Upgrade, read_upgrade
 from router.net.tls import common_name
-from router.net.wslink import Keepalive
+from router.net.wslink import Keepalive, close_stream
 from router.overlay.mesh import MODE_HEADER, MODE_OVERLAY, Overlay
 from router.passwords import VerifiedCache, hash_password, verify_password
 from router.relay.failover import FailoverLink
@@ -174,7 +174,7 @@ class StationListener:
         except Exception as exc:
             log.exception("connection handler failed", extra={"fields": {"error": repr(exc)}})
         finally:
-            await trio.aclose_forcefully(stream)
+            await close_stream(stream)
 
     def _handshake_over(self) -> None:
         """This connection's handshake is over (a session or a peer link runs now, or it

@@ -216,3 +216,42 @@ async def test_open_tcp_connects_to_addresses_straight_and_to_names_as_trio_does
         await open_tcp("127.0.0.1", port)  # nothing listens there now
     for stream in accepted:
         await stream.aclose()
+
+
+async def test_close_stream_closes_a_tcp_socket_in_place_and_any_other_stream_too() -> None:
+    """A plain TCP stream is closed at once (the far end reads EOF, a reader waiting on it
+    is woken with ClosedResourceError) and without a checkpoint, so a wind-down of
+    thousands of sessions pays no cancel scope per socket; a wrapped stream (TLS) goes
+    through trio.aclose_forcefully."""
+    from router.net.wslink import close_stream
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    ours = await trio.open_tcp_stream("127.0.0.1", port)
+    theirs = await listeners[0].accept()
+    woken: list[type[BaseException]] = []
+
+    async def read_ours() -> None:
+        try:
+            await ours.receive_some(10)
+        except trio.ClosedResourceError as exc:
+            woken.append(type(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_ours)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.testing.assert_no_checkpoints():
+            await close_stream(ours)
+    assert woken == [trio.ClosedResourceError]
+    assert ours.socket.fileno() == -1
+    assert await theirs.receive_some(10) == b""  # EOF at the far end
+    await close_stream(ours)  # a second close is harmless
+
+    wrapped, far = trio.testing.memory_stream_pair()
+    await close_stream(wrapped)
+    with pytest.raises(trio.ClosedResourceError):
+        await wrapped.send_all(b"x")
+    assert await far.receive_some(10) == b""
+    await theirs.aclose()
+    for listener in listeners:
+        await listener.aclose()
