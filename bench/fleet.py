@@ -11,7 +11,10 @@ processes and measures, in one run:
   (``--mix heartbeat``), or that plus a StatusNotification and a MeterValues every 10-60 s
   each (``--mix fleet``), for ``--seconds`` after a warm-up: p50/p99/max of every CALL's
   round trip, CPU % of the middle process, CALLs answered and lost;
-* **reconnect storm**: every station's link closed, then all dial again at once.
+* **reconnect storm**: every station's link closed, then, once the middle and the CSMS
+  are idle again (their wind-down of the sessions done), all dial again at once;
+* **CPU per station** of each process (middle, CSMS, stations) and how busy the machine
+  was, for the first connect, the stations leaving and the storm.
 
 The stations' process runs no collector pass during the measured window
 (``--loadgen-gc`` lets it): with 9,000 stations in one asyncio process a young
