@@ -135,7 +135,7 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             loadgen.wait_for("closed", 120.0)
             # the middle sees every station leave: wait until it and the CSMS are idle, so
             # the storm measures dialling again and not the last sessions' wind-down
-            _wait_idle([*middle.procs, csms_ps])
+            wind_down_s = _wait_idle([*middle.procs, csms_ps])
             phases["window_end"] = _now()
             storm0 = _cpu_marks(middle.procs, csms_ps, loadgen_ps)
             loadgen.send("storm")
@@ -184,19 +184,22 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
         "storm_cpu": _per_station(storm0, storm1, stormed["stations"], stormed["seconds"]),
         # every station closing its link, until the middle and the CSMS are idle again
         "leave_cpu": _per_station(leave0, storm0, n, storm0[4] - leave0[4]),
+        "wind_down_s": wind_down_s,
     }
 
 
-def _wait_idle(procs: list[psutil.Process], timeout_s: float = 60.0) -> None:
-    """Return once these processes together used under 5% of a core over 0.5 s (at least
-    1 s after the call, at most ``timeout_s``)."""
+def _wait_idle(procs: list[psutil.Process], timeout_s: float = 60.0) -> float | None:
+    """Wait until these processes together used under 5% of a core over 0.5 s (at least
+    1 s after the call): the seconds waited, or None when they were still busy after
+    ``timeout_s`` (the storm that follows then overlaps their work, and the report says)."""
+    start = time.monotonic()
     time.sleep(0.5)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < start + timeout_s:
         before = cpu_seconds_sum(procs)
         time.sleep(0.5)
         if cpu_seconds_sum(procs) - before < 0.025:
-            return
+            return time.monotonic() - start
+    return None
 
 
 def _cpu_marks(middle: list[psutil.Process], csms: psutil.Process,
@@ -259,6 +262,9 @@ def report(results: list[dict[str, Any]]) -> list[str]:
                      f"cores {r['machine_busy_pct']:.0f}% busy; their collector pauses >= 20 "
                      f"ms in the window (generation, ms): {r['helper_gc_pauses']}")
         lines.append(f"  {r['scenario']}: {_connect_cpu_line(r)}")
+        if r["wind_down_s"] is None:
+            lines.append(f"  {r['scenario']}: still busy 60 s after the stations left: the "
+                         "storm overlapped that work")
         checks = r["middle_checks"]
         if "gc_long_pauses" in checks:
             lines.append(f"  {r['scenario']}: {checks['gc_long_pauses']} GC pauses >= 20 ms, "
