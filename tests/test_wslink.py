@@ -255,3 +255,15 @@ async def test_close_stream_closes_a_tcp_socket_in_place_and_any_other_stream_to
     await theirs.aclose()
     for listener in listeners:
         await listener.aclose()
+
+
+
+def test_address_family_of_literals_and_names() -> None:
+    import socket
+
+    from router.net.handshake import _address_family
+
+    assert _address_family("127.0.0.1") == socket.AF_INET
+    assert _address_family("::1") == socket.AF_INET6
+    assert _address_family("csms.example") is None
+    assert _address_family("127.0.0.1") == socket.AF_INET  # cached answers agree

@@ -13,6 +13,7 @@ trio, one resolver for both kinds.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -192,6 +193,13 @@ async def _system_address(host: str) -> tuple[list[str], float]:
     return [str(info[4][0]) for info in infos], SYSTEM_ADDRESS_TTL_S
 
 
+@functools.lru_cache(maxsize=1024)
+def _is_address(host: str) -> bool:
+    """Whether ``host`` is an IP address literal; a node asks for the same few hosts on
+    every station it dials."""
+    return bool(dns.inet.is_address(host))
+
+
 def failure_reason(exc: BaseException) -> str:
     """A short, operator-readable reason for a failed SRV query."""
     if isinstance(exc, dns.resolver.NXDOMAIN):
@@ -320,7 +328,7 @@ class DnsCache:
         a DNS outage neither delays stations nor floods the resolver; a failed refresh
         keeps the last good address and is retried with back-off.
         """
-        if not host or dns.inet.is_address(host):
+        if not host or _is_address(host):
             return None
         key = _key(host)
         entry = self._addresses.setdefault(key, _Entry())

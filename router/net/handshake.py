@@ -8,7 +8,9 @@ validation are websockets'; timeouts are the caller's.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import logging
 import socket
 import ssl
 from urllib.parse import urlsplit
@@ -26,6 +28,10 @@ from router.config import DialSettings
 from router.net.compression import client_extensions, server_extensions
 from router.net.tls import tls_failure
 from router.net.wslink import RECEIVE_BYTES, Keepalive, WsLink, break_cycles
+
+# the loggers websockets looks up for every protocol it makes when given none
+_SERVER_LOG = logging.getLogger("websockets.server")
+_CLIENT_LOG = logging.getLogger("websockets.client")
 
 
 class HandshakeFailed(Exception):
@@ -148,6 +154,7 @@ async def read_upgrade(stream: trio.abc.Stream, max_message_bytes: int,
         return upgrade._select(proto, offered) if upgrade is not None else None
 
     proto = ServerProtocol(select_subprotocol=select, max_size=max_message_bytes,
+                           logger=_SERVER_LOG,
                            extensions=server_extensions(compression))
     try:
         while True:
@@ -176,9 +183,8 @@ async def open_tcp(host: str, port: int) -> trio.SocketStream:
     dials go to addresses its DNS cache resolved, so a connect storm saves that work on
     every backend dial: 420-520 against 640-800 us of CPU per loopback connect, both ends
     counted, in alternating runs of 2,000 (2026-11-28)."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
+    family = _address_family(host)
+    if family is None:
         return await trio.open_tcp_stream(host, port)
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -187,6 +193,16 @@ async def open_tcp(host: str, port: int) -> trio.SocketStream:
         sock.close()
         raise
     return trio.SocketStream(sock)
+
+
+@functools.lru_cache(maxsize=1024)
+def _address_family(host: str) -> int | None:
+    """AF_INET or AF_INET6 for an IP address literal, None for a name. A node dials the
+    same few backend addresses for every station: parsed once each."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
 
 
 async def dial(
@@ -219,6 +235,7 @@ async def dial(
             stream = trio.SSLStream(tcp, ssl_context or ssl.create_default_context(),
                                     server_hostname=parts.hostname, https_compatible=True)
         proto = ClientProtocol(uri, subprotocols=[Subprotocol(p) for p in subprotocols],
+                               logger=_CLIENT_LOG,
                                max_size=max_message_bytes,
                                extensions=client_extensions(
                                    dialing is not None and dialing.compression == "deflate"))
