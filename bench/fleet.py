@@ -276,13 +276,18 @@ def report(results: list[dict[str, Any]]) -> list[str]:
         extra = n["p99_ms"] - d["p99_ms"]
         ratio = n["connect_per_s"] / d["connect_per_s"]
         storm = n["storm_per_s"] / d["storm_per_s"]
-        lines.append(f"node p99 - direct p99: {extra:+.1f} ms (aim <= {AIM_P99_EXTRA_MS:g}); "
-                     f"connect rate {ratio:.2f}x direct, storm {storm:.2f}x "
-                     f"(aim >= {AIM_CONNECT_RATIO:g}); "
-                     f"{n['kib_per_station']:.1f} KiB per station "
-                     f"(aim <= {AIM_KIB_PER_STATION:g}); "
-                     f"{n['unanswered']} CALLs unanswered")
+        lines.append(f"node p99 - direct p99: {extra:+.1f} ms (aim <= {AIM_P99_EXTRA_MS:g}: "
+                     f"{_met(extra <= AIM_P99_EXTRA_MS)}); connect rate {ratio:.3f}x direct "
+                     f"(aim >= {AIM_CONNECT_RATIO:g}: {_met(ratio >= AIM_CONNECT_RATIO)}), "
+                     f"storm {storm:.3f}x; {n['kib_per_station']:.1f} KiB per station "
+                     f"(aim <= {AIM_KIB_PER_STATION:g}: "
+                     f"{_met(n['kib_per_station'] <= AIM_KIB_PER_STATION)}); "
+                     f"{n['unanswered']} CALLs unanswered ({_met(n['unanswered'] == 0)})")
     return lines
+
+
+def _met(held: bool) -> str:
+    return "ok" if held else "MISSED"
 
 
 def _connect_cpu_line(r: dict[str, Any]) -> str:
