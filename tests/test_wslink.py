@@ -261,7 +261,7 @@ async def test_close_stream_closes_a_tcp_socket_in_place_and_any_other_stream_to
 def test_address_family_of_literals_and_names() -> None:
     import socket
 
-    from router.net.handshake import _address_family
+    from router.net.dns import address_family as _address_family
 
     assert _address_family("127.0.0.1") == socket.AF_INET
     assert _address_family("::1") == socket.AF_INET6

@@ -14,9 +14,11 @@ trio, one resolver for both kinds.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import math
 import random
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -194,10 +196,13 @@ async def _system_address(host: str) -> tuple[list[str], float]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _is_address(host: str) -> bool:
-    """Whether ``host`` is an IP address literal; a node asks for the same few hosts on
-    every station it dials."""
-    return bool(dns.inet.is_address(host))
+def address_family(host: str) -> int | None:
+    """AF_INET or AF_INET6 for an IP address literal, None for a name to resolve. A node
+    dials the same few backend hosts for every station: each is parsed once."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -328,7 +333,7 @@ class DnsCache:
         a DNS outage neither delays stations nor floods the resolver; a failed refresh
         keeps the last good address and is retried with back-off.
         """
-        if not host or _is_address(host):
+        if not host or address_family(host) is not None:
             return None
         key = _key(host)
         entry = self._addresses.setdefault(key, _Entry())

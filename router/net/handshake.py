@@ -8,8 +8,6 @@ validation are websockets'; timeouts are the caller's.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import logging
 import socket
 import ssl
@@ -26,6 +24,7 @@ from websockets.uri import parse_uri
 
 from router.config import DialSettings
 from router.net.compression import client_extensions, server_extensions
+from router.net.dns import address_family
 from router.net.tls import tls_failure
 from router.net.wslink import RECEIVE_BYTES, Keepalive, WsLink, break_cycles
 
@@ -183,7 +182,7 @@ async def open_tcp(host: str, port: int) -> trio.SocketStream:
     dials go to addresses its DNS cache resolved, so a connect storm saves that work on
     every backend dial: 420-520 against 640-800 us of CPU per loopback connect, both ends
     counted, in alternating runs of 2,000 (2026-11-28)."""
-    family = _address_family(host)
+    family = address_family(host)
     if family is None:
         return await trio.open_tcp_stream(host, port)
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
@@ -193,16 +192,6 @@ async def open_tcp(host: str, port: int) -> trio.SocketStream:
         sock.close()
         raise
     return trio.SocketStream(sock)
-
-
-@functools.lru_cache(maxsize=1024)
-def _address_family(host: str) -> int | None:
-    """AF_INET or AF_INET6 for an IP address literal, None for a name. A node dials the
-    same few backend addresses for every station: parsed once each."""
-    try:
-        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        return None
 
 
 async def dial(
