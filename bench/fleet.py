@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil  # type: ignore[import-untyped, unused-ignore]
 from benchutil import write_results
@@ -113,23 +113,15 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
             loadgen.send("start")
             loadgen.wait_for("running", 60.0)
             time.sleep(opts.warmup)
-            cpu0 = cpu_seconds_sum(middle.procs)
-            csms0 = cpu_seconds(csms_ps)
-            loadgen0 = cpu_seconds(loadgen_ps)
-            wall0 = time.perf_counter()
+            window0 = _cpu_marks(middle.procs, csms_ps, loadgen_ps)
             epoch0 = time.time()
-            busy0 = machine_busy_seconds()
             phases["window"] = _now()
             loadgen.send("mark")
             loadgen.wait_for("marked", 30.0)
-            time.sleep(max(0.0, opts.seconds - (time.perf_counter() - wall0)))
+            time.sleep(max(0.0, opts.seconds - (time.perf_counter() - window0.wall)))
             loadgen.send("end")
-            cpu1 = cpu_seconds_sum(middle.procs)
-            csms1 = cpu_seconds(csms_ps)
-            loadgen1 = cpu_seconds(loadgen_ps)
-            wall = time.perf_counter() - wall0
+            window = _used(window0, _cpu_marks(middle.procs, csms_ps, loadgen_ps))
             epoch1 = time.time()
-            busy1 = machine_busy_seconds()
             summary = loadgen.wait_for("summary", 120.0)
             leave0 = _cpu_marks(middle.procs, csms_ps, loadgen_ps)
             loadgen.wait_for("closed", 120.0)
@@ -169,10 +161,10 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
         "max_ms": summary["max_ms"],
         "unanswered": summary["stuck_stations"] + summary["disconnects"] + summary["timeouts"],
         "call_errors": summary["call_errors"] + summary["bad_answers"],
-        "middle_cpu_pct": (cpu1 - cpu0) / wall * 100 if measured else None,
-        "csms_cpu_pct": (csms1 - csms0) / wall * 100,
-        "loadgen_cpu_pct": (loadgen1 - loadgen0) / wall * 100,
-        "machine_busy_pct": (busy1 - busy0) / (wall * (psutil.cpu_count() or 1)) * 100,
+        "middle_cpu_pct": window.middle / window.wall * 100 if measured else None,
+        "csms_cpu_pct": window.csms / window.wall * 100,
+        "loadgen_cpu_pct": window.loadgen / window.wall * 100,
+        "machine_busy_pct": _busy_pct(window),
         "kib_per_station": (rss_connected - rss_before) / 1024 / n if measured else None,
         "middle_checks": checks,
         "helper_gc_pauses": {"csms": csms_pauses,
@@ -180,10 +172,11 @@ def run_one(kind: str, opts: argparse.Namespace) -> dict[str, Any]:
         "phases": phases,
         # CPU ms per station dialled, by process, and how busy the machine was: the
         # stations' figure for the first connect includes their process's start
-        "connect_cpu": _per_station(dial0, dial1, n, connected["seconds"]),
-        "storm_cpu": _per_station(storm0, storm1, stormed["stations"], stormed["seconds"]),
+        "connect_cpu": _per_station(_used(dial0, dial1), n, connected["seconds"]),
+        "storm_cpu": _per_station(_used(storm0, storm1), stormed["stations"],
+                                  stormed["seconds"]),
         # every station closing its link, until the middle and the CSMS are idle again
-        "leave_cpu": _per_station(leave0, storm0, n, storm0[4] - leave0[4]),
+        "leave_cpu": _per_station(_used(leave0, storm0), n, storm0.wall - leave0.wall),
         "wind_down_s": wind_down_s,
     }
 
@@ -202,27 +195,42 @@ def _wait_idle(procs: list[psutil.Process], timeout_s: float = 60.0) -> float | 
     return None
 
 
+class _Marks(NamedTuple):
+    """CPU seconds of the middle, the CSMS and the stations, the machine's busy seconds and
+    the wall time: read at both ends of a phase (or, from :func:`_used`, what it took)."""
+
+    middle: float
+    csms: float
+    loadgen: float
+    busy: float
+    wall: float
+
+
 def _cpu_marks(middle: list[psutil.Process], csms: psutil.Process,
-               loadgen: psutil.Process) -> tuple[float, float, float, float, float]:
-    """CPU seconds so far of the middle, the CSMS and the stations, the machine's busy
-    seconds, and the wall time: read at both ends of a phase."""
-    return (cpu_seconds_sum(middle), cpu_seconds(csms), cpu_seconds(loadgen),
-            machine_busy_seconds(), time.perf_counter())
+               loadgen: psutil.Process) -> _Marks:
+    return _Marks(cpu_seconds_sum(middle), cpu_seconds(csms), cpu_seconds(loadgen),
+                  machine_busy_seconds(), time.perf_counter())
 
 
-def _per_station(before: tuple[float, ...], after: tuple[float, ...], stations: int,
-                 seconds: float) -> dict[str, float | None]:
+def _used(before: _Marks, after: _Marks) -> _Marks:
+    return _Marks(*(b - a for a, b in zip(before, after, strict=True)))
+
+
+def _busy_pct(used: _Marks) -> float | None:
+    """How busy the whole machine was over a phase, % of all its cores."""
+    return used.busy / (used.wall * (psutil.cpu_count() or 1)) * 100 if used.wall > 0 else None
+
+
+def _per_station(used: _Marks, stations: int, seconds: float) -> dict[str, float | None]:
     """A connect phase's CPU per station dialled (ms) for each process, and the share of
     the machine that was busy over the phase's wall time."""
-    middle, csms, loadgen, busy, wall = (b - a for a, b in zip(before, after, strict=True))
 
     def ms(cpu_s: float) -> float | None:
         return cpu_s / stations * 1e3 if stations else None
 
-    return {"middle_ms": ms(middle) if middle else None, "csms_ms": ms(csms),
-            "stations_ms": ms(loadgen), "seconds": seconds,
-            "machine_busy_pct": busy / (wall * (psutil.cpu_count() or 1)) * 100
-            if wall > 0 else None}
+    return {"middle_ms": ms(used.middle) if used.middle else None, "csms_ms": ms(used.csms),
+            "stations_ms": ms(used.loadgen), "seconds": seconds,
+            "machine_busy_pct": _busy_pct(used)}
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:
