@@ -871,8 +871,14 @@ async def _chained_failover(core: NodeProcess, edge: NodeProcess, csms1: Csms,
                 pytest.fail(f"{identity}: no backend_failover at the core; core log:\n"
                             f"{stderr_tail(core)}")
             count = len(csms2.calls(identity))
-            await csms_calls(csms2, identity, count + 3,
-                             f"CALLs of {identity} at the priority-2 CSMS")
+            try:
+                await csms_calls(csms2, identity, count + 3,
+                                 f"CALLs of {identity} at the priority-2 CSMS")
+            except TimeoutError:
+                pytest.fail(f"{identity}: {len(csms2.calls(identity)) - count} CALLs at the "
+                            f"priority-2 CSMS after the failover; outcomes "
+                            f"{stations[identity].outcomes[-6:]}; core log:\n"
+                            f"{stderr_tail(core, 60)}\nedge log:\n{stderr_tail(edge, 30)}")
 
         await asyncio.to_thread(csms1.start)
         for identity in stations:

@@ -149,29 +149,35 @@ class FailoverLink:
     async def move_to_better(self, idle: Callable[[], bool] = lambda: True) -> bool:
         """Failback: move to a target of better priority if one answers.
 
-        ``idle`` says whether no CALL is in flight either way. It is asked again once
-        ``_moving`` is set, from when frames wait in the buffer for the new link: a CALL
-        that went out on the old link after the caller's own check (acquiring the lock
-        lets other tasks run) would otherwise lose its answer when the old link closes."""
+        Frames keep going out on the link in use while the better target is dialled (a
+        dial that fails may take its whole open timeout); they are held only while the
+        link switches. ``idle`` says whether no CALL is in flight either way. It is
+        asked again once the new link is up, just before frames are held: a CALL that
+        went out on the old link during the dial would lose its answer when that link
+        closes, so the new link is dropped instead and a later round tries again."""
         if self._moving or self._stopping or self._move_lock.locked():
             return False
         async with self._move_lock:
-            self._moving = True
+            if not idle():
+                return False
             try:
-                if not idle():
-                    return False
                 ws, priority = await self._redial(self.priority)
-                if self._stopping:
-                    # the session ended while the better target was dialled: nobody would
-                    # read the new link, and it would stand in for the station at the CSMS
-                    await trio.aclose_forcefully(ws.stream)
-                    return False
-                if ws.subprotocol != self.subprotocol:
-                    await ws.aclose(1002, "the station's subprotocol is fixed")
-                    return False
-                await self._switch(ws, priority, "backend_failback")
-                return True
             except DialFailed:
                 return False
+            if self._stopping:
+                # the session ended while the better target was dialled: nobody would
+                # read the new link, and it would stand in for the station at the CSMS
+                await trio.aclose_forcefully(ws.stream)
+                return False
+            if ws.subprotocol != self.subprotocol:
+                await ws.aclose(1002, "the station's subprotocol is fixed")
+                return False
+            if not idle():
+                await ws.aclose(1000, "a CALL is in flight on the current link")
+                return False
+            self._moving = True  # no await since idle() said so: nothing is in flight
+            try:
+                await self._switch(ws, priority, "backend_failback")
             finally:
                 self._moving = False
+            return True
