@@ -44,9 +44,14 @@ from nginx import find_nginx, start_nginx
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 SCENARIOS = ("direct", "relay", "nginx", "node")
+# stripped relays from the node's own parts (bench/floor.py), asked for by name only:
+# what websockets in Python costs per frame, and what trio's task per link adds
+FLOOR_SCENARIOS = {"floor-loop": "loop", "floor-tasks": "tasks"}
 COMPRESSIONS = ("none", "deflate")
 # duplication scenarios: the node with secondary backends subscribed to MeterValues
 SECONDARY_SCENARIOS = {"node+1sec": (1, 0), "node+3sec": (2, 1)}  # (answering, stalled)
+# in table order: the floor relays between nginx and the node
+ALL_SCENARIOS = (*SCENARIOS[:-1], *FLOOR_SCENARIOS, SCENARIOS[-1], *SECONDARY_SCENARIOS)
 
 AIM_US_PER_FRAME = 45.0
 AIM_KIB_PER_STATION = 25.0
@@ -335,6 +340,15 @@ def start_middle(kind: str, csms_port: int, workdir: Path, stations: int, mode: 
         if pin:
             proc.cpu_affinity(pin)
         return Middle(f"ws://127.0.0.1:{port}/ocpp/", [proc], relay.stop, dict)
+    if kind in FLOOR_SCENARIOS:
+        floor = LineProcess.spawn(
+            kind, [str(BENCH_DIR / "floor.py"), "--backend", csms_url, "--port", "0",
+                   "--mode", FLOOR_SCENARIOS[kind]], workdir)
+        port = floor.wait_for("listening", 20.0)["port"]
+        proc = psutil.Process(floor.proc.pid)
+        if pin:
+            proc.cpu_affinity(pin)
+        return Middle(f"ws://127.0.0.1:{port}/ocpp/", [proc], floor.stop, dict)
     if kind == "nginx":
         try:
             server = start_nginx(opts.nginx_binary, csms_port, workdir / "nginx", stations)
@@ -569,26 +583,47 @@ def _cpu_split(node: dict[str, Any], ngx: dict[str, Any]) -> str | None:
             f"{node_k:.1f}, nginx {ngx['us_per_frame'] - ngx_k:.1f} + {ngx_k:.1f}; "
             f"3x nginx leaves the node's own code {room:.1f} us")
 
+def _ladder(by: dict[tuple[str, int], dict[str, Any]], n: int) -> str | None:
+    """CPU per frame from nginx up to the node through the floor relays (bench/floor.py):
+    each step names what it adds."""
+    steps = [("nginx", ""), ("floor-loop", "websockets in Python, one loop for all links"),
+             ("floor-tasks", "a trio task per link, woken per frame"),
+             ("node", "decoding, the call ledger, counters, the gate")]
+    present = [(kind, what, by[(kind, n)]) for kind, what in steps
+               if (kind, n) in by and by[(kind, n)]["us_per_frame"] is not None]
+    if len(present) < 2 or present[0][0] != "nginx":
+        return None
+    parts: list[str] = []
+    last: float | None = None
+    for kind, what, r in present:
+        total = r["us_per_frame"]
+        kernel = r.get("kernel_us_per_frame")
+        split = f" ({total - kernel:.1f} + {kernel:.1f})" if kernel is not None else ""
+        added = f" [+{total - last:.1f}: {what}]" if last is not None else ""
+        parts.append(f"{kind} {total:.1f}{split}{added}")
+        last = total
+    return f"  N={n:<4} " + "\n         -> ".join(parts)
+
 
 def report(results: list[dict[str, Any]], stations: list[int], mode: str) -> list[str]:
     """The table, ratios, aims and notes of one compression mode's results."""
     out: list[str] = []
     by = {(r["scenario"], r["stations"]): r for r in results}
-    head = (f"{'scenario':<9} {'N':>5} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+    head = (f"{'scenario':<11} {'N':>5} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
             f"{'+p50':>6} {'+p99':>6} {'us/frame':>8} {'KiB/stn':>7} {'(loaded)':>8} "
             f"{'mid%':>5} {'lg%':>5} {'csms%':>5} {'other%':>6}")
     out.append(head)
     out.append("-" * len(head))
     for n in stations:
         base = by.get(("direct", n))
-        for kind in (*SCENARIOS, *SECONDARY_SCENARIOS):
+        for kind in ALL_SCENARIOS:
             r = by.get((kind, n))
             if r is None:
                 continue
             add50 = r["p50_ms"] - base["p50_ms"] if base and kind != "direct" else None
             add99 = r["p99_ms"] - base["p99_ms"] if base and kind != "direct" else None
             out.append(
-                f"{kind:<9} {n:>5} {fmt(r['calls_per_s'], '.0f'):>8} {fmt(r['p50_ms'], '.2f'):>7} "
+                f"{kind:<11} {n:>5} {fmt(r['calls_per_s'], '.0f'):>8} {fmt(r['p50_ms'], '.2f'):>7} "
                 f"{fmt(r['p99_ms'], '.2f'):>7} {fmt(add50, '.2f'):>6} {fmt(add99, '.2f'):>6} "
                 f"{fmt(r['us_per_frame']):>8} {fmt(r['kib_per_station']):>7} "
                 f"{fmt(r['kib_per_station_loaded']):>8} {fmt(r['middle_cpu_pct'], '.0f'):>5} "
@@ -710,6 +745,11 @@ def report(results: list[dict[str, Any]], stations: list[int], mode: str) -> lis
                          "the stations' hop ran uncompressed")
     if notes:
         out.append("")
+        ladder = [line for n in stations if (line := _ladder(by, n)) is not None]
+        if ladder:
+            out.append("")
+            out.append("CPU per frame, nginx up to the node (us, user + kernel; bench/floor.py):")
+            out.extend(ladder)
         out.append("notes:")
         out.extend(f"  - {note}" for note in notes)
     return out
@@ -721,7 +761,7 @@ def wire_report(results: list[dict[str, Any]], stations: list[int],
     by = {(r["scenario"], r["stations"], r["compression"]): r for r in results}
     rows: list[str] = []
     for n in stations:
-        for kind in (*SCENARIOS, *SECONDARY_SCENARIOS):
+        for kind in ALL_SCENARIOS:
             cells: list[str] = []
             totals: dict[str, float] = {}
             for mode in modes:
@@ -742,10 +782,10 @@ def wire_report(results: list[dict[str, Any]], stations: list[int],
                     saved = f"{fmt((1 - totals['deflate'] / totals['none']) * 100, '.0f'):>5}%"
             deflated = by.get((kind, n, "deflate"))
             agreed = (", ".join(deflated["extensions"]) or "not negotiated") if deflated else ""
-            rows.append(f"{kind:<9} {n:>5} {' '.join(cells)} {saved} {agreed}".rstrip())
+            rows.append(f"{kind:<11} {n:>5} {' '.join(cells)} {saved} {agreed}".rstrip())
     if not rows:
         return []
-    head = f"{'scenario':<9} {'N':>5} " + " ".join(f"{mode:>16}" for mode in modes)
+    head = f"{'scenario':<11} {'N':>5} " + " ".join(f"{mode:>16}" for mode in modes)
     if len(modes) > 1:
         head += f" {'saved':>6}"
     if "deflate" in modes:
@@ -817,7 +857,7 @@ def main() -> int:
     stations = [int(x) for x in (opts.stations or "50,500").split(",") if x.strip()]
     kinds = [k.strip() for k in opts.scenarios.split(",") if k.strip()]
     for k in kinds:
-        if k not in SCENARIOS and k not in SECONDARY_SCENARIOS:
+        if k not in ALL_SCENARIOS:
             parser.error(f"unknown scenario {k!r}")
     opts.compression_explicit = opts.compression is not None
     modes: list[str] = []
@@ -836,11 +876,12 @@ def main() -> int:
         if opts.nginx_binary is None:
             print(f"nginx not available: {why}; skipping the nginx scenario", file=sys.stderr)
             kinds.remove("nginx")
-    if "relay" in kinds and "deflate" in modes:
-        print("relay cannot compress (trio-websocket has no permessage-deflate): skipping the "
-              "relay scenario with --compression deflate", file=sys.stderr)
+    plain_only = [k for k in kinds if k == "relay" or k in FLOOR_SCENARIOS]
+    if plain_only and "deflate" in modes:
+        print(f"{', '.join(plain_only)}: no permessage-deflate (trio-websocket has none, the "
+              "floor relays leave it out); skipped with --compression deflate", file=sys.stderr)
     plan = [(n, mode, kind) for n in stations for mode in modes for kind in kinds
-            if not (kind == "relay" and mode == "deflate")]
+            if not (kind in plain_only and mode == "deflate")]
 
     cpus = sorted(psutil.Process().cpu_affinity() or [])
     opts.pin_plan = None
