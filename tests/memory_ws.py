@@ -1,4 +1,4 @@
-"""An open WebSocket pair in memory, for unit tests of links (no sockets)."""
+"""An open WebSocket pair in memory (or over a Unix socket pair), for unit tests of links."""
 
 from __future__ import annotations
 
@@ -15,15 +15,20 @@ from router.net.wslink import Keepalive, WsLink
 
 
 def ws_pair(subprotocol: str = "ocpp2.0.1", *, lockstep: bool = False,
-            keepalive: Keepalive | None = None) -> tuple[WsLink, WsLink]:
+            keepalive: Keepalive | None = None, sockets: bool = False) -> tuple[WsLink, WsLink]:
     """An open WebSocket in memory: (the node's client link, the backend's server link).
 
     With ``lockstep``, a send completes only when the other side reads (a busy backend);
-    ``keepalive`` makes the node's link ping a quiet backend.
+    ``keepalive`` makes the node's link ping a quiet backend; ``sockets`` joins the two
+    over a Unix socket pair instead, so the links take their plain-socket paths (a send
+    is written in place, a close closes the socket without a checkpoint).
     """
     node_stream: trio.abc.Stream
     backend_stream: trio.abc.Stream
-    if lockstep:
+    if sockets:
+        node_sock, backend_sock = trio.socket.socketpair()
+        node_stream, backend_stream = trio.SocketStream(node_sock), trio.SocketStream(backend_sock)
+    elif lockstep:
         node_stream, backend_stream = trio.testing.lockstep_stream_pair()
     else:
         node_stream, backend_stream = trio.testing.memory_stream_pair()

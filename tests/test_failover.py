@@ -11,19 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 from collections.abc import Iterator
 
 import pytest
 import trio
 import trio.testing
 
-from router.config import BackendEntry
+from router.config import BackendEntry, NodeSection
 from router.net.handshake import DialFailed
 from router.net.wslink import LinkClosed, WsLink
 from router.relay.failover import BUFFER, RETRY_S, FailoverLink
-from router.wire.frames import CALL, CALLRESULT, Frame, encode_frame
+from router.relay.gate import Gate
+from router.relay.session import SessionDeps, StationSession
+from router.relay.timer import CallTimer
+from router.stats import Stats
+from router.wire.frames import CALL, CALLRESULT, SEND, Frame, Version, encode_frame
 from tests.log_events import Events, events_of
 from tests.memory_ws import ws_pair
+from tests.test_session import FakeLink
+from tests.test_session import call as call_text
 
 BACKEND = BackendEntry(name="csms", role="primary", url="", srv="_ocpp._tcp.csms.test")
 LOST = "backend link lost; moving to another target"
@@ -102,6 +109,13 @@ async def read_all(link: FailoverLink, out: trio.MemorySendChannel[object]) -> N
 
 def heartbeat(number: int) -> Frame:
     return Frame(CALL, f"hb-{number}", action="Heartbeat", payload={})
+
+
+def periodic(number: int) -> Frame:
+    """An OCPP 2.1 SEND: no answer expected."""
+    return Frame(SEND, f"ev-{number}", action="NotifyPeriodicEventStream",
+                 payload={"id": 1, "pending": 0, "basetime": "2026-01-01T00:00:00Z",
+                          "data": []})
 
 
 # --- the link in use ----------------------------------------------------------------------
@@ -204,18 +218,29 @@ async def test_a_lost_target_is_replaced_and_buffered_frames_follow_in_order(
     assert events.named("backend_failover_failed") == []
 
 
-async def test_a_frame_sent_on_the_dead_link_goes_to_the_next_target(
+async def test_frames_sent_on_the_dead_link_go_to_the_next_target_unless_settled(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    old_node, old_backend = ws_pair()
-    new_node, new_backend = ws_pair()
+    """Frames whose send failed on the lost link are held for the next target, except
+    what the session settles when it hears of the loss: its CALL in flight, which it
+    answers with an error (the lost target may have run it, so a copy must not run
+    again), and answers to the lost target's CALLs. A SEND, which nobody answers, goes."""
+    old_node, old_backend = ws_pair("ocpp2.1")
+    new_node, new_backend = ws_pair("ocpp2.1")
     link = failover_link(old_node, 1, ScriptedRedial((new_node, 2)))
     session = Session(link)
     await drop(old_backend)
-    await link.send_frame(heartbeat(1), None)  # the loss is not noticed yet: no error
+    # the loss is not noticed yet: no error for any of them
+    await link.send_frame(heartbeat(1), None)
+    await link.send_frame(Frame(CALLRESULT, "c-9", payload={}), None)
+    await link.send_frame(periodic(1), None)
     await new_backend.send_message("hello from the new target")
-    assert await link.get_message() == "hello from the new target"
-    assert await new_backend.get_message() == encode_frame(heartbeat(1))
+    with trio.fail_after(5):
+        assert await link.get_message() == "hello from the new target"
+        assert await new_backend.get_message() == encode_frame(periodic(1))
+    with trio.move_on_after(1) as waiting:
+        await new_backend.get_message()
+    assert waiting.cancelled_caught  # neither the CALL nor the answer followed
     assert [reason for reason, _, _ in session.lost] == [LOST]
 
 
@@ -335,7 +360,7 @@ async def test_running_out_of_grace_while_switching_leaves_a_consistent_link(
     redial = ScriptedRedial((new_node, 2), delay_s=0.5)
     link = failover_link(old_node, 1, redial, grace_s=1.0)
     await drop(old_backend)
-    await link.send_frame(heartbeat(1), None)  # held for the next target
+    await link.send_frame(periodic(1), None)  # held for the next target (a SEND)
     received: list[str | bytes] = []
     outcome: object = None
     async with trio.open_nursery() as nursery:
@@ -358,7 +383,7 @@ async def test_running_out_of_grace_while_switching_leaves_a_consistent_link(
         assert events.named("backend_failover") == []
     else:
         assert outcome == "hello"
-        assert received == [encode_frame(heartbeat(1))]
+        assert received == [encode_frame(periodic(1))]
         assert events.named("backend_failover_failed") == []
 
 
@@ -673,3 +698,105 @@ async def test_no_failback_once_the_stream_is_closed() -> None:
     await link.close_stream()  # the session ended without closing its links first
     assert not await link.move_to_better(lambda: True)
     assert redial.calls == []
+
+
+# --- frames around a move (red-team findings, 2026-11-28) ------------------------------------
+
+
+async def test_a_new_target_lost_during_the_failback_flush_raises_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The old target is slow to take the close, a frame is held meanwhile, and the new
+    target goes away before the held frame is sent: the failback must not raise (it runs
+    in the node's own nursery, where an exception ends the node). The frame stays held
+    for the reader's failover."""
+    old_node, old_backend = ws_pair(lockstep=True)  # alive, not reading: the close waits
+    better_node, better_backend = ws_pair()
+    link = failover_link(old_node, 5, ScriptedRedial((better_node, 1)))
+    moved: list[bool] = []
+    async with trio.open_nursery() as nursery:
+
+        async def fail_back() -> None:
+            moved.append(await link.move_to_better())
+
+        nursery.start_soon(fail_back)
+        await trio.testing.wait_all_tasks_blocked()
+        assert link.moving  # switching: waiting for the old target to take the close
+        await link.send_frame(heartbeat(1), None)  # held
+        await drop(better_backend)
+    assert moved == [True]
+    assert link.current is better_node
+    assert [frame for frame, _ in link._buffer] == [heartbeat(1)]
+    del old_backend
+
+
+async def test_a_call_held_at_a_failover_is_answered_once_and_not_run_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The station's CALL was sent as the target died: the session answers it with an
+    error when it hears of the loss (the target may have run it), so the copy held for
+    the next target must not go there too (a TransactionEvent would be run twice)."""
+    old_node, old_backend = ws_pair()
+    new_node, new_backend = ws_pair()
+    link = failover_link(old_node, 1, ScriptedRedial((new_node, 2), delay_s=0.5))
+    station = FakeLink("ocpp2.0.1")
+    timer = CallTimer(30)
+    deps = SessionDeps(settings=NodeSection(id="n1", call_timeout_s=30),
+                       gate=Gate(None, None, None), stats=Stats(), timer=timer)
+    session = StationSession(deps, "CS-1", Version.V201, station, link, "csms")
+    link.on_lost = session.backend_lost
+    at_new: list[str | bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(timer.run, nursery)
+        nursery.start_soon(session.run)
+        await drop(old_backend)
+        station.push(call_text("tx-1", "TransactionEvent"))
+
+        async def new_target() -> None:
+            while True:
+                at_new.append(await new_backend.get_message())
+
+        nursery.start_soon(new_target)
+        await trio.sleep(5)
+        assert link.current is new_node
+        station.push(call_text("hb-2"))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    answers = [json.loads(text) for text in station.texts()]
+    assert [(a[0], a[1]) for a in answers] == [(4, "tx-1")]  # one answer: the error
+    assert [json.loads(text)[1] for text in at_new] == ["hb-2"]  # tx-1 never went there
+
+
+async def test_a_frame_that_failed_on_the_old_link_after_a_failback_goes_to_the_new(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A frame was blocked on the old target when the failback gave up waiting for it
+    to take the close: it fails once the old socket is closed, after the switch, and
+    goes to the target in use instead of waiting in the buffer for the next move."""
+    old_node, _old_backend = ws_pair(sockets=True)  # alive, not reading
+    better_node, better_backend = ws_pair()
+    link = failover_link(old_node, 5, ScriptedRedial((better_node, 1)))
+    big = Frame(SEND, "ev-big", action="NotifyPeriodicEventStream",
+                payload={"id": 1, "pending": 0, "basetime": "2026-01-01T00:00:00Z",
+                         "data": ["x" * 900_000]})  # more than the socket buffers take
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.send_frame, big, None)  # blocks on the old target
+        await trio.testing.wait_all_tasks_blocked()
+        assert await link.move_to_better()
+        assert link.current is better_node and not link.moving
+    assert link._buffer == []
+    with trio.fail_after(1):
+        assert await better_backend.get_message() == encode_frame(big)
+
+
+async def test_frames_that_failed_on_a_lost_link_are_held_up_to_the_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    old_node, old_backend = ws_pair()
+    link = failover_link(old_node, 1, ScriptedRedial())
+    await drop(old_backend)
+    for number in range(BUFFER):
+        await link.send_frame(periodic(number), None)  # held: the loss is not noticed yet
+    with pytest.raises(LinkClosed) as closed:
+        await link.send_frame(periodic(BUFFER), None)
+    assert closed.value.code == 1001

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import trio
 
 from router.backends.dialer import BackendDialer
 from router.net.handshake import DialFailed
 from router.relay.failover import FailoverLink
 from router.relay.registry import SessionRegistry
+
+log = logging.getLogger("router.failback")
 
 
 async def fail_back(sessions: SessionRegistry, dialer: BackendDialer, period_s: float) -> None:
@@ -33,5 +38,16 @@ async def fail_back(sessions: SessionRegistry, dialer: BackendDialer, period_s: 
                     gave_up.add(name)
                     continue
                 best[name] = min(priority for priority, _ in targets)
-            if link.priority > best[name] and not await link.move_to_better(session.idle):
+            if link.priority > best[name] and not await _move(link, session.idle):
                 gave_up.add(name)  # the better target does not answer yet
+
+
+async def _move(link: FailoverLink, idle: Callable[[], bool]) -> bool:
+    """One link's failback. This task runs in the node's own nursery, where an exception
+    would end the node and every station's session with it: a failure here is logged and
+    counts as a target that did not answer."""
+    try:
+        return await link.move_to_better(idle)
+    except Exception:
+        log.exception("failback of %s failed", link.identity)
+        return False

@@ -20,7 +20,7 @@ from router.config import BackendEntry
 from router.logs import log_event
 from router.net.handshake import DialFailed
 from router.net.wslink import LinkClosed, LinkInfo, WsLink
-from router.wire.frames import Frame
+from router.wire.frames import CALL, SEND, Frame
 
 log = logging.getLogger("router.failover")
 BUFFER = 32  # frames held while moving; a station sends one CALL at a time
@@ -45,6 +45,7 @@ class FailoverLink:
         self._redial = redial
         self._grace_s = grace_s
         self._buffer: list[tuple[Frame, str | None]] = []
+        self._reported: WsLink | None = None  # the last link whose loss went to on_lost
         self._moving = False
         self._stopping = False
         self._move_lock = trio.Lock()  # a failover and a failback never run together
@@ -76,17 +77,30 @@ class FailoverLink:
 
     async def send_frame(self, frame: Frame, text: str | None) -> None:
         if self._moving:
-            if len(self._buffer) >= BUFFER:
-                raise LinkClosed(1001, "too many frames while moving to another backend")
-            self._buffer.append((frame, text))
+            self._hold(frame, text)
             return
+        link = self.current
         try:
-            await self.current.send_frame(frame, text)
+            await link.send_frame(frame, text)
         except LinkClosed:
             if self._stopping:
                 raise
-            # the reader will notice the loss and move; this frame goes to the next target
-            self._buffer.append((frame, text))
+            settled = link is self._reported  # its loss was reported: on_lost answered
+            if link is self.current and not settled:
+                # the reader will notice the loss and move; held for the next target
+                self._hold(frame, text)
+            elif frame.type == SEND or (frame.type == CALL and not settled):
+                if link is self.current and not self._moving:
+                    raise  # the failover gave up on this link: the session ends
+                # the link moved on (or is moving) while this frame waited on it
+                await self.send_frame(frame, text)
+            # else a CALL that on_lost answered already, or an answer to the old target's
+            # CALL, which no other target asked for: dropped
+
+    def _hold(self, frame: Frame, text: str | None) -> None:
+        if len(self._buffer) >= BUFFER:
+            raise LinkClosed(1001, "too many frames while moving to another backend")
+        self._buffer.append((frame, text))
 
     async def aclose(self, code: int = 1000, reason: str = "", wait_s: float = 2.0) -> None:
         self._stopping = True
@@ -116,8 +130,15 @@ class FailoverLink:
 
     async def _find_target(self, lost: WsLink) -> tuple[WsLink, int] | None:
         """Dial targets until one takes the station, for up to the grace period."""
+        self._reported = lost
         # finish with the old target at once: a CSMS that is stopping waits for us
         await trio.aclose_forcefully(lost.stream)
+        # What the session settles now must not reach the next target as well: on_lost
+        # answers the station's CALL in flight with an error (it may have been carried
+        # out), so a held copy would be run twice; answers owed to the lost target's
+        # CALLs are void. SEND frames expect no answer and still go.
+        self._buffer[:] = [(frame, text) for frame, text in self._buffer
+                           if frame.type == SEND]
         if self.on_lost is not None:
             await self.on_lost("backend link lost; moving to another target")
         grace_s = self._grace_s()
@@ -143,8 +164,14 @@ class FailoverLink:
         log_event(log, logging.INFO, event, station=self.identity, backend=self.backend.name,
                   priority=priority)
         while self._buffer:
-            frame, text = self._buffer.pop(0)
-            await ws.send_frame(frame, text)
+            frame, text = self._buffer[0]
+            try:
+                await ws.send_frame(frame, text)
+            except LinkClosed:
+                # the new target went at once (or the session ended and closed it): the
+                # frames stay held, and the reader, finding the link closed, moves again
+                return
+            del self._buffer[0]
 
     async def move_to_better(self, idle: Callable[[], bool] = lambda: True) -> bool:
         """Failback: move to a target of better priority if one answers.
