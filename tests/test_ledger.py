@@ -249,6 +249,38 @@ def test_abandon_ends_the_call_in_flight_and_sends_the_next() -> None:
     assert lane.current is None and not lane.queue
 
 
+async def _discard(text: str) -> None:
+    """Where an orphaned CALL's answer goes; the ledger never calls it."""
+
+
+def test_orphan_keeps_the_call_in_flight_drops_the_callers_queue_and_keeps_others() -> None:
+    ledger = CallLedger()
+    lane = ledger.down
+    own, other, own_later, other_later = (call("a"), call("b", reply=True), call("c"),
+                                          call("d", reply=True))
+    for c in (own, other, own_later, other_later):
+        ledger.offer(lane, c, limit=5)
+    token = lane.token
+    ledger.orphan(lane, _discard)
+    assert lane.current is own and lane.token == token  # still in flight, same clock
+    assert own.reply is _discard
+    assert queued(lane) == [other, other_later] and other.reply is _reply
+    assert ledger.finish(lane, "a") == (own, other)  # its answer ends it; the next goes
+    ledger.orphan(lane, _discard)  # another source's CALL in flight is left alone
+    assert lane.current is other and other.reply is _reply
+    assert queued(lane) == [other_later]
+
+
+def test_orphan_of_a_queue_of_only_the_callers_calls_leaves_no_queue() -> None:
+    ledger = CallLedger()
+    lane = ledger.down
+    ledger.offer(lane, call("a"), limit=5)
+    ledger.offer(lane, call("b"), limit=5)
+    ledger.orphan(lane, _discard)
+    assert lane.queue is None
+    assert ledger.abandon(lane) is not None and ledger.idle()
+
+
 def test_drain_returns_current_then_queued_oldest_first_and_empties_the_lane() -> None:
     ledger = CallLedger()
     lane = ledger.down

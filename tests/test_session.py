@@ -492,18 +492,42 @@ async def test_backend_lost_settles_calls_and_moves_on(autojump_clock: Clock) ->
         await r.session.backend_lost("moving to another target")
         assert r.station.take() == [
             [CALLERROR, "c1", "InternalError", "moving to another target", {}]]
-        assert codes(r.backend.take()) == [(CALL, "c2", "Heartbeat")]  # b1 is forgotten
-        assert replies.frames() == [
-            [CALLERROR, "m1", "InternalError", "moving to another target", {}]]
-        r.station.push(result("b1"))  # the old backend's CALL: nobody waits for it
+        assert codes(r.backend.take()) == [(CALL, "c2", "Heartbeat")]
+        # b1 stays in flight at the station (one CALL at a time), m1 waits behind it
+        assert replies.frames() == []
+        r.station.push(result("b1"))  # the old backend's CALL: its answer goes nowhere
         r.backend.push(result("c2"))
         await settle()
         assert r.backend.take() == []
-        assert codes(r.station.take()) == [(CALLRESULT, "c2", "")]
-        assert r.stats.dropped == 1
+        assert sorted(codes(r.station.take())) == [
+            (CALL, "x1-m1", "GetVariables"), (CALLRESULT, "c2", "")]
+        r.station.push(result("x1-m1"))
+        await settle()
+        assert replies.frames() == [[CALLRESULT, "m1", {}]]
+        assert r.stats.dropped == 0
         assert r.session.idle()
         await trio.sleep(100)  # nothing left to time out
         assert r.station.take() == [] and r.backend.take() == [] and len(replies) == 1
+
+
+async def test_backend_lost_keeps_another_sources_call_in_flight_at_the_station(
+    autojump_clock: Clock,
+) -> None:
+    """A secondary's CALL the station is running when the primary's target goes: the
+    station's answer still reaches the secondary, and the new primary's CALL waits for
+    it instead of being put to a station that has a CALL outstanding."""
+    replies = Replies()
+    async with rig() as r:
+        await r.session.call_from("sec", "s1", "RequestStartTransaction", {}, replies)
+        assert codes(r.station.take()) == [(CALL, "x1-s1", "RequestStartTransaction")]
+        await r.session.backend_lost("moving to another target")
+        r.backend.push(call("n1", "GetVariables"))  # the new target asks at once
+        await settle()
+        assert r.station.take() == []  # not while x1-s1 is outstanding
+        r.station.push(result("x1-s1", {"status": "Accepted"}))
+        await settle()
+        assert replies.frames() == [[CALLRESULT, "s1", {"status": "Accepted"}]]
+        assert codes(r.station.take()) == [(CALL, "n1", "GetVariables")]
 
 
 # --- every CALL gets exactly one answer -------------------------------------------------

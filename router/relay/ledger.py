@@ -128,6 +128,17 @@ class CallLedger:
             return None
         return current, self._next(lane)
 
+    def orphan(self, lane: Lane, discard: ReplyFn) -> None:
+        """The lane's own caller is gone but its callee is not (the backend of a station
+        that stays connected moved): the caller's queued CALLs are dropped; its CALL in
+        flight stays in flight, its answer going to ``discard``, so the callee is still
+        asked one CALL at a time; other sources' CALLs are kept as they are."""
+        current = lane.current
+        if current is not None and current.reply is None:
+            current.reply = discard
+        if lane.queue:
+            lane.queue = deque(call for call in lane.queue if call.reply is not None) or None
+
     def drain(self, lane: Lane) -> list[Call]:
         """Everything the lane still owes, oldest first; the lane is left empty."""
         owed = [] if lane.current is None else [lane.current]

@@ -389,18 +389,19 @@ class StationSession:
         """The backend link is being replaced (SRV failover): answers owed by it are lost.
 
         The station's CALL in flight is answered with InternalError and the next queued one
-        goes to the new target; CALLs the old backend made toward the station are
-        forgotten (the backend that made them is gone), except other sources', answered.
+        goes to the new target. CALLs toward the station are kept in order: the one in
+        flight stays in flight until the station answers, since OCPP-J allows it one CALL
+        at a time. The old backend's own CALLs are forgotten (its answer, when it comes,
+        is discarded; queued ones are dropped); other sources' CALLs go on as they were.
         """
         finished = self.ledger.abandon(self.station.calls)
         if finished is not None:
             await self._complete(self.station, finished, problem=Problem.INTERNAL,
                                  description=reason)
-        backend = self.backend
-        self.deps.timer.disarm(backend.calls)
-        for call in self.ledger.drain(backend.calls):
-            if call.reply is not None:
-                await self._owe(backend, call, Problem.INTERNAL, reason)
+        lane = self.backend.calls
+        self.ledger.orphan(lane, _discard)
+        if lane.current is None:
+            self.deps.timer.disarm(lane)
 
     async def call_from(
         self, source: str, message_id: str, action: str, payload: Any, reply: ReplyFn
@@ -511,6 +512,10 @@ def _signed(frame: Frame) -> bool:
     """Whether a frame carries end-to-end signatures (in its payload, or an error's details)."""
     body = frame.payload if frame.payload is not None else frame.details
     return type(body) is dict and "signatures" in body
+
+
+async def _discard(_text: str) -> None:
+    """Where the answer to a CALL of a backend that went away goes (see backend_lost)."""
 
 
 def _with_id(frame: Frame, message_id: str) -> str:
