@@ -27,8 +27,10 @@ from router.backends.boots import BootCache
 from router.backends.duplication import DuplicationContext, Duplicator, Secondary
 from router.backends.outbox import OutboxError, OutboxItem
 from router.config import BackendEntry, ConfigError, NodeSection, parse
+from router.net.wslink import WsLink
 from router.relay.registry import SessionRegistry
 from tests.log_events import Events, events_of
+from tests.memory_ws import ws_pair
 
 
 @pytest.fixture
@@ -502,3 +504,33 @@ def test_signed_messages_are_copied_by_their_plain_action_signed_or_plain(
         assert dup.secondaries[1].stats.dropped == 1
     finally:
         dup.close()
+
+
+async def test_a_clean_stop_spills_what_is_in_memory_to_the_outbox(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+    inline_threads: None,
+) -> None:
+    """The node's shutdown cancels the drain while a copy waits for the secondary's answer
+    and more wait in the inbox: all of them reach the outbox (a crash is the only way to
+    lose copies), none is left uncounted."""
+    far_ends: list[WsLink] = []
+
+    async def silent_secondary(url: str, *args: Any, **kwargs: Any) -> WsLink:
+        node, far = ws_pair("ocpp1.6")
+        far_ends.append(far)  # takes the copy, never answers
+        return node
+
+    monkeypatch.setattr(duplication, "dial", silent_secondary)
+    sub = Secondary(entry(queue=10), BootCache(tmp_path / "boots.json"), context(tmp_path))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sub.run)
+        for seq in range(3):
+            sub.offer(meter(seq))
+        await trio.testing.wait_all_tasks_blocked()
+        assert far_ends and sub.queued == 2  # one being delivered, two in the inbox
+        nursery.cancel_scope.cancel()
+    stats = sub.stats
+    assert (stats.offered, stats.delivered, stats.spilled, stats.dropped) == (3, 0, 3, 0)
+    assert [json.loads(item.payload)["seq"] for _, item in sub.outbox.peek("sec", 10)] == [
+        0, 1, 2]
+    sub.outbox.close()

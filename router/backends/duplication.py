@@ -187,6 +187,7 @@ class Secondary:
         self._last_overflow_log = 0.0
         self._write_retry_s = WRITE_RETRY_S  # the pause after the next failed outbox write
         self.current: SecondaryLink | None = None  # the link whose answer we wait for
+        self._in_hand: OutboxItem | None = None  # taken from the inbox, being delivered
 
     @property
     def queued(self) -> int:
@@ -243,14 +244,27 @@ class Secondary:
                     await link.ws.aclose(1000, "idle")
 
     async def run(self) -> None:
-        """Drain for as long as the node runs; a failure restarts the drain, never the node."""
-        while True:
-            try:
-                await self._run_once()
-            except Exception:
-                log.exception("fanout subscriber failed; restarting it",
-                              extra={"fields": {"subscriber": self.name}})
-                await trio.sleep(1.0)
+        """Drain for as long as the node runs; a failure restarts the drain, never the node.
+
+        When the node stops (this task is cancelled), the copies still in memory, the one
+        being delivered included, go to the durable outbox: only a crash loses them. The
+        one being delivered may have reached the secondary already and is then sent again
+        after the restart (at least once, as after any lost answer)."""
+        try:
+            while True:
+                try:
+                    await self._run_once()
+                except Exception:
+                    log.exception("fanout subscriber failed; restarting it",
+                                  extra={"fields": {"subscriber": self.name}})
+                    await trio.sleep(1.0)
+        finally:
+            left = [] if self._in_hand is None else [self._in_hand]
+            self._in_hand = None
+            left += self._drain()
+            if left:
+                with trio.CancelScope(shield=True):
+                    await self._spill(left)
 
     async def _run_once(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -267,8 +281,10 @@ class Secondary:
                         await self._wait_spilling(backoff)
                         backoff = min(backoff * 2, 30.0)
                     continue
-                item = await self._recv.receive()
-                if not await self._deliver(item):
+                item = self._in_hand = await self._recv.receive()
+                delivered = await self._deliver(item)
+                self._in_hand = None
+                if not delivered:
                     await self._spill([item, *self._drain()])
 
     def _drain(self) -> list[OutboxItem]:
