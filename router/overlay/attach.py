@@ -10,6 +10,7 @@ in for the far side. See docs/protocol.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -54,14 +55,28 @@ class AttachContext:
     station_keepalive: Callable[[], Keepalive | None] = lambda: None  # [listen] ping_*
 
 
+_Answer = tuple[OverlayFrame, "VirtualLink | None"]
+"""An attach answer, and the station's virtual link when it accepts the station."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """An attach request waiting for its answer."""
+
+    channel: trio.MemorySendChannel[_Answer]
+    link: PeerLink  # the peer link it went out on
+    identity: str
+    offered: list[str]
+
+
 class Attacher:
     """Both ends of the attach RPC for one node."""
 
     def __init__(self, state: OverlayState, context: AttachContext) -> None:
         self.state = state
         self.context = context
-        # attach requests waiting for their answer: message id -> (channel, link asked)
-        self._pending: dict[str, tuple[trio.MemorySendChannel[OverlayFrame], PeerLink]] = {}
+        # attach requests waiting for their answer, by message id
+        self._pending: dict[str, _Pending] = {}
         self._nursery: trio.Nursery | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -88,32 +103,44 @@ class Attacher:
         authorization = upgrade.header("Authorization")
         if authorization is not None:
             payload["authorization"] = authorization
-        answer_send, answer_recv = trio.open_memory_channel[OverlayFrame](1)
-        self._pending[message_id] = (answer_send, link)
+        answer_send, answer_recv = trio.open_memory_channel[_Answer](1)
+        self._pending[message_id] = _Pending(answer_send, link, identity, offered)
+        virtual: VirtualLink | None = None
         try:
-            with trio.fail_after(self.context.settings().connect_timeout_s + 2):
-                await link.send(OverlayFrame(CALL, ANYCAST_CSMS, (identity,), message_id,
-                                             CONNECT, payload))
-                answer = await answer_recv.receive()
-        except (trio.TooSlowError, trio.EndOfChannel, LinkClosed):
-            raise DialFailed(504, "the backend node did not answer") from None
-        finally:
-            self._pending.pop(message_id, None)
-        chosen = answer.payload.get("subprotocol") if answer.type == CALLRESULT else None
-        if chosen not in offered:
-            raise DialFailed(_http_status(answer.details),
-                             (answer.description or "backend refused the station")[:200])
-        station_ws = await upgrade.accept(chosen, keepalive=self.context.station_keepalive())
-        origin = answer.path[0] if answer.path else link.peer_id
-        virtual = VirtualLink(link, identity, ANYCAST_CSMS, (identity,), chosen, origin,
-                              self.flooded)
-        link.bound.add(virtual)
-        state.edge[identity] = virtual
+            try:
+                with trio.fail_after(self.context.settings().connect_timeout_s + 2):
+                    await link.send(OverlayFrame(CALL, ANYCAST_CSMS, (identity,), message_id,
+                                                 CONNECT, payload))
+                    answer, virtual = await answer_recv.receive()
+            except (trio.TooSlowError, trio.EndOfChannel, LinkClosed):
+                raise DialFailed(504, "the backend node did not answer") from None
+            finally:
+                self._pending.pop(message_id, None)
+            if virtual is None:
+                raise DialFailed(_http_status(answer.details),
+                                 (answer.description or "backend refused the station")[:200])
+            station_ws = await upgrade.accept(virtual.subprotocol,
+                                              keepalive=self.context.station_keepalive())
+        except BaseException:
+            if virtual is None:  # an answer that came as this gave up waiting
+                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                    virtual = answer_recv.receive_nowait()[1]
+            if virtual is not None:  # the far node has a session: it ends it too
+                await self._forget(identity, virtual)
+            raise
         state.table.originate(identity)
         state.wake()
         log_event(log, logging.INFO, "overlay_attach", station=identity, via=link.peer_id,
-                  subprotocol=chosen)
+                  subprotocol=virtual.subprotocol)
         return station_ws, virtual
+
+    async def _forget(self, identity: str, virtual: VirtualLink) -> None:
+        """A station link that was answered for but never became a session here."""
+        virtual.link.bound.discard(virtual)
+        if self.state.edge.get(identity) is virtual:
+            del self.state.edge[identity]
+        with trio.CancelScope(shield=True):
+            await virtual.aclose(1001, "the station went away during its upgrade", wait_s=1.0)
 
     def detach(self, identity: str, virtual: VirtualLink) -> None:
         """The station's session at the edge ended."""
@@ -125,18 +152,33 @@ class Attacher:
             state.wake()
 
     def answered(self, frame: OverlayFrame) -> bool:
-        """An answer addressed to this node: the attach request it answers, if waiting."""
+        """An answer addressed to this node: the attach request it answers, if waiting.
+
+        An answer that accepts the station registers its virtual link here and now, in the
+        pass that read it: the far node started the session as it answered, and the
+        backend's first CALL may be the next frame of the same read. It waits in the
+        link's inbox until the station's session here starts reading."""
         pending = self._pending.pop(frame.id, None)
         if pending is None:
             return False
-        pending[0].send_nowait(frame)
+        virtual: VirtualLink | None = None
+        chosen = frame.payload.get("subprotocol") if (
+            frame.type == CALLRESULT and isinstance(frame.payload, dict)) else None
+        if isinstance(chosen, str) and chosen in pending.offered:
+            link, identity = pending.link, pending.identity
+            origin = frame.path[0] if frame.path else link.peer_id
+            virtual = VirtualLink(link, identity, ANYCAST_CSMS, (identity,), chosen, origin,
+                                  self.flooded)
+            link.bound.add(virtual)
+            self.state.edge[identity] = virtual
+        pending.channel.send_nowait((frame, virtual))
         return True
 
     def link_gone(self, link: PeerLink) -> None:
         """A peer link closed: the attach requests sent over it fail now (others wait on)."""
-        for channel, asked in list(self._pending.values()):
-            if asked is link:
-                channel.close()
+        for pending in list(self._pending.values()):
+            if pending.link is link:
+                pending.channel.close()
 
     # --- the node with the backend ------------------------------------------------------
 
