@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import trio
@@ -105,6 +105,18 @@ async def read_all(link: FailoverLink, out: trio.MemorySendChannel[object]) -> N
                 await out.send(exc)
                 return
             await out.send(message)
+
+
+def start_failback(nursery: trio.Nursery, link: FailoverLink,
+                   idle: Callable[[], bool] = lambda: True) -> list[bool]:
+    """Runs ``link.move_to_better(idle)`` in ``nursery``; the list gets what it returns."""
+    moved: list[bool] = []
+
+    async def fail_back() -> None:
+        moved.append(await link.move_to_better(idle))
+
+    nursery.start_soon(fail_back)
+    return moved
 
 
 def heartbeat(number: int) -> Frame:
@@ -470,13 +482,8 @@ async def test_frames_sent_while_a_failback_dials_go_out_on_the_link_in_use(
     release = trio.Event()
     redial = ScriptedRedial((better_node, 1), hold=release)
     link = failover_link(old_node, 5, redial)
-    moved: list[bool] = []
     async with trio.open_nursery() as nursery:
-
-        async def fail_back() -> None:
-            moved.append(await link.move_to_better())
-
-        nursery.start_soon(fail_back)
+        moved = start_failback(nursery, link)
         await redial.holding.wait()
         assert not link.moving and link.closed is None
         assert link.info().state == "open"
@@ -499,13 +506,8 @@ async def test_a_frame_sent_while_a_failback_dial_fails_is_not_lost(
     node, backend = ws_pair()
     redial = ScriptedRedial(FAIL, delay_s=3.0)
     link = failover_link(node, 5, redial)
-    moved: list[bool] = []
     async with trio.open_nursery() as nursery:
-
-        async def fail_back() -> None:
-            moved.append(await link.move_to_better())
-
-        nursery.start_soon(fail_back)
+        moved = start_failback(nursery, link)
         await trio.testing.wait_all_tasks_blocked()
         assert redial.calls  # dialling the better target
         await link.send_frame(heartbeat(1), None)
@@ -526,17 +528,12 @@ async def test_a_call_sent_during_the_failback_dial_keeps_the_link_in_use(
     redial = ScriptedRedial((better_node, 1), hold=release)
     link = failover_link(old_node, 5, redial)
     in_flight = [False]
-    moved: list[bool] = []
     async with trio.open_nursery() as nursery:
-
-        async def fail_back() -> None:
-            moved.append(await link.move_to_better(lambda: not in_flight[0]))
-
         async def better_target_answers_the_close() -> None:
             with contextlib.suppress(LinkClosed):
                 await better_backend.get_message()
 
-        nursery.start_soon(fail_back)
+        moved = start_failback(nursery, link, lambda: not in_flight[0])
         nursery.start_soon(better_target_answers_the_close)
         await redial.holding.wait()
         await link.send_frame(heartbeat(1), None)
@@ -638,14 +635,9 @@ async def test_a_target_lost_during_a_failback_waits_for_it_and_keeps_the_better
     link = failover_link(old_node, 5, redial)
     session = Session(link)
     out, messages = trio.open_memory_channel[object](8)
-    moved: list[bool] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read_all, link, out)
-
-        async def fail_back() -> None:
-            moved.append(await link.move_to_better())
-
-        nursery.start_soon(fail_back)
+        moved = start_failback(nursery, link)
         await redial.holding.wait()
         await drop(old_backend)  # the target in use goes away meanwhile
         await trio.testing.wait_all_tasks_blocked()
@@ -669,17 +661,13 @@ async def test_a_failback_dialling_while_the_session_ends_drops_the_new_link(
     hold = trio.Event()
     redial = ScriptedRedial((new_node, 1), hold=hold)
     link = failover_link(old_node, 5, redial)
-    moved: list[bool] = []
-
-    async def fail_back() -> None:
-        moved.append(await link.move_to_better(lambda: True))
 
     async def old_target_answers_the_close() -> None:
         with contextlib.suppress(LinkClosed):
             await old_backend.get_message()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(fail_back)
+        moved = start_failback(nursery, link)
         await redial.holding.wait()  # the better target is being dialled...
         nursery.start_soon(old_target_answers_the_close)
         await link.aclose(1001, "station link closed", wait_s=0.5)  # ...as the session ends
@@ -713,13 +701,8 @@ async def test_a_new_target_lost_during_the_failback_flush_raises_nothing(
     old_node, old_backend = ws_pair(lockstep=True)  # alive, not reading: the close waits
     better_node, better_backend = ws_pair()
     link = failover_link(old_node, 5, ScriptedRedial((better_node, 1)))
-    moved: list[bool] = []
     async with trio.open_nursery() as nursery:
-
-        async def fail_back() -> None:
-            moved.append(await link.move_to_better())
-
-        nursery.start_soon(fail_back)
+        moved = start_failback(nursery, link)
         await trio.testing.wait_all_tasks_blocked()
         assert link.moving  # switching: waiting for the old target to take the close
         await link.send_frame(heartbeat(1), None)  # held
