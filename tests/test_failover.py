@@ -622,35 +622,54 @@ async def test_move_to_better_does_nothing_while_failing_over(
     assert link.current is new_node and link.priority == 7
 
 
-async def test_a_target_lost_during_a_failback_waits_for_it_and_keeps_the_better_link(
+async def test_a_target_lost_during_a_failback_dial_fails_over_at_once(
     autojump_clock: trio.testing.MockClock, events: Events,
 ) -> None:
-    """The link in use dies while a failback is dialling: the failover waits for the
-    failback, and when the failback has moved the link, the reader simply goes on with
-    the better target; nothing is dialled twice and no loss is reported."""
+    """The link in use dies while a failback dials a slow better target: the failover
+    does not wait for that dial (it may take its whole open timeout, with the station's
+    CALL unanswered meanwhile). It moves the link at once; the failback's link, when it
+    comes, is dropped."""
     old_node, old_backend = ws_pair()
     better_node, better_backend = ws_pair()
+    failover_node, failover_backend = ws_pair()
     release = trio.Event()
-    redial = ScriptedRedial((better_node, 1), hold=release)
-    link = failover_link(old_node, 5, redial)
+    calls: list[int | None] = []
+
+    async def redial(better_than: int | None) -> tuple[WsLink, int]:
+        calls.append(better_than)
+        if better_than is not None:  # the failback's dial: slow
+            await release.wait()
+            return better_node, 1
+        return failover_node, 2
+
+    link = FailoverLink("CS-1", BACKEND, old_node, 5, redial, lambda: 5.0)
     session = Session(link)
     out, messages = trio.open_memory_channel[object](8)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read_all, link, out)
         moved = start_failback(nursery, link)
-        await redial.holding.wait()
-        await drop(old_backend)  # the target in use goes away meanwhile
         await trio.testing.wait_all_tasks_blocked()
+        await drop(old_backend)  # the target in use goes away during the dial
+        await failover_backend.send_message("from the failover target")
+        with trio.fail_after(3):  # well before the dial ends (never, here)
+            assert await messages.receive() == "from the failover target"
+        assert link.current is failover_node and link.priority == 2
+        assert [reason for reason, _, _ in session.lost] == [LOST]
+
+        async def better_target_answers_the_close() -> None:
+            with contextlib.suppress(LinkClosed):
+                await better_backend.get_message()
+
+        nursery.start_soon(better_target_answers_the_close)
         release.set()
-        await better_backend.send_message("from the better target")
-        assert await messages.receive() == "from the better target"
+        await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
-    assert moved == [True]
-    assert link.current is better_node and link.priority == 1
-    assert len(redial.calls) == 1
-    assert session.lost == []
-    assert events.named("backend_failover") == []
-    assert len(events.named("backend_failback")) == 1
+    assert moved == [False]
+    assert better_node.closed == 1000  # dialled, then dropped
+    assert link.current is failover_node and link.priority == 2
+    assert calls == [5, None]
+    assert len(events.named("backend_failover")) == 1
+    assert events.named("backend_failback") == []
 
 
 async def test_a_failback_dialling_while_the_session_ends_drops_the_new_link(

@@ -47,6 +47,7 @@ class FailoverLink:
         self._buffer: list[tuple[Frame, str | None]] = []
         self._reported: WsLink | None = None  # the last link whose loss went to on_lost
         self._moving = False
+        self._dialing = False  # a failback is dialling a better target
         self._stopping = False
         self._move_lock = trio.Lock()  # a failover and a failback never run together
 
@@ -176,35 +177,46 @@ class FailoverLink:
     async def move_to_better(self, idle: Callable[[], bool] = lambda: True) -> bool:
         """Failback: move to a target of better priority if one answers.
 
-        Frames keep going out on the link in use while the better target is dialled (a
-        dial that fails may take its whole open timeout); they are held only while the
-        link switches. ``idle`` says whether no CALL is in flight either way. It is
-        asked again once the new link is up, just before frames are held: a CALL that
-        went out on the old link during the dial would lose its answer when that link
-        closes, so the new link is dropped instead and a later round tries again."""
-        if self._moving or self._stopping or self._move_lock.locked():
+        The better target is dialled without holding anything: the station's frames keep
+        going out on the link in use, and a failover that starts meanwhile (the target in
+        use lost) goes ahead at once rather than waiting for a dial that may take its
+        whole open timeout. Only the switch itself holds frames, and excludes a failover.
+        ``idle`` says whether no CALL is in flight either way; it is asked again once the
+        new link is up, just before the switch: a CALL that went out on the old link
+        during the dial would lose its answer when that link closes, so the new link is
+        dropped instead (as when a failover ran meanwhile) and a later round tries again."""
+        if self._moving or self._stopping or self._dialing or self._move_lock.locked():
             return False
-        async with self._move_lock:
-            if not idle():
-                return False
-            try:
-                ws, priority = await self._redial(self.priority)
-            except DialFailed:
-                return False
-            if self._stopping:
-                # the session ended while the better target was dialled: nobody would
-                # read the new link, and it would stand in for the station at the CSMS
-                await trio.aclose_forcefully(ws.stream)
-                return False
-            if ws.subprotocol != self.subprotocol:
-                await ws.aclose(1002, "the station's subprotocol is fixed")
-                return False
-            if not idle():
-                await ws.aclose(1000, "a CALL is in flight on the current link")
-                return False
-            self._moving = True  # no await since idle() said so: nothing is in flight
+        if not idle():
+            return False
+        start = self.current
+        self._dialing = True
+        try:
+            ws, priority = await self._redial(self.priority)
+        except DialFailed:
+            return False
+        finally:
+            self._dialing = False
+        if self._stopping:
+            # the session ended while the better target was dialled: nobody would read
+            # the new link, and it would stand in for the station at the CSMS
+            await trio.aclose_forcefully(ws.stream)
+            return False
+        if ws.subprotocol != self.subprotocol:
+            await ws.aclose(1002, "the station's subprotocol is fixed")
+            return False
+        if self._move_lock.locked() or self.current is not start or not idle():
+            await ws.aclose(1000, "the station's link is busy; not moving now")
+            return False
+        # taken without a checkpoint: no frame or failover gets in between these checks
+        # and the switch
+        self._move_lock.acquire_nowait()
+        try:
+            self._moving = True
             try:
                 await self._switch(ws, priority, "backend_failback")
             finally:
                 self._moving = False
-            return True
+        finally:
+            self._move_lock.release()
+        return True
