@@ -717,7 +717,7 @@ async def test_a_new_target_lost_during_the_failback_flush_raises_nothing(
     target goes away before the held frame is sent: the failback must not raise (it runs
     in the node's own nursery, where an exception ends the node). The frame stays held
     for the reader's failover."""
-    old_node, old_backend = ws_pair(lockstep=True)  # alive, not reading: the close waits
+    old_node, _old_backend = ws_pair(lockstep=True)  # alive, not reading: the close waits
     better_node, better_backend = ws_pair()
     link = failover_link(old_node, 5, ScriptedRedial((better_node, 1)))
     async with trio.open_nursery() as nursery:
@@ -729,7 +729,6 @@ async def test_a_new_target_lost_during_the_failback_flush_raises_nothing(
     assert moved == [True]
     assert link.current is better_node
     assert [frame for frame, _ in link._buffer] == [heartbeat(1)]
-    del old_backend
 
 
 async def test_a_call_held_at_a_failover_is_answered_once_and_not_run_again(
