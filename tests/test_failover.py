@@ -517,6 +517,28 @@ async def test_a_frame_sent_while_a_failback_dial_fails_is_not_lost(
     assert link.current is node and not link.moving
 
 
+async def test_a_call_answered_soon_after_the_failback_dial_lets_the_link_move(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A CALL went out on the old link during the dial and is answered half a second
+    later: the failback waits for that instead of dropping a link that is up (a busy
+    link given up would only be tried again a round later)."""
+    old_node, _old_backend = ws_pair()
+    better_node, _better_backend = ws_pair()
+    release = trio.Event()
+    redial = ScriptedRedial((better_node, 1), hold=release)
+    link = failover_link(old_node, 5, redial)
+    in_flight = [False]
+    async with trio.open_nursery() as nursery:
+        moved = start_failback(nursery, link, lambda: not in_flight[0])
+        await redial.holding.wait()
+        in_flight[0] = True
+        release.set()
+        await trio.sleep(0.5)
+        in_flight[0] = False  # answered
+    assert moved == [True] and link.current is better_node
+
+
 async def test_a_call_sent_during_the_failback_dial_keeps_the_link_in_use(
     autojump_clock: trio.testing.MockClock, events: Events,
 ) -> None:

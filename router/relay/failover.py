@@ -25,6 +25,8 @@ from router.wire.frames import CALL, SEND, Frame
 log = logging.getLogger("router.failover")
 BUFFER = 32  # frames held while moving; a station sends one CALL at a time
 RETRY_S = 0.2  # between two rounds of dialling while the grace period lasts
+IDLE_WAIT_S = 1.0  # a failback waits this long for a busy link's CALL to be answered
+IDLE_POLL_S = 0.01
 
 Redial = Callable[[int | None], Awaitable[tuple[WsLink, int]]]
 """Opens the station's backend link again: ``better_than`` a priority, or any target
@@ -183,8 +185,9 @@ class FailoverLink:
         whole open timeout. Only the switch itself holds frames, and excludes a failover.
         ``idle`` says whether no CALL is in flight either way; it is asked again once the
         new link is up, just before the switch: a CALL that went out on the old link
-        during the dial would lose its answer when that link closes, so the new link is
-        dropped instead (as when a failover ran meanwhile) and a later round tries again."""
+        during the dial would lose its answer when that link closes, so the failback
+        waits up to ``IDLE_WAIT_S`` for that answer, then drops the new link instead (as
+        when a failover ran meanwhile) and a later round tries again."""
         if self._moving or self._stopping or self._dialing or self._move_lock.locked():
             return False
         if not idle():
@@ -197,13 +200,19 @@ class FailoverLink:
             return False
         finally:
             self._dialing = False
+        if ws.subprotocol != self.subprotocol and not self._stopping:
+            await ws.aclose(1002, "the station's subprotocol is fixed")
+            return False
+        # a CALL that went out on the link in use during the dial is usually answered
+        # within moments: wait for that rather than drop a link that is up
+        with trio.move_on_after(IDLE_WAIT_S):
+            while (not idle() and not self._stopping and self.current is start
+                   and not self._move_lock.locked()):
+                await trio.sleep(IDLE_POLL_S)
         if self._stopping:
             # the session ended while the better target was dialled: nobody would read
             # the new link, and it would stand in for the station at the CSMS
             await trio.aclose_forcefully(ws.stream)
-            return False
-        if ws.subprotocol != self.subprotocol:
-            await ws.aclose(1002, "the station's subprotocol is fixed")
             return False
         if self._move_lock.locked() or self.current is not start or not idle():
             await ws.aclose(1000, "the station's link is busy; not moving now")
