@@ -135,21 +135,26 @@ class Attacher:
         return station_ws, virtual
 
     async def _forget(self, identity: str, virtual: VirtualLink) -> None:
-        """A station link that was answered for but never became a session here."""
-        virtual.link.bound.discard(virtual)
-        if self.state.edge.get(identity) is virtual:
-            del self.state.edge[identity]
+        """A station link that was answered for but never became a session here (no
+        route was originated for it)."""
+        self._unbind(identity, virtual)
         with trio.CancelScope(shield=True):
             await virtual.aclose(1001, "the station went away during its upgrade", wait_s=1.0)
 
     def detach(self, identity: str, virtual: VirtualLink) -> None:
         """The station's session at the edge ended."""
+        if self._unbind(identity, virtual):
+            self.state.table.withdraw_local(identity)
+            self.state.wake()
+
+    def _unbind(self, identity: str, virtual: VirtualLink) -> bool:
+        """Frames for the station no longer reach ``virtual``; True if it was the
+        station's link here (a newer attach may have replaced it)."""
         virtual.link.bound.discard(virtual)
-        state = self.state
-        if state.edge.get(identity) is virtual:
-            del state.edge[identity]
-            state.table.withdraw_local(identity)
-            state.wake()
+        if self.state.edge.get(identity) is not virtual:
+            return False
+        del self.state.edge[identity]
+        return True
 
     def answered(self, frame: OverlayFrame) -> bool:
         """An answer addressed to this node: the attach request it answers, if waiting.
