@@ -47,11 +47,14 @@ SCENARIOS = ("direct", "relay", "nginx", "node")
 # stripped relays from the node's own parts (bench/floor.py), asked for by name only:
 # what websockets in Python costs per frame, and what trio's task per link adds
 FLOOR_SCENARIOS = {"floor-loop": "loop", "floor-tasks": "tasks"}
+# the node with ``forwarding_loop = false``: a task per link, as before the forwarding loop
+TASK_SCENARIOS = ("node-tasks",)
 COMPRESSIONS = ("none", "deflate")
 # duplication scenarios: the node with secondary backends subscribed to MeterValues
 SECONDARY_SCENARIOS = {"node+1sec": (1, 0), "node+3sec": (2, 1)}  # (answering, stalled)
 # in table order: the floor relays between nginx and the node
-ALL_SCENARIOS = (*SCENARIOS[:-1], *FLOOR_SCENARIOS, SCENARIOS[-1], *SECONDARY_SCENARIOS)
+ALL_SCENARIOS = (*SCENARIOS[:-1], *FLOOR_SCENARIOS, *TASK_SCENARIOS, SCENARIOS[-1],
+                 *SECONDARY_SCENARIOS)
 
 AIM_US_PER_FRAME = 45.0
 AIM_KIB_PER_STATION = 25.0
@@ -379,7 +382,7 @@ def start_middle(kind: str, csms_port: int, workdir: Path, stations: int, mode: 
             server.stop()
 
         return Middle(f"ws://127.0.0.1:{server.port}/ocpp/", procs, nginx_stop, nginx_checks)
-    if kind == "node" or kind in SECONDARY_SCENARIOS:
+    if kind == "node" or kind in TASK_SCENARIOS or kind in SECONDARY_SCENARIOS:
         if str(REPO_ROOT) not in sys.path:
             sys.path.insert(0, str(REPO_ROOT))
         from tests.nodeproc import start_node
@@ -387,6 +390,8 @@ def start_middle(kind: str, csms_port: int, workdir: Path, stations: int, mode: 
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         compression = compression_line(opts, mode)
         config = node_config(csms_port, compression)
+        if kind in TASK_SCENARIOS:
+            config = config.replace("[listen]", "forwarding_loop = false\n\n[listen]", 1)
         if profile2 is not None:
             config = profile2.node_config(config)
         secondaries: list[LineProcess] = []
@@ -584,11 +589,11 @@ def _cpu_split(node: dict[str, Any], ngx: dict[str, Any]) -> str | None:
             f"3x nginx leaves the node's own code {room:.1f} us")
 
 def _ladder(by: dict[tuple[str, int], dict[str, Any]], n: int) -> str | None:
-    """CPU per frame from nginx up to the node through the floor relays (bench/floor.py):
-    each step names what it adds."""
+    """CPU per frame from nginx up to the node through a floor relay (bench/floor.py), and
+    on to the node without its forwarding loop: each step names what it adds."""
     steps = [("nginx", ""), ("floor-loop", "websockets in Python, one loop for all links"),
-             ("floor-tasks", "a trio task per link, woken per frame"),
-             ("node", "decoding, the call ledger, counters, the gate")]
+             ("node", "decoding, the call ledger, counters, the gate, on the node's loop"),
+             ("node-tasks", "the node with a trio task per link instead of its loop")]
     present = [(kind, what, by[(kind, n)]) for kind, what in steps
                if (kind, n) in by and by[(kind, n)]["us_per_frame"] is not None]
     if len(present) < 2 or present[0][0] != "nginx":

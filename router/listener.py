@@ -42,8 +42,9 @@ from router.net.wslink import Keepalive, close_stream
 from router.overlay.mesh import MODE_HEADER, MODE_OVERLAY, Overlay
 from router.passwords import VerifiedCache, hash_password, verify_password
 from router.relay.failover import FailoverLink
+from router.relay.forwarding import SessionDeps
 from router.relay.registry import SessionRegistry
-from router.relay.session import SessionDeps, StationSession
+from router.relay.session import StationSession
 from router.stats import Stats
 from router.wire.frames import Version
 

@@ -35,9 +35,9 @@ from router.net.wslink import Keepalive, WsLink
 from router.overlay.attach import AttachContext
 from router.overlay.mesh import Overlay, OverlayConfig
 from router.overlay.trust import TrustError
+from router.relay.forwarding import SessionDeps
 from router.relay.gate import Gate, GateError
 from router.relay.registry import SessionRegistry
-from router.relay.session import SessionDeps
 from router.relay.timer import CallTimer
 from router.stats import Stats
 

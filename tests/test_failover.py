@@ -22,8 +22,9 @@ from router.config import BackendEntry, NodeSection
 from router.net.handshake import DialFailed
 from router.net.wslink import LinkClosed, WsLink
 from router.relay.failover import BUFFER, RETRY_S, FailoverLink
+from router.relay.forwarding import SessionDeps
 from router.relay.gate import Gate
-from router.relay.session import SessionDeps, StationSession
+from router.relay.session import StationSession
 from router.relay.timer import CallTimer
 from router.stats import Stats
 from router.wire.frames import CALL, CALLRESULT, SEND, Frame, Version, encode_frame

@@ -22,8 +22,9 @@ import trio.testing
 from policies import Firewall, load_policy
 from router.config import NodeSection
 from router.net.wslink import LinkClosed, LinkInfo
+from router.relay.forwarding import DuplicateFn, SessionDeps
 from router.relay.gate import Gate
-from router.relay.session import DuplicateFn, SessionDeps, StationSession
+from router.relay.session import StationSession
 from router.relay.timer import CallTimer
 from router.stats import Stats
 from router.wire.frames import CALL, CALLERROR, CALLRESULT, SEND, Frame, Version, encode_frame

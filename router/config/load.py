@@ -328,7 +328,8 @@ def _node(c: _Checker, raw: dict[str, Any], root: Path) -> NodeSection:
         c.fail("node", "the [node] section is required (it holds at least id)")
         return NodeSection(id="node")
     allowed = {"id", "key", "state_dir", "call_timeout_s", "max_queued_calls",
-               "connect_timeout_s", "shutdown_timeout_s", "failover_grace_s"}
+               "connect_timeout_s", "shutdown_timeout_s", "failover_grace_s",
+               "forwarding_loop"}
     t = c.table(raw["node"], "node", allowed)
     node_id = c.string(t, "node", "id", required=True) or "node"
     if not 1 <= len(node_id) <= MAX_ID:
@@ -342,6 +343,7 @@ def _node(c: _Checker, raw: dict[str, Any], root: Path) -> NodeSection:
         connect_timeout_s=c.number(t, "node", "connect_timeout_s", 10.0, 0.1, 600.0),
         shutdown_timeout_s=c.number(t, "node", "shutdown_timeout_s", 5.0, 0.0, 600.0),
         failover_grace_s=c.number(t, "node", "failover_grace_s", 5.0, 0.0, 600.0),
+        forwarding_loop=c.boolean(t, "node", "forwarding_loop", True),
     )
 
 

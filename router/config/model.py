@@ -52,6 +52,9 @@ class NodeSection:
     connect_timeout_s: float = 10.0
     shutdown_timeout_s: float = 5.0
     failover_grace_s: float = 5.0
+    # plain-TCP station sessions are read by one forwarding loop (router/net/readloop.py);
+    # False gives every session a task per link, as TLS and overlay sessions have
+    forwarding_loop: bool = True
 
 
 COMPRESSIONS = ("deflate", "none")

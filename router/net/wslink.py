@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import socket
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -109,8 +109,8 @@ class WsLink:
     """An open WebSocket: whole text (str) or binary (bytes) messages in, text out."""
 
     __slots__ = ("__weakref__", "_inbox", "_keepalive", "_last_read", "_lock", "_lost", "_next",
-                 "_opcode", "_parts", "_pinged_at", "_raw", "_reading", "headers", "protocol",
-                 "stream", "subprotocol")
+                 "_opcode", "_out", "_parts", "_pinged_at", "_raw", "_reading", "headers",
+                 "on_dead", "protocol", "stream", "subprotocol")
 
     def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol | ClientProtocol,
                  keepalive: Keepalive | None = None) -> None:
@@ -131,6 +131,12 @@ class WsLink:
         self._pinged_at: float | None = None
         self._last_read = 0.0
         self._reading = False  # the link's reader waits on the socket (keepalive only)
+        # plain TCP: bytes written but not yet taken by the kernel, in order; whoever
+        # writes next appends to them, and a flush sends them (see ``put``)
+        self._out: bytearray | None = None
+        # set while the forwarding loop reads the link (router/net/readloop.py): how the
+        # keepalive watcher tells it the link is dead, as a reader would see end of stream
+        self.on_dead: Callable[[], None] | None = None
         if keepalive is not None:
             self._last_read = trio.current_time()
             watch(self, self._last_read + keepalive.interval_s)
@@ -205,6 +211,8 @@ class WsLink:
                 return pinged_at + keepalive.timeout_s
             self._lost = f"no answer to a ping within {keepalive.timeout_s:g} s"
             self.protocol.state = State.CLOSED
+            if self.on_dead is not None:
+                self.on_dead()
             nursery.start_soon(close_stream, self.stream)
             return None
         self._pinged_at = None
@@ -273,7 +281,12 @@ class WsLink:
                     self._deliver(opcode, data)
 
     def _deliver(self, opcode: Opcode, data: Buffer) -> None:
-        if self.protocol.state is not State.OPEN:
+        proto = self.protocol
+        if proto.state is not State.OPEN and (
+                proto.close_rcvd is None or proto.close_rcvd_then_sent is False):
+            # the node gave the link up (a failed check, a dead keepalive): nothing after
+            # counts. A peer's close does not void the messages it sent before it, in
+            # the same read: a station's last answer before it leaves is forwarded.
             return
         if opcode is Opcode.TEXT:
             try:
@@ -331,30 +344,92 @@ class WsLink:
         proto.send_binary(data)
         await self._flush()
 
+    def put_frame(self, frame: Frame, text: str | None) -> None:
+        """:meth:`send_frame` without waiting, for plain TCP links only (the forwarding
+        loop's path): what the kernel does not take now waits in the link, in order, for
+        the next flush; ``backlog`` says whether any does."""
+        proto = self.protocol
+        if proto.state is not State.OPEN:
+            raise LinkClosed(self._close_code(), self._close_reason())
+        proto.send_text((text if text is not None else encode_frame(frame)).encode("utf-8"))
+        writes = proto.data_to_send()
+        self.put(writes[0] if len(writes) == 1 else b"".join(writes))
+
+    def put(self, data: bytes) -> None:
+        """Write bytes on a plain TCP link without waiting: into the kernel's buffer while
+        nothing waits before them, else behind what does. Raises LinkClosed when the
+        connection is lost."""
+        out = self._out
+        if out is not None:
+            out += data
+            return
+        raw = self._raw
+        assert raw is not None, "put is for plain TCP links"
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.protocol.state = State.CLOSED
+            # the peer's close code if its close frame came first: what ``closed`` says
+            raise LinkClosed(self._close_code(), "connection lost") from None
+        if sent < len(data):
+            self._out = bytearray(memoryview(data)[sent:])
+
+    @property
+    def backlog(self) -> int:
+        """Bytes written on a plain TCP link that the kernel has not taken yet."""
+        out = self._out
+        return 0 if out is None else len(out)
+
+    async def flush(self) -> None:
+        """Send what the protocol has to send and what waits in the link; return once the
+        kernel has taken all of it."""
+        await self._flush()
+
     async def _flush(self) -> None:
         writes = self.protocol.data_to_send()
-        if not writes:
-            return
-        data = writes[0] if len(writes) == 1 else b"".join(writes)
-        eof = not writes[-1]  # websockets asks for a half-close after a final close frame
-        lock = self._lock
         raw = self._raw
-        if raw is not None and data and not lock.locked():
-            # Fast path: nobody else is writing, so try the kernel buffer right away. A
-            # trio send is a scheduler checkpoint; this saves one per forwarded frame.
+        if raw is None:
+            if writes:
+                await self._send_stream(writes)
+            return
+        eof = bool(writes) and not writes[-1]
+        if writes:
+            data = writes[0] if len(writes) == 1 else b"".join(writes)
+            if data:
+                # Fast path: the kernel's buffer right away, with no scheduler checkpoint:
+                # one saved per forwarded frame
+                self.put(data)
+        if self._out is None and not eof:
+            return
+        # the lock keeps one task at a time waiting for the socket to take more
+        async with self._lock:
+            await self._drain(raw)
+            if eof:  # websockets asks for a half-close after a final close frame
+                await close_stream(self.stream)
+
+    async def _drain(self, raw: socket.socket) -> None:
+        """Wait until the kernel has taken every byte waiting in the link."""
+        while (out := self._out) is not None:
             try:
-                sent = raw.send(data)
+                await trio.lowlevel.wait_writable(raw)
+                sent = raw.send(out)
             except BlockingIOError:
-                sent = 0
-            except OSError:
+                continue
+            except (OSError, trio.ClosedResourceError, trio.BusyResourceError):
                 self.protocol.state = State.CLOSED
-                # the peer's close code if its close frame came first: what ``closed`` says
                 raise LinkClosed(self._close_code(), "connection lost") from None
-            data = data[sent:]
-            if not data and not eof:
-                return
-        # the lock keeps writers in the order they produced their bytes (FIFO)
-        async with lock:
+            # other writers only append meanwhile, so the front is what was sent
+            del out[:sent]
+            if not out:
+                self._out = None
+
+    async def _send_stream(self, writes: list[bytes]) -> None:
+        """Write through the stream (TLS), in order with other writers."""
+        data = writes[0] if len(writes) == 1 else b"".join(writes)
+        eof = not writes[-1]
+        async with self._lock:
             try:
                 if data:
                     await self.stream.send_all(data)

@@ -28,8 +28,9 @@ from router.overlay.peer_link import PeerLink
 from router.overlay.state import OverlayState
 from router.overlay.virtual import VirtualLink
 from router.relay.failover import FailoverLink
+from router.relay.forwarding import SessionDeps
 from router.relay.registry import SessionRegistry
-from router.relay.session import SessionDeps, StationSession
+from router.relay.session import StationSession
 from router.wire.frames import CALL, CALLERROR, CALLRESULT, Version
 from router.wire.overlay_frames import ANYCAST_CSMS, OverlayFrame
 
