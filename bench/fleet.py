@@ -1,8 +1,9 @@
 """Fleet benchmark: thousands of mostly idle stations through the node, against direct.
 
 For each scenario (``direct``: stations straight to the bench CSMS; ``node``: through the
-node, one socket per station upstream as a Local Controller opens them) it starts fresh
-processes and measures, in one run:
+node, one socket per station upstream as a Local Controller opens them; ``node-tasks``,
+asked for by name: the node with ``forwarding_loop = false``, a trio task per link) it
+starts fresh processes and measures, in one run:
 
 * **connect**: all ``--stations`` dial at once, ``--connect-concurrency`` at a time
   (a connect storm after a node restart): stations per second;
@@ -256,12 +257,12 @@ def report(results: list[dict[str, Any]]) -> list[str]:
     lines = [f"fleet: {results[0]['stations']} stations, --mix {results[0]['mix']}, heartbeat "
              f"every {results[0]['heartbeat_s']:g} s, security profile "
              f"{results[0]['security_profile']}",
-             f"{'scenario':<8} {'connect/s':>9} {'storm/s':>8} {'calls/s':>8} {'p50 ms':>7} "
+             f"{'scenario':<10} {'connect/s':>9} {'storm/s':>8} {'calls/s':>8} {'p50 ms':>7} "
              f"{'p99 ms':>7} {'max ms':>7} {'CPU %':>6} {'KiB/st':>7} {'lost':>5} {'errors':>6}"]
     for r in results:
         cpu = "-" if r["middle_cpu_pct"] is None else f"{r['middle_cpu_pct']:.0f}"
         kib = "-" if r["kib_per_station"] is None else f"{r['kib_per_station']:.1f}"
-        lines.append(f"{r['scenario']:<8} {r['connect_per_s']:9.0f} {r['storm_per_s']:8.0f} "
+        lines.append(f"{r['scenario']:<10} {r['connect_per_s']:9.0f} {r['storm_per_s']:8.0f} "
                      f"{r['calls_per_s']:8.0f} {r['p50_ms']:7.1f} {r['p99_ms']:7.1f} "
                      f"{r['max_ms']:7.0f} {cpu:>6} {kib:>7} {r['unanswered']:5d} "
                      f"{r['call_errors']:6d}")
@@ -320,7 +321,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="measured window")
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument("--connect-concurrency", type=int, default=256)
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="direct, node, node-tasks (the node without its forwarding loop)")
     parser.add_argument("--profile", type=int, choices=(0, 2), default=0,
                         help="security profile on both hops: 0 (plain), 2 (TLS and Basic "
                              "auth, a PKI made for the run)")

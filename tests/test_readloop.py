@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
 
 from policies import Firewall, load_policy
 from router.config import NodeSection
@@ -268,8 +270,9 @@ async def test_a_consumer_that_raises_costs_its_link_only() -> None:
         with trio.fail_after(5):
             await fine.got.wait()
         assert fine.messages == ["three"]
-        # the first failure paused the link: its task raises it, nothing more is read
-        assert [str(e) for e in broken.failures] == ["a bug in the consumer"] * 2
+        # the failure paused the link: its task raises it, and nothing more is handed
+        # over (the second message waits in the loop for a resume that never comes)
+        assert [str(e) for e in broken.failures] == ["a bug in the consumer"]
         nursery.cancel_scope.cancel()
 
 
@@ -282,7 +285,7 @@ async def test_a_link_closed_under_the_loop_leaves_its_fd_number_to_the_next() -
     old.stream.socket.close()  # type: ignore[attr-defined]
     new, new_far = ws_pair(sockets=True)
     new_consumer = Recorder()
-    assert new._raw is not None and new._raw.fileno() == old_reading.fd
+    assert new.sock is not None and new.sock.fileno() == old_reading.fd
     new_reading = loop.add(new, new_consumer)
     loop.remove(old_reading)
     assert len(loop) == 1
@@ -334,7 +337,7 @@ async def test_a_link_that_never_pauses_does_not_keep_the_loop_from_the_others(
         for link, consumer in ((busy, flood), (quiet, calm)):
             loop.add(link, consumer)
             # as resume would, without reading: what is queued is epoll's to report
-            loop._readings[link._raw.fileno()].paused = False  # type: ignore[union-attr]
+            loop._readings[link.sock.fileno()].paused = False  # type: ignore[union-attr]
         with trio.fail_after(5):
             await calm.got.wait()
         assert len(flood.messages) < count  # the quiet link was served in between
@@ -343,3 +346,22 @@ async def test_a_link_that_never_pauses_does_not_keep_the_loop_from_the_others(
                 await trio.sleep(0)
         nursery.cancel_scope.cancel()
     assert flood.messages == [f"{number:04}" + "y" * 1000 for number in range(count)]
+
+
+async def test_messages_parsed_with_the_handshake_come_first() -> None:
+    """Frames that came in the read that completed the opening handshake are the link's
+    first messages on the loop too, before anything read later."""
+    loop = ReadLoop()
+    link, far = ws_pair(sockets=True)
+    link.take_frames([WsFrame(Opcode.TEXT, b"early")])
+    consumer = Recorder()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop.run)
+        loop.resume(loop.add(link, consumer))
+        assert consumer.messages == ["early"]
+        await far.send_message("later")
+        with trio.fail_after(5):
+            while len(consumer.messages) < 2:
+                await trio.sleep(0)
+        nursery.cancel_scope.cancel()
+    assert consumer.messages == ["early", "later"]

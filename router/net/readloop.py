@@ -25,14 +25,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import select
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
 from trio.lowlevel import RunVar, spawn_system_task
-from websockets.protocol import State
 
-from router.net.wslink import LinkClosed, WsLink
+from router.net.wslink import WsLink
 
 log = logging.getLogger("router.net")
 
@@ -70,6 +69,7 @@ class Reading:
     fd: int
     paused: bool = False  # the consumer holds messages back: do not read
     ready: bool = False  # the socket may hold bytes not read yet
+    held: list[str | bytes] = field(default_factory=list)  # read, not yet taken
     done: bool = False  # the link has ended, or left the loop
 
 
@@ -86,10 +86,13 @@ class ReadLoop:
     def add(self, link: WsLink, consumer: Consumer) -> Reading:
         """Read ``link`` for ``consumer`` until :meth:`remove`; call :meth:`resume` once
         the consumer is ready for messages (some may have arrived already)."""
-        raw = link._raw
+        raw = link.sock
         assert raw is not None, "the loop reads plain TCP links only"
         fd = raw.fileno()
-        reading = Reading(link, consumer, fd, paused=True, ready=True)
+        # ready: bytes may be waiting already; held: messages parsed in the read that
+        # completed the handshake
+        reading = Reading(link, consumer, fd, paused=True, ready=True,
+                          held=link.take_messages())
         # a socket closed without leaving the loop (its fd number reused since) is gone
         # from the epoll set already: replace its entry
         old = self._readings.get(fd)
@@ -105,7 +108,7 @@ class ReadLoop:
         """Stop reading the link; it stays open and may be read by a task again."""
         reading.done = reading.paused = True
         reading.link.on_dead = None
-        reading.link._reading = False
+        reading.link.set_reading(False)
         if self._readings.get(reading.fd) is reading:
             del self._readings[reading.fd]
             self._unregister(reading.fd)
@@ -113,16 +116,15 @@ class ReadLoop:
     def pause(self, reading: Reading) -> None:
         """Stop reading the link until :meth:`resume` (the consumer holds messages)."""
         reading.paused = True
-        reading.link._reading = False
+        reading.link.set_reading(False)
 
     def resume(self, reading: Reading) -> None:
         """Read the link again, at once if bytes may be waiting (in the caller's task)."""
         if reading.done:
             return
         reading.paused = False
-        link = reading.link
-        link._reading = True
-        if link._inbox or reading.ready:
+        reading.link.set_reading(True)
+        if reading.ready or reading.held:
             self._serve(reading, trio.current_time())
 
     def _unregister(self, fd: int) -> None:
@@ -134,8 +136,8 @@ class ReadLoop:
         """The keepalive watcher gave the link up: the consumer hears it as a reader would."""
         if not reading.done:
             reading.done = reading.paused = True
-            link = reading.link
-            reading.consumer.lost(link._close_code(), link._close_reason())
+            code, reason = reading.link.ended() or (1006, "")
+            reading.consumer.lost(code, reason)
 
     async def run(self) -> None:
         epoll, readings = self._epoll, self._readings
@@ -161,30 +163,29 @@ class ReadLoop:
     def _serve(self, reading: Reading, now: float) -> None:
         """Read the link until the kernel has no more, its consumer pauses, or it ends."""
         link = reading.link
-        raw = link._raw
-        proto = link.protocol
+        raw = link.sock
         consumer = reading.consumer
         assert raw is not None
+        messages, reading.held = reading.held, []
         reads = 0
         while True:
-            inbox = link._inbox
-            if inbox:
-                link._inbox = []
-                link._next = 0
-                for message in inbox:
-                    try:
-                        if not consumer.take(message):
-                            self.pause(reading)
-                    except Exception as exc:  # the consumer's task raises it
+            for index, message in enumerate(messages):
+                if reading.paused:
+                    # the consumer paused at the one before: the rest wait for resume
+                    reading.held = messages[index:]
+                    return
+                try:
+                    if not consumer.take(message):
                         self.pause(reading)
-                        consumer.failed(exc)
-            if proto.state is not State.OPEN:
+                except Exception as exc:  # the consumer's task raises it
+                    self.pause(reading)
+                    consumer.failed(exc)
+            ended = link.ended()
+            if ended is not None:
                 reading.done = reading.paused = True
-                consumer.lost(link._close_code(), link._close_reason())
+                consumer.lost(*ended)
                 return
-            if reading.paused:
-                return
-            if not reading.ready:
+            if reading.paused or not reading.ready:
                 return
             if reads == READS_PER_TURN:
                 # modifying an edge-triggered entry reports it again if it is still ready
@@ -201,16 +202,7 @@ class ReadLoop:
                 data = b""
             # a short read emptied the socket: the next bytes raise a new edge
             reading.ready = len(data) == RECEIVE_BYTES
-            if link._keepalive is not None:
-                link._last_read = now
-            if data:
-                proto.receive_data(data)
-                link._take_events()
-            else:
-                proto.receive_eof()
-            if proto.state is State.OPEN and proto.writes:
-                with contextlib.suppress(LinkClosed):  # the next read sees the end
-                    link.put(b"".join(proto.data_to_send()))  # a pong
+            messages = link.feed(data, now)
 
 
 def read_loop() -> ReadLoop:

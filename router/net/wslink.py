@@ -257,6 +257,47 @@ class WsLink:
             except OSError:
                 return b""
 
+    # --- the forwarding loop's side (router/net/readloop.py) -------------------------------
+
+    @property
+    def sock(self) -> socket.socket | None:
+        """The plain TCP socket the link reads and writes (None for TLS and others)."""
+        return self._raw
+
+    def feed(self, data: bytes, now: float) -> list[str | bytes]:
+        """What the forwarding loop read (b"" at end of stream), read at ``now``: the
+        whole messages it completed. A pong or other reply goes out at once."""
+        if self._keepalive is not None:
+            self._last_read = now
+        proto = self.protocol
+        if data:
+            proto.receive_data(data)
+            self._take_events()
+        else:
+            proto.receive_eof()
+        if proto.state is State.OPEN and proto.writes:
+            with contextlib.suppress(LinkClosed):  # the next read sees the end
+                self.put(b"".join(proto.data_to_send()))
+        return self.take_messages()
+
+    def take_messages(self) -> list[str | bytes]:
+        """The whole messages parsed and not yet taken (by the loop, not ``get_message``)."""
+        inbox, start = self._inbox, self._next
+        if not inbox:
+            return inbox
+        self._inbox, self._next = [], 0
+        return inbox[start:] if start else inbox
+
+    def ended(self) -> tuple[int, str] | None:
+        """None while open, else the close code and reason as ``get_message`` raises them."""
+        if self.protocol.state is State.OPEN:
+            return None
+        return self._close_code(), self._close_reason()
+
+    def set_reading(self, reading: bool) -> None:
+        """Whether a reader waits on the socket now, for the keepalive watcher."""
+        self._reading = reading
+
     def take_frames(self, events: Sequence[object]) -> None:
         """Frames parsed before this link existed (in the read that completed the handshake)."""
         self._take_events(cast("list[WsFrame]", list(events)))

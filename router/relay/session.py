@@ -128,7 +128,7 @@ class StationSession(Forwarding):
         if not self.deps.settings.forwarding_loop:
             return False
         return all(isinstance(side.ws, WsLink) and type(side.ws) is WsLink
-                   and side.ws._raw is not None for side in (self.station, self.backend))
+                   and side.ws.sock is not None for side in (self.station, self.backend))
 
     # --- the forwarding loop's side of a session ---------------------------------------------
 
