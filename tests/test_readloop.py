@@ -34,6 +34,7 @@ from router.relay.timer import CallTimer
 from router.stats import Stats
 from router.wire.frames import SEND, Frame, Version, encode_frame
 from tests.memory_ws import ws_pair
+from tests.session_rig import running
 
 Clock = trio.testing.MockClock
 settle = trio.testing.wait_all_tasks_blocked
@@ -66,19 +67,8 @@ async def loop_rig(version: Version = Version.V201, *, loop: bool = True,
     deps = SessionDeps(settings=NodeSection(id="n1", forwarding_loop=loop), gate=gate,
                        stats=stats, timer=timer)
     session = StationSession(deps, "CS-1", version, node_station, node_backend, "csms")
-    ended = trio.Event()
-
-    async def run() -> None:
-        await session.run()
-        ended.set()
-
-    with trio.fail_after(24 * 3600):  # virtual time: a hang fails instead of looping
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(timer.run, nursery)
-            nursery.start_soon(run)
-            await settle()
-            yield Rig(session, station, backend, node_station, node_backend, stats, ended)
-            nursery.cancel_scope.cancel()
+    async with running(session, timer) as ended:
+        yield Rig(session, station, backend, node_station, node_backend, stats, ended)
 
 
 async def read(link: WsLink, count: int = 1) -> list[Any]:

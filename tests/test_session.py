@@ -28,6 +28,7 @@ from router.relay.session import StationSession
 from router.relay.timer import CallTimer
 from router.stats import Stats
 from router.wire.frames import CALL, CALLERROR, CALLRESULT, SEND, Frame, Version, encode_frame
+from tests.session_rig import running
 
 settle = trio.testing.wait_all_tasks_blocked
 Clock = trio.testing.MockClock
@@ -125,19 +126,8 @@ async def rig(version: Version = Version.V201, *, max_queued: int = 16, timeout_
     if step is not None:
         deps.step = step
     session = StationSession(deps, "CS-1", version, station, backend, "csms")
-    ended = trio.Event()
-
-    async def run() -> None:
-        await session.run()
-        ended.set()
-
-    with trio.fail_after(24 * 3600):  # virtual time: a hang fails instead of looping
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(timer.run, nursery)
-            nursery.start_soon(run)
-            await settle()
-            yield Rig(session, station, backend, stats, timer, ended)
-            nursery.cancel_scope.cancel()
+    async with running(session, timer) as ended:
+        yield Rig(session, station, backend, stats, timer, ended)
 
 
 @pytest.fixture

@@ -137,19 +137,13 @@ class Forwarding:
                 return partial(self._handle, side, message)
         deps = self.deps
         stats = deps.stats
-        gate = deps.gate
         received = frame
-        if gate.firewall is not None or _signed(frame) or (
-                side.peer_unwraps_signed and _signed_message(frame, side)):
-            action = self._gate_action(side, frame)
-            if action is None:
-                return None  # an unmatched answer, dropped
-            verdict = gate.check(frame, text, action, side.direction, side.source,
-                                 self.version.value, side.peer_keeps_signatures,
-                                 side.peer_unwraps_signed)
-            if not verdict.forward:
-                return partial(self._refused, side, frame, verdict)
-            frame, text = verdict.frame, verdict.text
+        checked = self._check(side, frame, text)
+        if checked is None:
+            return None  # an unmatched answer, dropped
+        if isinstance(checked, Verdict):
+            return partial(self._refused, side, frame, checked)
+        frame, text = checked
         other = cast("WsLink", side.other)
         if mtype == CALL:
             if side is self.station and deps.duplicate is not None:
@@ -244,21 +238,14 @@ class Forwarding:
         mtype = frame.type
         # the side whose CALLs this side answers
         asker = self.backend if side is self.station else self.station
-        # read per frame: a reload may add or replace the policy
-        gate = deps.gate
         received = frame
-        if gate.firewall is not None or _signed(frame) or (
-                side.peer_unwraps_signed and _signed_message(frame, side)):
-            action = self._gate_action(side, frame)
-            if action is None:
-                return
-            verdict = gate.check(frame, text, action, side.direction, side.source,
-                                 version.value, side.peer_keeps_signatures,
-                                 side.peer_unwraps_signed)
-            if not verdict.forward:
-                await self._refused(side, frame, verdict)
-                return
-            frame, text = verdict.frame, verdict.text
+        checked = self._check(side, frame, text)
+        if checked is None:
+            return
+        if isinstance(checked, Verdict):
+            await self._refused(side, frame, checked)
+            return
+        frame, text = checked
         if mtype == CALL:
             if side is self.station and deps.duplicate is not None:
                 self._duplicate(deps.duplicate, frame, received)
@@ -291,6 +278,25 @@ class Forwarding:
         unwrapped = frame.action != received.action
         duplicate(self.identity, self.version.value, frame.action or "", frame.payload,
                   (received.action or "", received.payload) if unwrapped else None)
+
+    def _check(self, side: Side, frame: Frame,
+               text: str | None) -> tuple[Frame, str | None] | Verdict | None:
+        """The firewall's look at a frame where it enters, when it needs one: the frame
+        and text to forward, the Verdict that refuses it, or None for an answer that
+        answers nothing here (dropped and counted)."""
+        gate = self.deps.gate  # read per frame: a reload may add or replace the policy
+        if gate.firewall is None and not _signed(frame) and not (
+                side.peer_unwraps_signed and _signed_message(frame, side)):
+            return frame, text
+        action = self._gate_action(side, frame)
+        if action is None:
+            return None
+        verdict = gate.check(frame, text, action, side.direction, side.source,
+                             self.version.value, side.peer_keeps_signatures,
+                             side.peer_unwraps_signed)
+        if not verdict.forward:
+            return verdict
+        return verdict.frame, verdict.text
 
     def _gate_action(self, side: Side, frame: Frame) -> str | None:
         """The action the firewall decides a frame by, or None for an answer that answers
