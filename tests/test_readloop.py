@@ -10,6 +10,7 @@ nothing here waits on a wall clock.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -355,3 +356,92 @@ async def test_messages_parsed_with_the_handshake_come_first() -> None:
                 await trio.sleep(0)
         nursery.cancel_scope.cancel()
     assert consumer.messages == ["early", "later"]
+
+
+# --- found by a red-team review of the loop (each failed before its fix) ----------------
+
+
+async def test_a_station_that_pings_and_never_reads_cannot_pile_up_pongs(
+    autojump_clock: Clock,
+) -> None:
+    """Pongs the station's socket does not take stop the loop reading that station until
+    they are out: the station's own sends back up instead of the node's memory."""
+    async with loop_rig() as r:
+        with trio.move_on_after(10):
+            for _ in range(200):
+                for _ in range(1000):
+                    r.station.protocol.send_ping(b"p" * 125)
+                await r.station.flush()  # blocks once the node stops reading
+        await settle()
+        assert r.node_station.backlog < 1_000_000  # 25 MB and growing before the fix
+        assert r.session.station.jobs is not None  # the side waits for its pongs to go
+
+
+async def test_an_answer_that_meets_two_full_sockets_still_goes_out(
+    autojump_clock: Clock,
+) -> None:
+    """The station's answer only partly fits the CSMS's socket, and the CALL it releases
+    meets a full station socket: both are flushed as soon as the far ends read (the
+    answer waited for the CSMS's next CALL to time out before the fix)."""
+    big = [Frame(SEND, f"ev-{i}", action="NotifyPeriodicEventStream",
+                 payload={"id": 1, "pending": 0, "basetime": "2026-01-01T00:00:00Z",
+                          "data": [str(i) * 200_000]}) for i in range(4)]
+    async with loop_rig(Version.V21) as r, trio.open_nursery() as nursery:
+        await r.backend.send_message('[2,"b1","Reset",{"type":"Immediate"}]')
+        assert (await read(r.station))[0][1] == "b1"
+        await r.backend.send_message('[2,"b2","Reset",{"type":"Immediate"}]')  # queued
+        await settle()
+
+        async def csms_sends() -> None:
+            for frame in big:
+                await r.backend.send_message(encode_frame(frame))
+
+        nursery.start_soon(csms_sends)
+        await settle()
+        assert r.node_station.backlog > 0
+        nursery.start_soon(r.station.send_message,
+                           json.dumps([3, "b1", {"status": "Accepted", "x": "y" * 900_000}]))
+        await settle()
+
+        async def station_reads() -> None:
+            while True:
+                await r.station.get_message()
+
+        nursery.start_soon(station_reads)
+        with trio.fail_after(5):  # virtual: the CALL timeout is 30 s
+            answer = json.loads(await r.backend.get_message())
+        assert answer[:2] == [3, "b1"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_station_that_sends_and_drops_its_connection_ends_the_session(
+    autojump_clock: Clock,
+) -> None:
+    """A frame and the TCP end of stream in one read (no close frame): the frame is
+    forwarded and the session ends (an end that came with data raised no edge of its
+    own, and the session hung before the fix)."""
+    async with loop_rig() as r:
+        r.station.protocol.send_text(b'[2,"c1","Heartbeat",{}]')
+        sock = r.station.sock
+        assert sock is not None
+        sock.sendall(b"".join(r.station.protocol.data_to_send()))
+        sock.shutdown(socket.SHUT_WR)
+        assert await read(r.backend) == [[2, "c1", "Heartbeat", {}]]
+        with trio.fail_after(60):
+            await r.ended.wait()
+
+
+async def test_a_csms_whose_process_dies_after_a_frame_ends_the_session(
+    autojump_clock: Clock,
+) -> None:
+    """The CSMS's last frame, then its socket closed: the node's next write to it (a
+    keepalive ping) fails, and the loop hears of it from the write."""
+    async with loop_rig(backend_keepalive=Keepalive(20.0, 10.0)) as r:
+        r.backend.protocol.send_text(b'[2,"b1","Reset",{"type":"Immediate"}]')
+        sock = r.backend.sock
+        assert sock is not None
+        sock.sendall(b"".join(r.backend.protocol.data_to_send()))
+        sock.close()
+        assert (await read(r.station))[0][1] == "b1"
+        with trio.fail_after(120):
+            await r.ended.wait()

@@ -41,6 +41,7 @@ RECEIVE_BYTES = 65536
 READS_PER_TURN = 4
 MAX_EVENTS = 512  # ready sockets taken per wait; the rest are reported on the next
 _WATCH = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 class Consumer(Protocol):
@@ -59,6 +60,12 @@ class Consumer(Protocol):
         """``take`` raised: the consumer's own task should raise it."""
         ...
 
+    def backlogged(self) -> None:
+        """Reading the link left a reply (a pong) its socket did not take: the consumer's
+        task should flush the link, then resume it. Until then the loop reads it no more,
+        so a far end that pings and never reads cannot pile up pongs in the node."""
+        ...
+
 
 @dataclass(slots=True, eq=False)
 class Reading:
@@ -70,6 +77,9 @@ class Reading:
     paused: bool = False  # the consumer holds messages back: do not read
     ready: bool = False  # the socket may hold bytes not read yet
     held: list[str | bytes] = field(default_factory=list)  # read, not yet taken
+    # the far end has shut down or reset: read on until the end of stream, since an
+    # end that came with the last bytes raises no edge of its own
+    hup: bool = False
     done: bool = False  # the link has ended, or left the loop
 
 
@@ -145,11 +155,13 @@ class ReadLoop:
         while True:
             await trio.lowlevel.wait_readable(fileno)
             now = trio.current_time()
-            for fd, _events in epoll.poll(0, MAX_EVENTS):
+            for fd, events in epoll.poll(0, MAX_EVENTS):
                 reading = readings.get(fd)
                 if reading is None:
                     continue
                 reading.ready = True
+                if events & _HANGUP:
+                    reading.hup = True
                 if reading.paused:
                     continue
                 try:
@@ -182,8 +194,9 @@ class ReadLoop:
                     consumer.failed(exc)
             ended = link.ended()
             if ended is not None:
-                reading.done = reading.paused = True
-                consumer.lost(*ended)
+                if not reading.done:  # not told already (a dead keepalive, a failed write)
+                    reading.done = reading.paused = True
+                    consumer.lost(*ended)
                 return
             if reading.paused or not reading.ready:
                 return
@@ -200,9 +213,15 @@ class ReadLoop:
                 return
             except OSError:
                 data = b""
-            # a short read emptied the socket: the next bytes raise a new edge
-            reading.ready = len(data) == RECEIVE_BYTES
+            # a short read emptied the socket: the next bytes raise a new edge (but an
+            # end of stream that came with them raised its edge already)
+            reading.ready = len(data) == RECEIVE_BYTES or (reading.hup and bool(data))
+            backlog = link.backlog
             messages = link.feed(data, now)
+            if link.backlog > backlog:
+                # the read's reply (a pong) waits: messages wait behind the flush
+                self.pause(reading)
+                consumer.backlogged()
 
 
 def read_loop() -> ReadLoop:

@@ -411,11 +411,18 @@ class WsLink:
         except BlockingIOError:
             sent = 0
         except OSError:
-            self.protocol.state = State.CLOSED
+            self._connection_lost()
             # the peer's close code if its close frame came first: what ``closed`` says
             raise LinkClosed(self._close_code(), "connection lost") from None
         if sent < len(data):
             self._out = bytearray(memoryview(data)[sent:])
+
+    def _connection_lost(self) -> None:
+        """A write found the connection gone: the link is closed, and the forwarding loop,
+        if it reads the link, hears it now (no read may ever come to tell it)."""
+        self.protocol.state = State.CLOSED
+        if self.on_dead is not None:
+            self.on_dead()
 
     @property
     def backlog(self) -> int:
@@ -458,8 +465,9 @@ class WsLink:
                 sent = raw.send(out)
             except BlockingIOError:
                 continue
-            except (OSError, trio.ClosedResourceError, trio.BusyResourceError):
-                self.protocol.state = State.CLOSED
+            except (OSError, ValueError, trio.ClosedResourceError, trio.BusyResourceError):
+                # ValueError: the socket was closed under the wait (fileno -1)
+                self._connection_lost()
                 raise LinkClosed(self._close_code(), "connection lost") from None
             # other writers only append meanwhile, so the front is what was sent
             del out[:sent]

@@ -144,14 +144,15 @@ class StationSession(Forwarding):
             job = self._step(side, message)
         except LinkClosed:
             job = partial(self._closed_while_forwarding, side)
-        if job is None:
-            other = cast("WsLink", side.other)
-            if not other.backlog:
-                return True
+        other = cast("WsLink", side.other)
+        if job is None and not other.backlog:
+            return True
+        if job is not None:
+            self._hand(side, job)
+        if other.backlog:
             # the kernel did not take the whole frame: the side waits for it, as a pump
             # would in its send, and the loop reads the side's link no more until then
-            job = other.flush
-        self._hand(side, job)
+            self._hand(side, other.flush)
         return False
 
     def _hand(self, side: Side, job: Job) -> None:
@@ -341,6 +342,9 @@ class _Taker:
 
     def failed(self, error: Exception) -> None:
         self._session._hand(self._side, partial(_reraise, error))
+
+    def backlogged(self) -> None:
+        self._session._hand(self._side, cast("WsLink", self._side.ws).flush)
 
 
 async def _reraise(error: Exception) -> None:
