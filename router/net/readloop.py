@@ -13,8 +13,10 @@ A consumer that must wait for something (a full socket buffer, an answer to anot
 node's CALL, a close) returns False from ``take``: the loop stops reading that link
 until the consumer calls :meth:`ReadLoop.resume`, so frames keep their order and a slow
 far end slows only the links that write to it. The end of a link (end of stream, a
-close frame, a protocol error, a dead keepalive) reaches the consumer as ``lost``, after
-every message read before it.
+close frame, a protocol error, a dead keepalive, a write that found the connection gone)
+reaches the consumer as ``lost``, after every message read before it. A read whose
+reply (a pong) the socket does not take pauses the link too, until the consumer's task
+has flushed it (``backlogged``).
 
 TLS links, overlay links and backend links that fail over keep a task each: the loop
 takes only links whose socket the node reads itself.
@@ -143,7 +145,8 @@ class ReadLoop:
             self._epoll.unregister(fd)
 
     def _dead(self, reading: Reading) -> None:
-        """The keepalive watcher gave the link up: the consumer hears it as a reader would."""
+        """The keepalive watcher gave the link up, or a write found the connection gone:
+        the consumer hears it as a reader would."""
         if not reading.done:
             reading.done = reading.paused = True
             code, reason = reading.link.ended() or (1006, "")

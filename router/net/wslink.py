@@ -135,7 +135,8 @@ class WsLink:
         # writes next appends to them, and a flush sends them (see ``put``)
         self._out: bytearray | None = None
         # set while the forwarding loop reads the link (router/net/readloop.py): how the
-        # keepalive watcher tells it the link is dead, as a reader would see end of stream
+        # keepalive watcher, or a write that finds the connection gone, tells it the link
+        # is dead, as a reader would see end of stream
         self.on_dead: Callable[[], None] | None = None
         if keepalive is not None:
             self._last_read = trio.current_time()
