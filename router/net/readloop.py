@@ -118,9 +118,9 @@ class ReadLoop:
 
     def remove(self, reading: Reading) -> None:
         """Stop reading the link; it stays open and may be read by a task again."""
-        reading.done = reading.paused = True
+        reading.done = True
         reading.link.on_dead = None
-        reading.link.set_reading(False)
+        self.pause(reading)
         if self._readings.get(reading.fd) is reading:
             del self._readings[reading.fd]
             self._unregister(reading.fd)

@@ -127,8 +127,8 @@ class StationSession(Forwarding):
         """Whether the forwarding loop can read both links: plain TCP WebSockets both."""
         if not self.deps.settings.forwarding_loop:
             return False
-        return all(isinstance(side.ws, WsLink) and type(side.ws) is WsLink
-                   and side.ws.sock is not None for side in (self.station, self.backend))
+        return all(type(side.ws) is WsLink and side.ws.sock is not None
+                   for side in (self.station, self.backend))
 
     # --- the forwarding loop's side of a session ---------------------------------------------
 
@@ -144,16 +144,14 @@ class StationSession(Forwarding):
             job = self._step(side, message)
         except LinkClosed:
             job = partial(self._closed_while_forwarding, side)
-        other = cast("WsLink", side.other)
-        if job is None and not other.backlog:
-            return True
         if job is not None:
             self._hand(side, job)
+        other = cast("WsLink", side.other)
         if other.backlog:
             # the kernel did not take the whole frame: the side waits for it, as a pump
             # would in its send, and the loop reads the side's link no more until then
             self._hand(side, other.flush)
-        return False
+        return side.jobs is None
 
     def _hand(self, side: Side, job: Job) -> None:
         """Give the side's task a job; it wakes if it waits."""
@@ -203,9 +201,7 @@ class StationSession(Forwarding):
         self._hand(side, partial(self._link_closed, side, code, reason))
 
     async def _link_closed(self, side: Side, code: int, reason: str) -> bool:
-        side.closed_code = code
-        if code == CLOSE_ABNORMAL:
-            side.lost = reason[:80]
+        _note_end(side, code, reason)
         with contextlib.suppress(LinkClosed):
             await cast("WsLink", side.ws).flush()  # the reply to a close, the half-close
         return False
@@ -227,9 +223,7 @@ class StationSession(Forwarding):
                 try:
                     message = await ws.get_message()
                 except LinkClosed as exc:
-                    side.closed_code = exc.code
-                    if exc.code == CLOSE_ABNORMAL:
-                        side.lost = exc.reason[:80]
+                    _note_end(side, exc.code, exc.reason)
                     return
                 if not await self._handle(side, message):
                     return
@@ -319,6 +313,13 @@ class StationSession(Forwarding):
                   code=station_code, reason=reason)
         await station.ws.aclose(station_code, reason)
         await backend.ws.aclose(backend_code, reason)
+
+
+def _note_end(side: Side, code: int, reason: str) -> None:
+    """The side's link closed with ``code``: what the wind-down tells of it."""
+    side.closed_code = code
+    if code == CLOSE_ABNORMAL:
+        side.lost = reason[:80]  # why the node gave it up itself
 
 
 async def _discard(_text: str) -> None:
