@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import trio
 import trio.testing
 from websockets.client import ClientProtocol
+from websockets.extensions.base import ClientExtensionFactory, ServerExtensionFactory
 from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -15,13 +18,17 @@ from router.net.wslink import Keepalive, WsLink
 
 
 def ws_pair(subprotocol: str = "ocpp2.0.1", *, lockstep: bool = False,
-            keepalive: Keepalive | None = None, sockets: bool = False) -> tuple[WsLink, WsLink]:
+            keepalive: Keepalive | None = None, sockets: bool = False,
+            client_extensions: Sequence[ClientExtensionFactory] | None = None,
+            server_extensions: Sequence[ServerExtensionFactory] | None = None,
+            ) -> tuple[WsLink, WsLink]:
     """An open WebSocket in memory: (the node's client link, the backend's server link).
 
     With ``lockstep``, a send completes only when the other side reads (a busy backend);
     ``keepalive`` makes the node's link ping a quiet backend; ``sockets`` joins the two
     over a Unix socket pair instead, so the links take their plain-socket paths (a send
-    is written in place, a close closes the socket without a checkpoint).
+    is written in place, a close closes the socket without a checkpoint). The extension
+    factories are each end's, as in websockets (permessage-deflate: router/net/compression.py).
     """
     node_stream: trio.abc.Stream
     backend_stream: trio.abc.Stream
@@ -33,8 +40,8 @@ def ws_pair(subprotocol: str = "ocpp2.0.1", *, lockstep: bool = False,
     else:
         node_stream, backend_stream = trio.testing.memory_stream_pair()
     client = ClientProtocol(parse_uri("ws://csms.test/ocpp/CS-1"),
-                            subprotocols=[Subprotocol(subprotocol)])
-    server = ServerProtocol(subprotocols=[Subprotocol(subprotocol)])
+                            subprotocols=[Subprotocol(subprotocol)], extensions=client_extensions)
+    server = ServerProtocol(subprotocols=[Subprotocol(subprotocol)], extensions=server_extensions)
     client.send_request(client.connect())
     for chunk in client.data_to_send():
         server.receive_data(chunk)

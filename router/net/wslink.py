@@ -24,6 +24,7 @@ from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from router.net.compression import Carried, CompressedText, passing_bits
 from router.net.keepalive import Spawner, watch
 from router.wire.frames import Frame, encode_frame
 
@@ -109,8 +110,8 @@ class WsLink:
     """An open WebSocket: whole text (str) or binary (bytes) messages in, text out."""
 
     __slots__ = ("__weakref__", "_inbox", "_keepalive", "_last_read", "_lock", "_lost", "_next",
-                 "_opcode", "_out", "_parts", "_pinged_at", "_raw", "_reading", "headers",
-                 "on_dead", "protocol", "stream", "subprotocol")
+                 "_opcode", "_out", "_parts", "_pass_bits", "_pinged_at", "_raw", "_reading",
+                 "headers", "on_dead", "protocol", "stream", "subprotocol")
 
     def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol | ClientProtocol,
                  keepalive: Keepalive | None = None) -> None:
@@ -125,6 +126,9 @@ class WsLink:
         self._parts: list[Buffer] = []
         self._opcode: Opcode | None = None
         self._raw = _raw_socket(stream)
+        # a text that came compressed from a sender with at most this window goes out
+        # as it came (router/net/compression.py); 0: every text is encoded here
+        self._pass_bits = passing_bits(protocol.extensions)
         self.headers: dict[str, str] = {}  # handshake headers the caller asked to keep
         self._keepalive = keepalive
         self._lost = ""  # why the node gave the link up itself
@@ -332,7 +336,10 @@ class WsLink:
             return
         if opcode is Opcode.TEXT:
             try:
-                self._inbox.append(str(data, "utf-8"))
+                if type(data) is Carried:
+                    self._inbox.append(data.text())
+                else:
+                    self._inbox.append(str(data, "utf-8"))
             except UnicodeDecodeError:
                 self.protocol.fail(CLOSE_INVALID_DATA, "text message is not valid UTF-8")
         else:
@@ -352,7 +359,7 @@ class WsLink:
         proto = self.protocol
         if proto.state is not State.OPEN:
             raise LinkClosed(self._close_code(), self._close_reason())
-        proto.send_text((text if text is not None else encode_frame(frame)).encode("utf-8"))
+        proto.send_text(self._payload(frame, text))
         await self._flush()
 
     def info(self) -> LinkInfo:
@@ -393,9 +400,18 @@ class WsLink:
         proto = self.protocol
         if proto.state is not State.OPEN:
             raise LinkClosed(self._close_code(), self._close_reason())
-        proto.send_text((text if text is not None else encode_frame(frame)).encode("utf-8"))
+        proto.send_text(self._payload(frame, text))
         writes = proto.data_to_send()
         self.put(writes[0] if len(writes) == 1 else b"".join(writes))
+
+    def _payload(self, frame: Frame, text: str | None) -> bytes:
+        """What to send for a frame: its text, encoded, or the compressed payload the text
+        came as, when this link may send that unchanged (router/net/compression.py)."""
+        if text is None:
+            return encode_frame(frame).encode("utf-8")
+        if type(text) is CompressedText and text.bits <= self._pass_bits:
+            return text.wire
+        return text.encode("utf-8")
 
     def put(self, data: bytes) -> None:
         """Write bytes on a plain TCP link without waiting: into the kernel's buffer while

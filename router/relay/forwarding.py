@@ -29,6 +29,7 @@ import trio
 from policies import Outcome
 from router.config import NodeSection
 from router.logs import log_event
+from router.net.compression import CompressedText
 from router.net.readloop import Reading
 from router.net.wslink import Link, LinkClosed, WsLink
 from router.relay.gate import Gate, Verdict
@@ -121,7 +122,7 @@ class Forwarding:
         """Forward one message the loop read, with no await: None when done, else the job
         the side's task must do instead. Anything that must wait goes to the task before
         it happens: nothing was done, or the job finishes what was."""
-        if type(message) is not str or self._debug:
+        if (type(message) is not str and type(message) is not CompressedText) or self._debug:
             return partial(self._handle, side, message)
         t0 = perf_counter_ns()
         try:
@@ -211,7 +212,7 @@ class Forwarding:
         t0 = perf_counter_ns()
         frame: Frame
         text: str | None
-        if type(message) is str:
+        if type(message) is str or type(message) is CompressedText:
             text = message
             if self._debug:
                 log_event(log, logging.DEBUG, "frame", station=self.identity,
