@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from functools import partial
 from time import perf_counter_ns
 from typing import Any, cast
@@ -146,7 +147,7 @@ class StationSession(Forwarding):
             job = partial(self._closed_while_forwarding, side)
         if job is not None:
             self._hand(side, job)
-        other = cast("WsLink", side.other)
+        other: WsLink = side.other  # type: ignore[assignment]
         if other.backlog:
             # the kernel did not take the whole frame: the side waits for it, as a pump
             # would in its send, and the loop reads the side's link no more until then
@@ -329,14 +330,14 @@ async def _discard(_text: str) -> None:
 class _Taker:
     """One side of a session as the forwarding loop's consumer."""
 
-    __slots__ = ("_session", "_side")
+    __slots__ = ("_session", "_side", "take")
 
     def __init__(self, session: StationSession, side: Side) -> None:
         self._session = session
         self._side = side
-
-    def take(self, message: str | bytes) -> bool:
-        return self._session._take(self._side, message)
+        # the session's own method, bound to the side: no call of ours between the loop
+        # and the step, for every message
+        self.take: Callable[[str | bytes], bool] = partial(session._take, side)
 
     def lost(self, code: int, reason: str) -> None:
         self._session._lost(self._side, code, reason)
