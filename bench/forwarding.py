@@ -27,6 +27,7 @@ import json
 import math
 import os
 import queue
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -812,6 +813,36 @@ def wire_report(results: list[dict[str, Any]], stations: list[int],
     ]
 
 
+def rounds_report(results: list[dict[str, Any]], stations: list[int],
+                  modes: list[str]) -> list[str]:
+    """CPU per frame against nginx in every round, and the median: one run's ratio moves
+    by 10% or more with the machine's hour, so the rounds are interleaved."""
+    rounds = max(r["round"] for r in results)
+    lines = [f"CPU per frame against nginx over {rounds} interleaved rounds "
+             "(us per frame in each round; the ratio's median):",
+             f"{'compression':<12}{'N':>5}  {'scenario':<11}{'us per frame':<28}"
+             f"{'x nginx':<22}{'median':>7}",
+             "-" * 87]
+    def runs(kind: str, n: int, mode: str) -> dict[int, float]:
+        return {r["round"]: r["us_per_frame"] for r in results
+                if r["scenario"] == kind and r["stations"] == n
+                and r["compression"] == mode and r["us_per_frame"] is not None}
+
+    for mode in modes:
+        for n in stations:
+            ngx = runs("nginx", n, mode)
+            for kind in ALL_SCENARIOS:
+                mine = runs(kind, n, mode)
+                if not mine:
+                    continue
+                us = "/".join(f"{mine[k]:.1f}" for k in sorted(mine))
+                ratios = [mine[k] / ngx[k] for k in sorted(mine) if k in ngx and kind != "nginx"]
+                shown = "/".join(f"{x:.2f}" for x in ratios) if ratios else "-"
+                median = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+                lines.append(f"{mode:<12}{n:>5}  {kind:<11}{us:<28}{shown:<22}{median:>7}")
+    return lines
+
+
 def wait_until_quiet(max_wait: float) -> float | None:
     """Wait (up to ``max_wait`` s) until the machine idles for a second; returns its busy %.
 
@@ -849,9 +880,14 @@ def main() -> int:
     parser.add_argument("--compression", default=None, metavar="MODES",
                         help="none, deflate or none,deflate: permessage-deflate on every hop "
                              "(default none; when given, the node config states it)")
+    parser.add_argument("--rounds", type=int, default=1, metavar="K",
+                        help="run the whole plan K times, interleaved; the report shows each "
+                             "round's CPU per frame against nginx and the median")
     parser.add_argument("--json", default=None, help="results file (default bench/results/...)")
     parser.add_argument("--no-json", action="store_true")
     opts = parser.parse_args()
+    if opts.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     if opts.quick:
         opts.seconds = 1.5 if opts.seconds is None else opts.seconds
@@ -901,18 +937,22 @@ def main() -> int:
 
     started = time.monotonic()
     results: list[dict[str, Any]] = []
-    for n, mode, kind in plan:
+    for round_no, (n, mode, kind) in (
+            (r, step) for r in range(1, opts.rounds + 1) for step in plan):
         if opts.quiet_wait > 0 and wait_until_quiet(opts.quiet_wait) is None:
             print(f"machine still busy after {opts.quiet_wait:g} s; running anyway",
                   file=sys.stderr)
         t0 = time.monotonic()
         label = f"{kind:<6} N={n:<4}" + (f" {mode:<7}" if modes != ["none"] else "")
+        if opts.rounds > 1:
+            label = f"round {round_no}/{opts.rounds} {label}"
         print(f"running {label} ...", end=" ", file=sys.stderr, flush=True)
         try:
             result = run_one(kind, n, mode, opts)
         except (BenchError, TimeoutError, OSError, psutil.Error) as exc:
             print(f"FAILED\n{exc}", file=sys.stderr)
             continue
+        result["round"] = round_no
         results.append(result)
         print(f"{result['calls_per_s']:.0f} calls/s ({time.monotonic() - t0:.1f} s)",
               file=sys.stderr, flush=True)
@@ -924,11 +964,18 @@ def main() -> int:
           f"frame {results[0]['frame_bytes'] if results else '?'} B, "
           f"pinning {'on' if opts.pin_plan else 'off'}"
           f"{', compression ' + ','.join(modes) if opts.compression_explicit else ''}")
+    last = [r for r in results if r["round"] == opts.rounds]
     for mode in modes:
         print()
         if modes != ["none"]:
             print(f"compression {mode}:")
-        for line in report([r for r in results if r["compression"] == mode], stations, mode):
+        if opts.rounds > 1:
+            print(f"(round {opts.rounds} of {opts.rounds}; every round below)")
+        for line in report([r for r in last if r["compression"] == mode], stations, mode):
+            print(line)
+    if opts.rounds > 1:
+        print()
+        for line in rounds_report(results, stations, modes):
             print(line)
     wire = wire_report(results, stations, modes)
     if wire:
@@ -949,12 +996,13 @@ def main() -> int:
             "warmup": opts.warmup,
             "rate": opts.rate,
             "compression": modes,
+            "rounds": opts.rounds,
             "pinning": opts.pin_plan,
             "results": results,
         }, indent=2))
         shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
         print(f"results written to {shown}")
-    return 0 if len(results) == len(plan) else 1
+    return 0 if len(results) == len(plan) * opts.rounds else 1
 
 
 if __name__ == "__main__":

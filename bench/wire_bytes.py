@@ -36,8 +36,7 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-WINDOW_BITS = 12
-MEM_LEVEL = 5
+from router.net.compression import MEM_LEVEL, WINDOW_BITS, Deflate
 
 
 def stamp(at: datetime) -> str:
@@ -126,7 +125,10 @@ def session(rounds: int, rng: random.Random) -> Iterator[tuple[str, Any, Any]]:
 
 
 def deflate(context_takeover: bool) -> PerMessageDeflate:
-    return PerMessageDeflate(
+    # without context takeover: the node's own extension, which leaves small messages
+    # uncompressed (router/net/compression.py)
+    kind = PerMessageDeflate if context_takeover else Deflate
+    return kind(
         remote_no_context_takeover=not context_takeover,
         local_no_context_takeover=not context_takeover,
         remote_max_window_bits=WINDOW_BITS,
