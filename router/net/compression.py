@@ -25,8 +25,10 @@ CPU decides two more things, both within RFC 7692 (``docs/scaling.md`` has the f
   of deflating the text again (:class:`CompressedText`). Deflating is the costly half:
   about 4.6 us for a 300-byte MeterValues against 1.7 us to inflate it. The sender's
   own window does not count: zlib does not hold a sender to it, and a sender may lie.
-  A stream that ends with a final block (BFINAL) is deflated again, so that a receiver
-  keeping one inflater per link is never handed a closed stream.
+  A stream that ends with a final block (BFINAL), or anywhere but between two blocks
+  once its tail is appended (a stray byte opening a block header), is deflated again:
+  a receiver keeping one inflater per link reads its next message from where this one
+  stopped.
 - **Small messages go uncompressed.** RFC 7692 §6 lets an endpoint send any message
   with RSV1 clear. Below :data:`SMALLEST_COMPRESSED` bytes deflate saves nothing (a
   45-byte CALLRESULT comes out 2 bytes longer) and costs a fresh context each time.
@@ -54,6 +56,8 @@ MEM_LEVEL = 5
 SMALLEST_COMPRESSED = 128
 # RFC 7692 §7.2.2: the receiver appends the empty stored block the sender took off
 _TAIL = b"\x00\x00\xff\xff"
+# an empty fixed-Huffman block marked final (BFINAL 1, BTYPE 01, end-of-block), padded
+_FINAL_EMPTY_BLOCK = b"\x03\x00"
 
 
 class Wire(bytes):
@@ -105,8 +109,8 @@ class Deflate(PerMessageDeflate):
         if max_size is not None and (len(data) > max_size or inflater.unconsumed_tail):
             raise PayloadTooBig(None, max_size)
         frame.rsv1 = False
-        if inflater.eof:
-            # a final block (BFINAL), and maybe bytes after it: the text, not the wire
+        if not _at_boundary(inflater):
+            # the text, not the wire: deflated again before it goes on
             frame.data = data
             return frame
         carried = Carried(data)
@@ -125,6 +129,22 @@ class Deflate(PerMessageDeflate):
             if len(data) < SMALLEST_COMPRESSED:
                 return frame
         return super().encode(frame)
+
+
+def _at_boundary(inflater: Any) -> bool:
+    """Whether a stream, its tail appended, stopped where RFC 7692 §7.2.1 has a sender stop:
+    between two blocks, the last of them not final. Only such a stream may go on as it
+    came: a receiver that keeps one inflater for the link reads its next message from
+    where this one stopped, and a final block, or a block header left open (a stray
+    byte after the sync flush), would make it read that message otherwise, or fail.
+    An empty final block fed after it must end the stream at once, adding nothing."""
+    if inflater.eof:
+        return False  # a final block of its own, and maybe bytes after it
+    try:
+        added = inflater.decompress(_FINAL_EMPTY_BLOCK)
+    except zlib.error:
+        return False
+    return not added and inflater.eof and not inflater.unused_data
 
 
 def _deflate(extension: PerMessageDeflate) -> Deflate:
