@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import PayloadTooBig, ProtocolError
+from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import (
     ClientPerMessageDeflateFactory,
     PerMessageDeflate,
@@ -253,6 +255,9 @@ def test_honest_streams_are_kept_as_they_came(level: int, size: int) -> None:
 # --- links over sockets, with websockets' stock extension at the far ends -----------------
 
 
+NODES_OWN: list[ServerExtensionFactory] = []  # _hops: the CSMS end with the node's extension
+
+
 def _station_factory(window_bits: int | bool | None = True,
                      level: int = 0) -> list[ClientPerMessageDeflateFactory]:
     """websockets' own extension, as the ``ocpp`` package's stations use it. Level 0
@@ -261,14 +266,19 @@ def _station_factory(window_bits: int | bool | None = True,
                                            compress_settings={"level": level})]
 
 
-def _hops(station_window: int | bool | None = True) -> tuple[WsLink, WsLink, WsLink, WsLink]:
-    """(station, the node's station link, the node's CSMS link, CSMS), all compressed; the
-    CSMS's end keeps what it received as it came, to compare."""
+def _hops(station_window: int | bool | None = True,
+          csms_extensions: Sequence[ServerExtensionFactory] | None = NODES_OWN,
+          ) -> tuple[WsLink, WsLink, WsLink, WsLink]:
+    """(station, the node's station link, the node's CSMS link, CSMS), all compressed
+    unless ``csms_extensions`` is None. By default the CSMS's end is the node's own
+    extension, which keeps what it received as it came, to compare."""
     station, node_station = ws_pair(sockets=True,
                                     client_extensions=_station_factory(station_window),
                                     server_extensions=server_extensions(True))
-    node_backend, csms = ws_pair(sockets=True, client_extensions=client_extensions(True),
-                                 server_extensions=server_extensions(True))
+    node_backend, csms = ws_pair(
+        sockets=True, client_extensions=client_extensions(csms_extensions is not None),
+        server_extensions=server_extensions(True) if csms_extensions is NODES_OWN
+        else csms_extensions)
     return station, node_station, node_backend, csms
 
 
@@ -325,9 +335,7 @@ async def test_a_changed_or_small_text_is_encoded_here() -> None:
 
 
 async def test_a_link_without_compression_gets_the_text() -> None:
-    station, node_station = ws_pair(sockets=True, client_extensions=_station_factory(),
-                                    server_extensions=server_extensions(True))
-    node_backend, csms = ws_pair(sockets=True)
+    station, node_station, node_backend, csms = _hops(csms_extensions=None)
     text = _meter_values(4)
     await station.send_message(text)
     got = await node_station.get_message()
@@ -357,11 +365,8 @@ async def test_a_final_block_from_the_station_is_deflated_again() -> None:
 
 async def test_a_csms_with_websockets_defaults_is_passed_on_to_the_station() -> None:
     # the CSMS end: websockets' stock server extension (the ``ocpp`` package's CSMS)
-    station, node_station = ws_pair(sockets=True, client_extensions=_station_factory(),
-                                    server_extensions=server_extensions(True))
-    node_backend, csms = ws_pair(sockets=True, client_extensions=client_extensions(True),
-                                 server_extensions=[ServerPerMessageDeflateFactory(
-                                     server_max_window_bits=12, client_max_window_bits=12)])
+    station, node_station, node_backend, csms = _hops(csms_extensions=[
+        ServerPerMessageDeflateFactory(server_max_window_bits=12, client_max_window_bits=12)])
     text = _meter_values(6).replace('[2,', '[3,', 1).replace(',"MeterValues"', '', 1)
     # websockets' stock extension deflates even 14 bytes; the node passes both on as is
     for sent in (text, '[3,"mv-6",{}]'):

@@ -89,9 +89,9 @@ class Carried(bytes):
 
 
 class Deflate(PerMessageDeflate):
-    """websockets' permessage-deflate, which keeps what it inflated in one go beside the
-    text (:class:`Carried`), sends a :class:`Wire` as it is, and leaves small messages
-    uncompressed."""
+    """websockets' permessage-deflate, which keeps a whole text message's compressed
+    payload beside what it inflated (:class:`Carried`), sends a :class:`Wire` as it is,
+    and leaves small messages uncompressed."""
 
     def decode(self, frame: Frame, *, max_size: int | None = None) -> Frame:
         if not (frame.rsv1 and frame.fin and frame.opcode is Opcode.TEXT
@@ -131,7 +131,7 @@ class Deflate(PerMessageDeflate):
         return super().encode(frame)
 
 
-def _at_boundary(inflater: Any) -> bool:
+def _at_boundary(inflater: zlib._Decompress) -> bool:
     """Whether a stream, its tail appended, stopped where RFC 7692 §7.2.1 has a sender stop:
     between two blocks, the last of them not final. Only such a stream may go on as it
     came: a receiver that keeps one inflater for the link reads its next message from

@@ -126,8 +126,9 @@ class WsLink:
         self._parts: list[Buffer] = []
         self._opcode: Opcode | None = None
         self._raw = _raw_socket(stream)
-        # a text that came compressed from a sender with at most this window goes out
-        # as it came (router/net/compression.py); 0: every text is encoded here
+        # a text that came compressed and is no longer than 2^_pass_bits bytes (this
+        # link's announced window) goes out as it came (router/net/compression.py);
+        # 0: every text is encoded here
         self._pass_bits = passing_bits(protocol.extensions)
         self.headers: dict[str, str] = {}  # handshake headers the caller asked to keep
         self._keepalive = keepalive
