@@ -823,6 +823,7 @@ def rounds_report(results: list[dict[str, Any]], stations: list[int],
              f"{'compression':<12}{'N':>5}  {'scenario':<11}{'us per frame':<28}"
              f"{'x nginx':<22}{'median':>7}",
              "-" * 87]
+
     def runs(kind: str, n: int, mode: str) -> dict[int, float]:
         return {r["round"]: r["us_per_frame"] for r in results
                 if r["scenario"] == kind and r["stations"] == n
@@ -973,7 +974,7 @@ def main() -> int:
             print(f"(round {opts.rounds} of {opts.rounds}; every round below)")
         for line in report([r for r in last if r["compression"] == mode], stations, mode):
             print(line)
-    if opts.rounds > 1:
+    if opts.rounds > 1 and results:
         print()
         for line in rounds_report(results, stations, modes):
             print(line)
