@@ -194,6 +194,9 @@ def _compact(text: str) -> Any:
 def parse_json(text: str) -> tuple[Any, str | None]:
     """Parse JSON text: the value, and why it must not be passed on (None when it may).
     Text that is not JSON at all, NaN included, raises ValueError."""
+    if type(text) is not str:
+        # a str subclass (the node's text that came compressed): orjson reads none
+        text = str(text)
     value = _compact(text)
     if value is not None:
         return value, value_flaw(value) if _may_nest_too_deep(text) else None

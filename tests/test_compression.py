@@ -282,6 +282,15 @@ def _hops(station_window: int | bool | None = True,
     return station, node_station, node_backend, csms
 
 
+async def _forwarded(node_in: WsLink, node_out: WsLink,
+                     far: WsLink) -> tuple[str | bytes, str | bytes]:
+    """The next message on the node's link ``node_in``, forwarded unchanged on ``node_out``
+    (the forwarding loop's write), and what the far end of ``node_out`` got."""
+    got = await node_in.get_message()
+    node_out.put_frame(decode(got, Version.V201), got)
+    return got, await far.get_message()
+
+
 async def test_a_text_goes_on_as_it_came_when_the_windows_fit() -> None:
     station, node_station, node_backend, csms = _hops()
     text = _meter_values(1)
@@ -306,10 +315,8 @@ async def test_a_text_longer_than_the_next_window_is_deflated_again() -> None:
             "vendorId": "x", "data": "".join(random.Random(size).choice("abcdef0123456789")
                                              for _ in range(size))}])
         await station.send_message(text)
-        got = await node_station.get_message()
+        got, at_csms = await _forwarded(node_station, node_backend, csms)
         assert type(got) is CompressedText
-        node_backend.put_frame(decode(got, Version.V201), got)
-        at_csms = await csms.get_message()
         assert at_csms == text and type(at_csms) is CompressedText
         # within 2^12 bytes it goes on as it came; past them, the node deflates it
         assert (at_csms.wire == got.wire) == (size < 4096)
@@ -327,10 +334,8 @@ async def test_a_changed_or_small_text_is_encoded_here() -> None:
     # a small text goes out with RSV1 clear: a plain str at the far end
     answer = '[3,"mv-3",{}]'
     await csms.send_message(answer)
-    small = await node_backend.get_message()
+    small, back = await _forwarded(node_backend, node_station, station)
     assert small == answer and type(small) is str
-    node_station.put_frame(decode(small, Version.V201), small)
-    back = await station.get_message()
     assert back == answer and type(back) is str
 
 
@@ -338,10 +343,8 @@ async def test_a_link_without_compression_gets_the_text() -> None:
     station, node_station, node_backend, csms = _hops(csms_extensions=None)
     text = _meter_values(4)
     await station.send_message(text)
-    got = await node_station.get_message()
+    got, at_csms = await _forwarded(node_station, node_backend, csms)
     assert type(got) is CompressedText
-    node_backend.put_frame(decode(got, Version.V201), got)
-    at_csms = await csms.get_message()
     assert at_csms == text and type(at_csms) is str
 
 
@@ -356,10 +359,8 @@ async def test_a_final_block_from_the_station_is_deflated_again() -> None:
     mask = b"\x01\x02\x03\x04"
     sock.send(bytes([0xC1, 0x80 | 126]) + len(payload).to_bytes(2, "big") + mask
               + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-    got = await node_station.get_message()
+    got, at_csms = await _forwarded(node_station, node_backend, csms)
     assert got == text and type(got) is str
-    node_backend.put_frame(decode(got, Version.V201), got)
-    at_csms = await csms.get_message()
     assert at_csms == text and type(at_csms) is CompressedText
 
 
@@ -371,7 +372,6 @@ async def test_a_csms_with_websockets_defaults_is_passed_on_to_the_station() -> 
     # websockets' stock extension deflates even 14 bytes; the node passes both on as is
     for sent in (text, '[3,"mv-6",{}]'):
         await csms.send_message(sent)
-        got = await node_backend.get_message()
+        got, at_station = await _forwarded(node_backend, node_station, station)
         assert type(got) is CompressedText and got == sent
-        node_station.put_frame(decode(got, Version.V201), got)
-        assert await station.get_message() == sent
+        assert at_station == sent

@@ -132,10 +132,8 @@ def _text(data: bytes) -> str:
 def load_json(text: str | bytes) -> tuple[Any, str | None]:
     """Parse JSON text for a decoder: the value, and why it must not be passed on (None when
     it may). Text that is not JSON at all, NaN included, raises FrameError (RPC)."""
-    if type(text) is not str:
-        # bytes, or a str subclass (a text that came compressed: router/net/compression.py),
-        # which orjson does not read
-        text = str(text) if isinstance(text, str) else _text(text)
+    if not isinstance(text, str):
+        text = _text(text)
     try:
         return parse_json(text)
     except (ValueError, RecursionError) as exc:
