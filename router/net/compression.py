@@ -97,9 +97,16 @@ class Deflate(PerMessageDeflate):
         if not (frame.rsv1 and frame.fin and frame.opcode is Opcode.TEXT
                 and self.remote_no_context_takeover):
             return super().decode(frame, max_size=max_size)
-        # a whole text message with a fresh context: what websockets' own decode does
-        # for it, keeping the inflater to look at how the stream ended
-        wire = Wire(frame.data)
+        frame.data = self.inflate(frame.data, max_size)
+        frame.rsv1 = False
+        return frame
+
+    def inflate(self, payload: bytes | bytearray | memoryview, max_size: int | None) -> bytes:
+        """A whole text message's payload, deflated with a fresh context: what websockets'
+        own decode makes of it, as a :class:`Carried` when it may go on as it came. Raises
+        ProtocolError and PayloadTooBig as that decode does (also for
+        router/net/framereader.py, which reads such frames without a frame object)."""
+        wire = Wire(payload)
         inflater = zlib.decompressobj(wbits=-self.remote_max_window_bits)
         # one byte over the limit tells "too big" from "exactly the limit"
         try:
@@ -108,17 +115,13 @@ class Deflate(PerMessageDeflate):
             raise ProtocolError("decompression failed") from exc
         if max_size is not None and (len(data) > max_size or inflater.unconsumed_tail):
             raise PayloadTooBig(None, max_size)
-        frame.rsv1 = False
         if not _at_boundary(inflater):
-            # the text, not the wire: deflated again before it goes on
-            frame.data = data
-            return frame
+            return data  # the text, not the wire: deflated again before it goes on
         carried = Carried(data)
         carried.wire = wire
         # the farthest a back-reference can reach: the message's own length
         carried.bits = max(9, (len(data) - 1).bit_length())
-        frame.data = carried
-        return frame
+        return carried
 
     def encode(self, frame: Frame) -> Frame:
         if frame.fin and (frame.opcode is Opcode.TEXT or frame.opcode is Opcode.BINARY):

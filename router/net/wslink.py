@@ -25,6 +25,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from router.net.compression import Carried, CompressedText, passing_bits
+from router.net.framereader import FrameReader
 from router.net.keepalive import Spawner, watch
 from router.wire.frames import Frame, encode_frame
 
@@ -109,9 +110,9 @@ class Link(Protocol):
 class WsLink:
     """An open WebSocket: whole text (str) or binary (bytes) messages in, text out."""
 
-    __slots__ = ("__weakref__", "_inbox", "_keepalive", "_last_read", "_lock", "_lost", "_next",
-                 "_opcode", "_out", "_parts", "_pass_bits", "_pinged_at", "_raw", "_reading",
-                 "headers", "on_dead", "protocol", "stream", "subprotocol")
+    __slots__ = ("__weakref__", "_frames", "_inbox", "_keepalive", "_last_read", "_lock", "_lost",
+                 "_next", "_opcode", "_out", "_parts", "_pass_bits", "_pinged_at", "_raw",
+                 "_reading", "headers", "on_dead", "protocol", "stream", "subprotocol")
 
     def __init__(self, stream: trio.abc.Stream, protocol: ServerProtocol | ClientProtocol,
                  keepalive: Keepalive | None = None) -> None:
@@ -131,6 +132,9 @@ class WsLink:
         # 0: every text is encoded here
         self._pass_bits = passing_bits(protocol.extensions)
         self.headers: dict[str, str] = {}  # handshake headers the caller asked to keep
+        # reads whole data frames itself, the rest through websockets
+        # (router/net/framereader.py); None: websockets reads every byte
+        self._frames = FrameReader.of(protocol)
         self._keepalive = keepalive
         self._lost = ""  # why the node gave the link up itself
         self._pinged_at: float | None = None
@@ -184,11 +188,7 @@ class WsLink:
                 data = await self._receive()
                 self._reading = False
                 self._last_read = trio.current_time()
-            if data:
-                proto.receive_data(data)
-                self._take_events()
-            else:
-                proto.receive_eof()
+            self._read(data)
             if proto.writes:
                 # pongs, the reply to a close, or the close we send when failing
                 await self._flush()
@@ -275,16 +275,30 @@ class WsLink:
         whole messages it completed. A pong or other reply goes out at once."""
         if self._keepalive is not None:
             self._last_read = now
-        proto = self.protocol
-        if data:
-            proto.receive_data(data)
-            self._take_events()
+        frames = self._frames
+        if frames is not None and data:
+            frames.feed(data, self)  # _read's first case, inline: this is every frame's path
         else:
-            proto.receive_eof()
+            self._read(data)
+        proto = self.protocol
         if proto.state is State.OPEN and proto.writes:
             with contextlib.suppress(LinkClosed):  # the next read sees the end
                 self.put(b"".join(proto.data_to_send()))
         return self.take_messages()
+
+    def _read(self, data: bytes | bytearray) -> None:
+        """Parse bytes the far end sent (b"": its end of stream) into the inbox."""
+        frames = self._frames
+        if frames is not None:
+            if data:
+                frames.feed(data, self)
+            else:
+                frames.end(self)
+        elif data:
+            self.protocol.receive_data(data)
+            self.take_events()
+        else:
+            self.protocol.receive_eof()
 
     def take_messages(self) -> list[str | bytes]:
         """The whole messages parsed and not yet taken (by the loop, not ``get_message``)."""
@@ -306,9 +320,9 @@ class WsLink:
 
     def take_frames(self, events: Sequence[object]) -> None:
         """Frames parsed before this link existed (in the read that completed the handshake)."""
-        self._take_events(cast("list[WsFrame]", list(events)))
+        self.take_events(cast("list[WsFrame]", list(events)))
 
-    def _take_events(self, events: list[WsFrame] | None = None) -> None:
+    def take_events(self, events: list[WsFrame] | None = None) -> None:
         # after the opening handshake, every event is a frame
         if events is None:
             events = cast("list[WsFrame]", self.protocol.events_received())
@@ -316,7 +330,7 @@ class WsLink:
             opcode = frame.opcode
             if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
                 if frame.fin:
-                    self._deliver(opcode, frame.data)
+                    self.deliver(opcode, frame.data)
                 else:
                     self._opcode = opcode
                     self._parts = [frame.data]
@@ -325,9 +339,9 @@ class WsLink:
                 if frame.fin:
                     data = b"".join(self._parts)
                     opcode, self._opcode, self._parts = self._opcode, None, []
-                    self._deliver(opcode, data)
+                    self.deliver(opcode, data)
 
-    def _deliver(self, opcode: Opcode, data: Buffer) -> None:
+    def deliver(self, opcode: Opcode, data: Buffer) -> None:
         proto = self.protocol
         if proto.state is not State.OPEN and (
                 proto.close_rcvd is None or proto.close_rcvd_then_sent is False):

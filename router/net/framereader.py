@@ -1,0 +1,250 @@
+"""A link's bytes read frame by frame: whole data frames here, every other frame by websockets.
+
+websockets parses a frame with generator coroutines over a byte buffer: a generator per
+field read, a copy and a deletion in the buffer for each, an enum lookup, a frame object
+and its checks. On this project's machine that is 2.2 us of the 2.4 us ``receive_data``
+spends on a 240-byte MeterValues, and it is paid for every frame the node forwards.
+Reading the same frame's header here, and unmasking its payload with websockets' own C
+helper, takes 0.35 us (``docs/architecture.md``, "Reading frames").
+
+A frame is taken here only when all of this holds, which is the whole of a forwarding
+node's usual traffic:
+
+- the protocol is open and no fragmented message is under way (``current_size``);
+- the frame came whole, with FIN set;
+- it is a text or binary frame with no reserved bit, or (``inflate``) a text frame with
+  RSV1 from a permessage-deflate sender without context takeover
+  (``router/net/compression.py``);
+- it is masked exactly when the link is a server's (RFC 6455 §5.1, §5.3);
+- its length is within websockets' own limit for it.
+
+Every other frame (control frames, fragments, a frame with a fault, a frame longer than
+the limit) goes to websockets, whole or as much of it as has come, and settles there
+as websockets settles it: close code, reason, pongs, what it discards. So websockets
+starts every frame it reads at the frame's first byte: this reader counts the bytes it
+still owes to a frame it handed on (``_owed``) and holds the first bytes of a header that
+has not all come (``_head``, at most 14). Once the protocol is no longer open, all bytes go
+to websockets. A link built while websockets was inside a frame (bytes that came with
+the handshake) is never read here: :meth:`FrameReader.of` gives None for it.
+
+The outcome does not depend on how TCP cut the bytes: what a link delivers, sends and
+closes with is what websockets gives when it is fed one byte at a time
+(``tests/test_framereader.py`` checks this on generated streams, hostile ones included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from websockets.exceptions import PayloadTooBig, ProtocolError
+from websockets.extensions.base import Extension
+from websockets.extensions.permessage_deflate import PerMessageDeflate
+from websockets.frames import CloseCode, Opcode
+from websockets.protocol import SERVER, State
+from websockets.protocol import Protocol as WsProtocol
+from websockets.streams import StreamReader
+
+from router.net.compression import Deflate
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # websockets built without its C helper
+    from websockets.utils import apply_mask
+
+HEADER_MAX = 14  # two bytes, an 8-byte length, a 4-byte mask
+_TEXT = 0x81  # FIN and the opcode, no reserved bit
+_BINARY = 0x82
+_DEFLATED_TEXT = 0xC1  # FIN, RSV1 and the text opcode
+_MASKED = 0x80
+
+Bytes = bytes | bytearray
+Inflate = Callable[[Bytes, "int | None"], bytes]
+
+
+class Sink(Protocol):
+    """The link a reader reads for (passed on each call: the reader holds no reference
+    to it, so a link and its reader make no cycle for the collector)."""
+
+    def deliver(self, opcode: Opcode, data: Bytes) -> None:
+        """A whole message, as the link's own reassembly of websockets' frames delivers."""
+        ...
+
+    def take_events(self) -> None:
+        """Take what websockets parsed."""
+        ...
+
+
+class FrameReader:
+    """Feeds a link's bytes to websockets, except the whole data frames it reads itself
+    (see the module)."""
+
+    __slots__ = ("_head", "_inflate", "_mask_bit", "_owed", "_proto")
+
+    def __init__(self, proto: WsProtocol, inflate: Inflate | None = None) -> None:
+        self._proto = proto
+        self._inflate = inflate  # a whole deflated text message's payload, or None
+        self._mask_bit = _MASKED if proto.side is SERVER else 0
+        self._head: Bytes = b""  # the first bytes of a frame whose header has not all come
+        self._owed = 0  # bytes still due to websockets for the frame it was handed
+
+    @classmethod
+    def of(cls, proto: WsProtocol) -> FrameReader | None:
+        """A reader for this open protocol, or None when websockets must read every byte:
+        it is inside a frame already, logs every frame (debug), or has an extension other
+        than permessage-deflate, whose decode leaves an uncompressed data frame alone."""
+        if (proto.state is not State.OPEN or proto.debug or not _at_frame_start(proto)
+                or not hasattr(proto, "current_size") or not hasattr(proto, "max_message_size")):
+            return None  # the last two: websockets before 16, whose names differ
+        readable, inflate = _inflater(proto.extensions)
+        return cls(proto, inflate) if readable else None
+
+    def feed(self, data: Bytes, link: Sink) -> None:
+        """Read bytes that came from the far end for ``link`` (not b"": see :meth:`end`)."""
+        proto = self._proto
+        pos, end = 0, len(data)
+        owed = self._owed
+        if self._head:
+            # websockets has the start of a header: it reads that frame
+            head = self._head + data[:HEADER_MAX]
+            size = frame_size(head)
+            if size < 0:
+                self._head = head  # all of data: a header is shorter than HEADER_MAX
+                _to_websockets(proto, link, data)
+                return
+            owed = size - len(self._head)
+            self._head = b""
+        if owed:
+            pos = owed if owed < end else end
+            self._owed = owed - pos
+            _to_websockets(proto, link, data if pos == end else data[:pos])
+        limit = _limit(proto)
+        mask_bit = self._mask_bit
+        while pos < end:
+            if proto.state is not State.OPEN:
+                _to_websockets(proto, link, data[pos:] if pos else data)
+                return
+            second = data[pos + 1] if end - pos > 1 else 0
+            length = second & 0x7F
+            start = pos + 2
+            if length == 126:
+                start += 2
+            elif length == 127:
+                start += 8
+            if second & _MASKED:
+                start += 4
+            if start > end:
+                # a header cut short: websockets reads it as it comes, and the frame
+                self._head = bytes(data[pos:])
+                _to_websockets(proto, link, self._head)
+                return
+            if length == 126:
+                length = int.from_bytes(data[pos + 2:pos + 4], "big")
+            elif length == 127:
+                length = int.from_bytes(data[pos + 2:pos + 10], "big")
+            stop = start + length
+            if (stop <= end and second & _MASKED == mask_bit and proto.current_size is None
+                    and (limit is None or length <= limit)):
+                first = data[pos]
+                if first in (_TEXT, _BINARY) or (
+                        first == _DEFLATED_TEXT and self._inflate is not None):
+                    payload = data[start:stop]
+                    if mask_bit:
+                        payload = apply_mask(payload, data[start - 4:start])
+                    pos = stop
+                    if first == _DEFLATED_TEXT:
+                        self._inflated(payload, limit, link)
+                    else:
+                        link.deliver(Opcode.TEXT if first == _TEXT else Opcode.BINARY, payload)
+                    continue
+            # websockets reads this frame, or as much of it as has come
+            if stop > end:
+                self._owed = stop - end
+                _to_websockets(proto, link, data[pos:] if pos else data)
+                return
+            _to_websockets(proto, link, data[pos:stop])
+            pos = stop
+
+    def end(self, link: Sink) -> None:
+        """The far end's end of stream."""
+        self._proto.receive_eof()
+
+    def _inflated(self, payload: Bytes, limit: int | None, link: Sink) -> None:
+        """A whole deflated text message: its text to the link, or the protocol failed as
+        websockets' parser fails it for the same fault."""
+        assert self._inflate is not None
+        proto = self._proto
+        try:
+            text = self._inflate(payload, limit)
+        except ProtocolError as exc:
+            proto.fail(CloseCode.PROTOCOL_ERROR, str(exc))
+            proto.parser_exc = exc
+            return
+        except PayloadTooBig as exc:
+            exc.set_current_size(proto.current_size)
+            proto.fail(CloseCode.MESSAGE_TOO_BIG, str(exc))
+            proto.parser_exc = exc
+            return
+        link.deliver(Opcode.TEXT, text)
+
+
+def frame_size(data: Bytes) -> int:
+    """The length of the frame ``data`` starts with, header included; -1 when its header
+    has not all come."""
+    if len(data) < 2:
+        return -1
+    second = data[1]
+    length = second & 0x7F
+    start = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if second & _MASKED else 0)
+    if start > len(data):
+        return -1
+    if length == 126:
+        length = int.from_bytes(data[2:4], "big")
+    elif length == 127:
+        length = int.from_bytes(data[2:10], "big")
+    return start + length
+
+
+def _to_websockets(proto: WsProtocol, link: Sink, data: Bytes) -> None:
+    proto.receive_data(data)
+    link.take_events()
+
+
+def _limit(proto: WsProtocol) -> int | None:
+    """The longest frame websockets accepts outside a fragmented message."""
+    limit = proto.max_message_size
+    fragment = proto.max_fragment_size
+    if fragment is not None and (limit is None or fragment < limit):
+        return fragment
+    return limit
+
+
+def _at_frame_start(proto: WsProtocol) -> bool:
+    """Whether websockets' parser waits for the first byte of a frame, with nothing held:
+    it waits in its stream's end-of-stream check then, and inside a field read otherwise."""
+    if proto.reader.buffer:
+        return False
+    parser = proto.parser
+    while True:
+        inner = getattr(parser, "gi_yieldfrom", None)
+        if inner is None:
+            break
+        parser = inner
+    return getattr(parser, "gi_code", None) is _AT_EOF
+
+
+_AT_EOF = StreamReader.at_eof.__code__
+
+
+def _inflater(extensions: Sequence[Extension]) -> tuple[bool, Inflate | None]:
+    """Whether the reader may read the link (no extension, or permessage-deflate only),
+    and the node's own extension's whole-message inflate when it reads each message
+    with a fresh context."""
+    if not extensions:
+        return True, None
+    if len(extensions) > 1 or not isinstance(extensions[0], PerMessageDeflate):
+        return False, None
+    deflate = extensions[0]
+    if type(deflate) is Deflate and deflate.remote_no_context_takeover:
+        return True, deflate.inflate
+    return True, None
