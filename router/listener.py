@@ -37,8 +37,9 @@ from router.config import (
 )
 from router.logs import log_event
 from router.net.handshake import DialFailed, HandshakeFailed, Upgrade, read_upgrade
+from router.net.keepalive import Keepalive
 from router.net.tls import common_name
-from router.net.wslink import Keepalive, close_stream
+from router.net.wslink import close_stream
 from router.overlay.mesh import MODE_HEADER, MODE_OVERLAY, Overlay
 from router.passwords import VerifiedCache, hash_password, verify_password
 from router.relay.failover import FailoverLink

@@ -30,8 +30,9 @@ from router.gcwatch import GcHousekeeper, GcWatch
 from router.listener import StationListener
 from router.logs import log_event
 from router.net.dns import DnsCache
+from router.net.keepalive import Keepalive
 from router.net.tls import TlsContexts
-from router.net.wslink import Keepalive, WsLink
+from router.net.wslink import WsLink
 from router.overlay.attach import AttachContext
 from router.overlay.mesh import Overlay, OverlayConfig
 from router.overlay.trust import TrustError

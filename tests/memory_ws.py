@@ -14,7 +14,8 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from router.net.wslink import Keepalive, WsLink
+from router.net.keepalive import Keepalive
+from router.net.wslink import WsLink
 
 
 def ws_pair(subprotocol: str = "ocpp2.0.1", *, lockstep: bool = False,

@@ -26,8 +26,9 @@ from websockets.frames import Opcode
 from policies import Firewall, load_policy
 from router.config import NodeSection
 from router.net import readloop
+from router.net.keepalive import Keepalive
 from router.net.readloop import ReadLoop, read_loop
-from router.net.wslink import Keepalive, LinkClosed, WsLink
+from router.net.wslink import LinkClosed, WsLink
 from router.relay.forwarding import SessionDeps
 from router.relay.gate import Gate
 from router.relay.session import StationSession

@@ -9,7 +9,8 @@ import trio.testing
 from websockets.frames import Frame as WsFrame
 from websockets.frames import Opcode
 
-from router.net.wslink import CLOSE_ABNORMAL, Keepalive, LinkClosed
+from router.net.keepalive import Keepalive
+from router.net.wslink import CLOSE_ABNORMAL, LinkClosed
 from router.wire.frames import CALL, Frame, encode_frame
 from tests.memory_ws import ws_pair
 

@@ -105,7 +105,7 @@ class Deflate(PerMessageDeflate):
         """A whole text message's payload, deflated with a fresh context: what websockets'
         own decode makes of it, as a :class:`Carried` when it may go on as it came. Raises
         ProtocolError and PayloadTooBig as that decode does (also for
-        router/net/framereader.py, which reads such frames without a frame object)."""
+        router/net/framing.py, which reads such frames without a frame object)."""
         wire = Wire(payload)
         inflater = zlib.decompressobj(wbits=-self.remote_max_window_bits)
         # one byte over the limit tells "too big" from "exactly the limit"

@@ -25,8 +25,9 @@ from websockets.uri import parse_uri
 from router.config import DialSettings
 from router.net.compression import client_extensions, server_extensions
 from router.net.dns import address_family
+from router.net.keepalive import Keepalive
 from router.net.tls import tls_failure
-from router.net.wslink import RECEIVE_BYTES, Keepalive, WsLink, break_cycles
+from router.net.wslink import RECEIVE_BYTES, WsLink, break_cycles
 
 # the loggers websockets looks up for every protocol it makes when given none
 _SERVER_LOG = logging.getLogger("websockets.server")

@@ -26,7 +26,7 @@ import logging
 import math
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import trio
 from trio.lowlevel import RunVar, spawn_system_task
@@ -36,6 +36,34 @@ log = logging.getLogger("router.net")
 # the shortest time between two wake-ups of the watcher (the smallest ping interval a
 # config may set is 0.1 s)
 COALESCE_S = 0.05
+
+
+class Keepalive(NamedTuple):
+    """The node's own pings on a link: one after ``interval_s`` without a byte from the far
+    end, and the link is dead when nothing comes back within ``timeout_s`` of it."""
+
+    interval_s: float
+    timeout_s: float
+
+    @classmethod
+    def every(cls, interval_s: float, timeout_s: float) -> Keepalive | None:
+        """None for an interval of 0: no pings of our own."""
+        return cls(interval_s, timeout_s) if interval_s > 0 else None
+
+    @classmethod
+    def of(cls, settings: PingSettings) -> Keepalive | None:
+        """From a config section's ``ping_interval_s`` and ``ping_timeout_s``."""
+        return cls.every(settings.ping_interval_s, settings.ping_timeout_s)
+
+
+class PingSettings(Protocol):
+    """``[listen]``, or a backend's or peer's dial settings."""
+
+    @property
+    def ping_interval_s(self) -> float: ...
+
+    @property
+    def ping_timeout_s(self) -> float: ...
 
 
 class Spawner(Protocol):

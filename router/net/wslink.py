@@ -15,7 +15,7 @@ import math
 import socket
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, Protocol, cast
 
 import trio
 from websockets.client import ClientProtocol
@@ -25,8 +25,8 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from router.net.compression import Carried, CompressedText, passing_bits
-from router.net.framereader import FrameReader
-from router.net.keepalive import Spawner, watch
+from router.net.framing import Framing
+from router.net.keepalive import Keepalive, Spawner, watch
 from router.wire.frames import Frame, encode_frame
 
 Buffer = bytes | bytearray | memoryview
@@ -34,34 +34,6 @@ RECEIVE_BYTES = 65536
 CLOSE_ABNORMAL = 1006
 CLOSE_INVALID_DATA = 1007
 _NOT_SINCE_PING = -math.inf  # a link's last read time while its ping waits for an answer
-
-
-class Keepalive(NamedTuple):
-    """The node's own pings on a link: one after ``interval_s`` without a byte from the far
-    end, and the link is dead when nothing comes back within ``timeout_s`` of it."""
-
-    interval_s: float
-    timeout_s: float
-
-    @classmethod
-    def every(cls, interval_s: float, timeout_s: float) -> Keepalive | None:
-        """None for an interval of 0: no pings of our own."""
-        return cls(interval_s, timeout_s) if interval_s > 0 else None
-
-    @classmethod
-    def of(cls, settings: PingSettings) -> Keepalive | None:
-        """From a config section's ``ping_interval_s`` and ``ping_timeout_s``."""
-        return cls.every(settings.ping_interval_s, settings.ping_timeout_s)
-
-
-class PingSettings(Protocol):
-    """``[listen]``, or a backend's or peer's dial settings."""
-
-    @property
-    def ping_interval_s(self) -> float: ...
-
-    @property
-    def ping_timeout_s(self) -> float: ...
 
 
 class LinkClosed(Exception):
@@ -110,7 +82,7 @@ class Link(Protocol):
 class WsLink:
     """An open WebSocket: whole text (str) or binary (bytes) messages in, text out."""
 
-    __slots__ = ("__weakref__", "_frames", "_inbox", "_keepalive", "_last_read", "_lock", "_lost",
+    __slots__ = ("__weakref__", "_framing", "_inbox", "_keepalive", "_last_read", "_lock", "_lost",
                  "_next", "_opcode", "_out", "_parts", "_pass_bits", "_pinged_at", "_raw",
                  "_reading", "headers", "on_dead", "protocol", "stream", "subprotocol")
 
@@ -133,8 +105,8 @@ class WsLink:
         self._pass_bits = passing_bits(protocol.extensions)
         self.headers: dict[str, str] = {}  # handshake headers the caller asked to keep
         # reads whole data frames itself, the rest through websockets
-        # (router/net/framereader.py); None: websockets reads every byte
-        self._frames = FrameReader.of(protocol)
+        # (router/net/framing.py); None: websockets reads every byte
+        self._framing = Framing.of(protocol)
         self._keepalive = keepalive
         self._lost = ""  # why the node gave the link up itself
         self._pinged_at: float | None = None
@@ -275,7 +247,7 @@ class WsLink:
         whole messages it completed. A pong or other reply goes out at once."""
         if self._keepalive is not None:
             self._last_read = now
-        frames = self._frames
+        frames = self._framing
         if frames is not None and data:
             frames.feed(data, self)  # _read's first case, inline: this is every frame's path
         else:
@@ -288,7 +260,7 @@ class WsLink:
 
     def _read(self, data: bytes | bytearray) -> None:
         """Parse bytes the far end sent (b"": its end of stream) into the inbox."""
-        frames = self._frames
+        frames = self._framing
         if frames is not None:
             if data:
                 frames.feed(data, self)
@@ -374,7 +346,9 @@ class WsLink:
         proto = self.protocol
         if proto.state is not State.OPEN:
             raise LinkClosed(self._close_code(), self._close_reason())
-        proto.send_text(self._payload(frame, text))
+        data = self._framed(self._payload(frame, text))
+        if data:
+            proto.writes.append(data)
         await self._flush()
 
     def info(self) -> LinkInfo:
@@ -415,9 +389,23 @@ class WsLink:
         proto = self.protocol
         if proto.state is not State.OPEN:
             raise LinkClosed(self._close_code(), self._close_reason())
-        proto.send_text(self._payload(frame, text))
-        writes = proto.data_to_send()
-        self.put(writes[0] if len(writes) == 1 else b"".join(writes))
+        data = self._framed(self._payload(frame, text))
+        if proto.writes:  # websockets framed it, or bytes of its own wait before it
+            if data:
+                proto.writes.append(data)
+            writes = proto.data_to_send()
+            data = writes[0] if len(writes) == 1 else b"".join(writes)
+        self.put(data)
+
+    def _framed(self, payload: bytes) -> bytes:
+        """A text message's frame, framed here (router/net/framing.py), or b"" when
+        websockets framed it into its own queue of writes."""
+        framing = self._framing
+        data = framing.text_frame(payload) if framing is not None else None
+        if data is None:
+            self.protocol.send_text(payload)
+            return b""
+        return data
 
     def _payload(self, frame: Frame, text: str | None) -> bytes:
         """What to send for a frame: its text, encoded, or the compressed payload the text

@@ -22,7 +22,8 @@ import trio
 from router.config import BackendEntry, NodeSection, unwraps_signed
 from router.logs import log_event
 from router.net.handshake import DialFailed, Upgrade
-from router.net.wslink import Keepalive, LinkClosed, WsLink
+from router.net.keepalive import Keepalive
+from router.net.wslink import LinkClosed, WsLink
 from router.overlay.forwarding import CONNECT
 from router.overlay.peer_link import PeerLink
 from router.overlay.state import OverlayState

@@ -25,8 +25,9 @@ from router.config import PeerEntry, TrustSection
 from router.logs import log_event
 from router.net.dns import DnsCache, SrvUnavailable
 from router.net.handshake import HandshakeFailed, Upgrade, dial
+from router.net.keepalive import Keepalive
 from router.net.tls import TlsFor, tls_failure
-from router.net.wslink import Keepalive, WsLink
+from router.net.wslink import WsLink
 from router.overlay.attach import AttachContext, Attacher
 from router.overlay.forwarding import Forwarder
 from router.overlay.peer_link import PeerLink

@@ -1,10 +1,12 @@
-"""The frame reader (router/net/framereader.py): a link reads whole data frames itself and
-every other frame through websockets, with the outcome websockets gives alone.
+"""A link's own framing (router/net/framing.py): it reads whole data frames and writes
+whole text frames itself, every other frame through websockets, with the outcome
+websockets gives alone.
 
-The property: whatever the bytes (valid frames, faulty ones, hostile ones) and however
-they are cut into reads, a link with the reader delivers, sends and closes exactly as the
+Reading: whatever the bytes (valid frames, faulty ones, hostile ones) and however they
+are cut into reads, a link with its framing delivers, sends and closes exactly as the
 same link without it fed one byte at a time. The streams are written here byte by byte,
-since websockets' own serializer refuses the faulty frames this needs.
+since websockets' own serializer refuses the faulty frames this needs. Writing: every
+frame the link makes is the frame websockets makes, but for the mask's random key.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from websockets.extensions.permessage_deflate import (
     ServerPerMessageDeflateFactory,
 )
 from websockets.http11 import Request
+from websockets.protocol import Protocol as WsProtocol
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from router.net.compression import client_extensions, server_extensions
-from router.net.framereader import FrameReader
+from router.net.compression import SMALLEST_COMPRESSED, Wire, client_extensions, server_extensions
+from router.net.framing import Framing
 from router.net.wslink import WsLink
+from router.wire.frames import SEND, Frame
 from tests.memory_ws import ws_pair
 
 LIMIT = 200  # the links' message size limit, so that some frames exceed it
@@ -49,7 +53,7 @@ NODES_DEFLATE: dict[str, Extensions] = {
     "client": (client_extensions(True), [ServerPerMessageDeflateFactory(
         server_max_window_bits=12, client_max_window_bits=12)]),
 }
-# websockets' stock extension with context takeover: deflated frames go to websockets
+# websockets' stock extension: websockets reads and writes every frame
 STOCK_DEFLATE: dict[str, Extensions] = {
     "server": ([ServerPerMessageDeflateFactory()], [ClientPerMessageDeflateFactory()]),
     "client": ([ClientPerMessageDeflateFactory()], [ServerPerMessageDeflateFactory()]),
@@ -199,9 +203,9 @@ def check_reads_as_websockets(side: str, extensions: Extensions,
                               case: tuple[bytes, list[int], bool], limit: str = "message") -> None:
     stream, cuts, eof = case
     link, far = reading_link(side, extensions, limit)
-    assert link._frames is not None
+    assert link._framing is not None
     reference, reference_far = reading_link(side, extensions, limit)
-    reference._frames = None
+    reference._framing = None
     bounds = [0, *cuts, len(stream)]
     reads = [stream[a:b] for a, b in itertools.pairwise(bounds) if b > a]
     expected = outcome(reference, [stream[i:i + 1] for i in range(len(stream))], eof,
@@ -223,19 +227,21 @@ def test_a_link_reads_as_websockets_does_byte_by_byte(side: str, limit: str,
 @given(data=st.data())
 def test_with_the_nodes_deflate_too(side: str, data: st.DataObject) -> None:
     link, _ = reading_link(side, NODES_DEFLATE[side])
-    assert link.protocol.extensions and link._frames is not None
-    assert link._frames._inflate is not None
+    assert link.protocol.extensions and link._framing is not None
+    assert link._framing._inflate is not None
     check_reads_as_websockets(side, NODES_DEFLATE[side], data.draw(streams(side == "server")))
 
 
 @pytest.mark.parametrize("side", ["server", "client"])
-@settings(max_examples=100, deadline=None)
-@given(data=st.data())
-def test_and_with_websockets_stock_deflate(side: str, data: st.DataObject) -> None:
-    link, _ = reading_link(side, STOCK_DEFLATE[side])
-    assert link.protocol.extensions and link._frames is not None
-    assert link._frames._inflate is None
-    check_reads_as_websockets(side, STOCK_DEFLATE[side], data.draw(streams(side == "server")))
+def test_a_link_with_websockets_stock_deflate_is_framed_by_websockets(side: str) -> None:
+    """Its encode compresses what the node's own sends as it is: no framing here."""
+    link, far = reading_link(side, STOCK_DEFLATE[side])
+    assert link.protocol.extensions and link._framing is None
+    link.put_frame(Frame(SEND, "1", action="Heartbeat", payload={}), None)
+    frame = raw_frame(0x81, b"[2,\"2\",\"Heartbeat\",{}]", masked=side == "server")
+    assert link.feed(frame, 0.0) == ['[2,"2","Heartbeat",{}]']
+    [(first, _)] = unmasked(far.recv(100))
+    assert first == 0xC1  # compressed by websockets, 23 bytes and all
 
 
 def test_whole_data_frames_do_not_go_through_websockets_parser(
@@ -282,10 +288,57 @@ def test_a_link_opened_inside_a_frame_is_read_by_websockets_alone() -> None:
     assert isinstance(request, Request)
     server.send_response(server.accept(request))
     assert server.state is State.OPEN
-    assert FrameReader.of(server) is None
+    assert Framing.of(server) is None
     near, far = socket.socketpair()
     link = WsLink(trio.SocketStream(trio.socket.from_stdlib_socket(near)), server)
-    assert link._frames is None
+    assert link._framing is None
     assert link.feed(frame[6:] + raw_frame(0x81, b"next", masked=True), 0.0) == ["early", "next"]
     far.close()
 
+
+
+def websockets_frame(proto: WsProtocol, payload: bytes) -> list[tuple[int, bytes]]:
+    proto.send_text(payload)
+    return unmasked(b"".join(proto.data_to_send()))
+
+
+@pytest.mark.parametrize("extensions", ["plain", "deflate"])
+@pytest.mark.parametrize("side", ["server", "client"])
+@settings(max_examples=60, deadline=None)
+@given(length=st.sampled_from([0, 1, 125, 126, 127, 200, 65535, 65536, 70_000])
+       | st.integers(0, 300), wire=st.booleans())
+def test_a_text_frame_is_the_frame_websockets_makes(side: str, extensions: str, length: int,
+                                                    wire: bool) -> None:
+    """Plain texts of every length encoding; with the node's deflate, a payload that goes
+    as it came (RSV1) and one too short to compress, and none framed that must be
+    compressed."""
+    chosen = PLAIN if extensions == "plain" else NODES_DEFLATE[side]
+    link, _ = reading_link(side, chosen)
+    framing = link._framing
+    assert framing is not None
+    payload = bytes(i % 251 for i in range(length))
+    if wire and extensions == "deflate":
+        payload = Wire(deflated(payload, 12, final=False))
+    framed = framing.text_frame(payload)
+    if extensions == "deflate" and type(payload) is not Wire and length >= SMALLEST_COMPRESSED:
+        assert framed is None  # websockets compresses it
+        return
+    assert framed is not None
+    assert unmasked(framed) == websockets_frame(link.protocol, payload)
+    assert (framed[1] & 0x80 != 0) is (side == "client")  # a client masks, §5.3
+
+
+def test_no_frame_is_made_here_while_websockets_sends_a_message_in_fragments() -> None:
+    link, _ = reading_link("client", PLAIN)
+    assert link._framing is not None
+    link.protocol.send_text(b"first part", fin=False)
+    assert link._framing.text_frame(b"text") is None
+
+
+def test_a_frame_made_here_goes_behind_what_websockets_has_waiting() -> None:
+    """A pong websockets queued, not yet written: the next text goes after it."""
+    link, far = reading_link("server", PLAIN)
+    link.protocol.receive_data(raw_frame(0x89, b"p", masked=True))
+    assert link.protocol.writes
+    link.put_frame(Frame(SEND, "1", action="Heartbeat", payload={}), None)
+    assert unmasked(far.recv(100)) == [(0x8A, b"p"), (0x81, b'[6,"1","Heartbeat",{}]')]

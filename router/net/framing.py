@@ -1,14 +1,16 @@
-"""A link's bytes read frame by frame: whole data frames here, every other frame by websockets.
+"""A link's data frames read and written here; every other frame by websockets.
 
 websockets parses a frame with generator coroutines over a byte buffer: a generator per
 field read, a copy and a deletion in the buffer for each, an enum lookup, a frame object
 and its checks. On this project's machine that is 2.2 us of the 2.4 us ``receive_data``
-spends on a 240-byte MeterValues, and it is paid for every frame the node forwards.
-Reading the same frame's header here, and unmasking its payload with websockets' own C
-helper, takes 0.35 us (``docs/architecture.md``, "Reading frames").
+spends on a 240-byte MeterValues, paid for every frame the node forwards; reading the
+same frame's header here, and unmasking its payload with websockets' own C helper, takes
+0.35 us. Writing is the same story on a smaller scale: a frame object, its checks, the
+extensions' encode and a ``BytesIO``, for a header of two to fourteen bytes
+(``docs/architecture.md``, "Frames read and written by the link").
 
-A frame is taken here only when all of this holds, which is the whole of a forwarding
-node's usual traffic:
+**Reading.** A frame is taken here only when all of this holds, which is the whole of a
+forwarding node's usual traffic:
 
 - the protocol is open and no fragmented message is under way (``current_size``);
 - the frame came whole, with FIN set;
@@ -19,33 +21,43 @@ node's usual traffic:
 - its length is within websockets' own limit for it.
 
 Every other frame (control frames, fragments, a frame with a fault, a frame longer than
-the limit) goes to websockets, whole or as much of it as has come, and settles there
-as websockets settles it: close code, reason, pongs, what it discards. So websockets
-starts every frame it reads at the frame's first byte: this reader counts the bytes it
-still owes to a frame it handed on (``_owed``) and holds the first bytes of a header that
-has not all come (``_head``, at most 14). Once the protocol is no longer open, all bytes go
-to websockets. A link built while websockets was inside a frame (bytes that came with
-the handshake) is never read here: :meth:`FrameReader.of` gives None for it.
+the limit, a header cut across reads) goes to websockets, as much of it as has come, and
+is settled there as websockets settles it: close code, reason, pongs, what it discards.
+So websockets starts every frame it reads at the frame's first byte: the reader counts
+the bytes it still owes to a frame it handed on (``_owed``), and keeps a copy of a header
+websockets has only begun (``_head``, at most 14 bytes) to learn that frame's length.
+Once the protocol is no longer open, all bytes go to websockets. A link built while
+websockets was inside a frame (bytes that came with the handshake) is left to websockets
+alone: :meth:`Framing.of` gives None for it.
 
 The outcome does not depend on how TCP cut the bytes: what a link delivers, sends and
-closes with is what websockets gives when it is fed one byte at a time
-(``tests/test_framereader.py`` checks this on generated streams, hostile ones included).
+closes with is what websockets gives when fed one byte at a time (``tests/test_framing.py``
+checks this on generated streams, hostile ones included).
+
+**Writing.** :meth:`Framing.text_frame` frames a whole text message when websockets would
+frame it unchanged: no extension, or the node's own ``Deflate`` with a payload it sends as
+it is (a :class:`~router.net.compression.Wire`, with RSV1, or one too short to compress).
+A client's frame is masked with four bytes from ``os.urandom``, the source websockets uses
+(``secrets.token_bytes``), as RFC 6455 §5.3 asks ("derived from a strong source of
+entropy"). Anything else (a payload to compress, websockets' stock extension, a message
+in fragments) is framed by websockets.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
+from os import urandom
 from typing import Protocol
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.extensions.base import Extension
-from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import CloseCode, Opcode
 from websockets.protocol import SERVER, State
 from websockets.protocol import Protocol as WsProtocol
 from websockets.streams import StreamReader
 
-from router.net.compression import Deflate
+from router.net.compression import SMALLEST_COMPRESSED, Deflate, Wire
 
 try:
     from websockets.speedups import apply_mask
@@ -57,6 +69,8 @@ _TEXT = 0x81  # FIN and the opcode, no reserved bit
 _BINARY = 0x82
 _DEFLATED_TEXT = 0xC1  # FIN, RSV1 and the text opcode
 _MASKED = 0x80
+_SHORT = struct.Struct("!BBH")  # a header with a 16-bit length
+_LONG = struct.Struct("!BBQ")  # with a 64-bit length
 
 Bytes = bytes | bytearray
 Inflate = Callable[[Bytes, "int | None"], bytes]
@@ -75,24 +89,27 @@ class Sink(Protocol):
         ...
 
 
-class FrameReader:
-    """Feeds a link's bytes to websockets, except the whole data frames it reads itself
-    (see the module)."""
+class Framing:
+    """Feeds a link's bytes to websockets, except the whole data frames it reads itself,
+    and frames the text messages websockets would frame unchanged (see the module)."""
 
-    __slots__ = ("_head", "_inflate", "_mask_bit", "_owed", "_proto")
+    __slots__ = ("_deflate", "_head", "_inflate", "_mask_bit", "_owed", "_proto")
 
     def __init__(self, proto: WsProtocol, inflate: Inflate | None = None) -> None:
         self._proto = proto
         self._inflate = inflate  # a whole deflated text message's payload, or None
+        # the mask bit of frames read: a server's (it reads masked frames, writes plain)
         self._mask_bit = _MASKED if proto.side is SERVER else 0
+        # the node's own deflate: payloads it sends as they are may be framed here
+        self._deflate = bool(proto.extensions)
         self._head: Bytes = b""  # the first bytes of a frame whose header has not all come
         self._owed = 0  # bytes still due to websockets for the frame it was handed
 
     @classmethod
-    def of(cls, proto: WsProtocol) -> FrameReader | None:
-        """A reader for this open protocol, or None when websockets must read every byte:
-        it is inside a frame already, logs every frame (debug), or has an extension other
-        than permessage-deflate, whose decode leaves an uncompressed data frame alone."""
+    def of(cls, proto: WsProtocol) -> Framing | None:
+        """Framing for this open protocol, or None when websockets must read and write
+        every frame: it is inside a frame already, logs every frame (debug), or has an
+        extension other than the node's own deflate."""
         if (proto.state is not State.OPEN or proto.debug or not _at_frame_start(proto)
                 or not hasattr(proto, "current_size") or not hasattr(proto, "max_message_size")):
             return None  # the last two: websockets before 16, whose names differ
@@ -164,6 +181,33 @@ class FrameReader:
                 return
             _to_websockets(proto, link, data[pos:stop])
             pos = stop
+
+    def text_frame(self, payload: bytes) -> bytes | None:
+        """A whole text message framed as websockets frames it, or None for websockets to
+        frame: a payload to compress, or a message in fragments under way."""
+        if type(payload) is Wire:
+            first = _DEFLATED_TEXT  # sent as it came (router/net/compression.py)
+        elif not self._deflate or len(payload) < SMALLEST_COMPRESSED:
+            first = _TEXT
+        else:
+            return None
+        if self._proto.expect_continuation_frame:
+            return None  # websockets raises for it
+        length = len(payload)
+        if self._mask_bit:  # a server: no mask
+            if length < 126:
+                return bytes((first, length)) + payload
+            header = _SHORT.pack(first, 126, length) if length < 65536 else _LONG.pack(
+                first, 127, length)
+            return header + payload
+        key = urandom(4)
+        if length < 126:
+            header = bytes((first, _MASKED | length))
+        elif length < 65536:
+            header = _SHORT.pack(first, _MASKED | 126, length)
+        else:
+            header = _LONG.pack(first, _MASKED | 127, length)
+        return header + key + apply_mask(payload, key)
 
     def end(self, link: Sink) -> None:
         """The far end's end of stream."""
@@ -237,14 +281,12 @@ _AT_EOF = StreamReader.at_eof.__code__
 
 
 def _inflater(extensions: Sequence[Extension]) -> tuple[bool, Inflate | None]:
-    """Whether the reader may read the link (no extension, or permessage-deflate only),
-    and the node's own extension's whole-message inflate when it reads each message
-    with a fresh context."""
+    """Whether a link may be framed here (no extension, or the node's own deflate: its
+    encode leaves alone what :meth:`Framing.text_frame` frames), and that extension's
+    whole-message inflate when it reads each message with a fresh context."""
     if not extensions:
         return True, None
-    if len(extensions) > 1 or not isinstance(extensions[0], PerMessageDeflate):
-        return False, None
     deflate = extensions[0]
-    if type(deflate) is Deflate and deflate.remote_no_context_takeover:
-        return True, deflate.inflate
-    return True, None
+    if len(extensions) > 1 or type(deflate) is not Deflate:
+        return False, None
+    return True, deflate.inflate if deflate.remote_no_context_takeover else None
