@@ -1,8 +1,9 @@
 """Floor relays: how much of the node's CPU per frame is its event loop, not its checks.
 
 Two stripped relays built from the node's own parts (``router.net.handshake`` for both
-upgrades, websockets' sans-IO protocol for the frames), forwarding every text message
-as it is: no decoding, no call ledger, no firewall, no counters.
+upgrades, the node's links for the frames: their own framing, websockets for the rest),
+forwarding every text message as it is: no decoding, no call ledger, no firewall, no
+counters.
 
 * ``--mode tasks``: the node's shape. Each direction is a trio task reading a
   :class:`router.net.wslink.WsLink` and writing the other, so every frame is a trio
@@ -12,7 +13,7 @@ as it is: no decoding, no call ledger, no firewall, no counters.
   the ready frames in a plain loop: no task switch per frame.
 
 ``bench/forwarding.py --scenarios nginx,floor-loop,floor-tasks,node`` measures the four in
-one run: the steps between them are what websockets in Python, trio's task per link, and
+one run: the steps between them are what WebSocket framing in Python, trio's task per link, and
 the node's own checks each cost per frame. Prints ``{"event": "listening", "port": N}``.
 
     .venv/bin/python bench/floor.py --backend ws://127.0.0.1:9100 --mode loop --port 0
@@ -29,8 +30,6 @@ from functools import partial
 from pathlib import Path
 
 import trio
-from websockets.frames import Frame, Opcode
-from websockets.protocol import State
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the router package
 
@@ -38,8 +37,11 @@ from benchutil import emit, raise_nofile_limit
 
 from router.net.handshake import DialFailed, HandshakeFailed, dial, read_upgrade
 from router.net.wslink import LinkClosed, WsLink, close_stream
+from router.wire.frames import SEND, Frame
 
 MAX_MESSAGE = 65536
+# put_frame reads the frame only when it has no text; the floor always has the text
+_UNUSED = Frame(SEND, "-", action="-", payload={})
 RECEIVE_BYTES = 65536
 
 
@@ -81,36 +83,30 @@ class Loop:
                 end = ends.get(fd)
                 if end is None:
                     continue
-                raw, link, other, other_raw = end
+                raw, link, other, _other_raw = end
                 try:
                     data = raw.recv(RECEIVE_BYTES)
                 except BlockingIOError:
                     continue
                 except OSError:
                     data = b""
-                proto, out = link.protocol, other.protocol
                 if not data:
                     self._drop(fd)
                     continue
-                proto.receive_data(data)
-                for frame in proto.events_received():
-                    if (isinstance(frame, Frame) and frame.opcode is Opcode.TEXT
-                            and out.state is State.OPEN):
-                        # text as the node handles it: checked UTF-8 in, encoded out
-                        out.send_text(str(frame.data, "utf-8").encode("utf-8"))
-                if proto.state is not State.OPEN or out.state is not State.OPEN:
+                # the link's own framing, as the node reads and writes (router/net/framing.py)
+                try:
+                    for message in link.feed(data, 0.0):
+                        if isinstance(message, str):
+                            # text as the node handles it: checked UTF-8 in, the same out
+                            other.put_frame(_UNUSED, message)
+                    if other.backlog:
+                        # a full send buffer: rare with OCPP-sized frames; the floor waits
+                        await other.flush()
+                except LinkClosed:
                     self._drop(fd)
                     continue
-                pending = b"".join(out.data_to_send())
-                while pending:
-                    try:
-                        pending = pending[other_raw.send(pending):]
-                    except BlockingIOError:
-                        # a full send buffer: rare with OCPP-sized frames; the floor waits
-                        select.select([], [other_raw], [], 1.0)
-                    except OSError:
-                        self._drop(fd)
-                        break
+                if link.closed is not None or other.closed is not None:
+                    self._drop(fd)
 
 
 async def _copy(src: WsLink, dst: WsLink, scope: trio.CancelScope) -> None:

@@ -46,7 +46,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 SCENARIOS = ("direct", "relay", "nginx", "node")
 # stripped relays from the node's own parts (bench/floor.py), asked for by name only:
-# what websockets in Python costs per frame, and what trio's task per link adds
+# what WebSocket framing in Python costs per frame, and what trio's task per link adds
 FLOOR_SCENARIOS = {"floor-loop": "loop", "floor-tasks": "tasks"}
 # the node with ``forwarding_loop = false``: a task per link, as before the forwarding loop
 TASK_SCENARIOS = ("node-tasks",)
@@ -592,7 +592,7 @@ def _cpu_split(node: dict[str, Any], ngx: dict[str, Any]) -> str | None:
 def _ladder(by: dict[tuple[str, int], dict[str, Any]], n: int) -> str | None:
     """CPU per frame from nginx up to the node through a floor relay (bench/floor.py), and
     on to the node without its forwarding loop: each step names what it adds."""
-    steps = [("nginx", ""), ("floor-loop", "websockets in Python, one loop for all links"),
+    steps = [("nginx", ""), ("floor-loop", "WebSocket framing in Python, one loop for all links"),
              ("node", "decoding, the call ledger, counters, the gate, on the node's loop"),
              ("node-tasks", "the node with a trio task per link instead of its loop")]
     present = [(kind, what, by[(kind, n)]) for kind, what in steps

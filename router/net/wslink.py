@@ -4,8 +4,9 @@ The node's links read in the task that forwards, with no reader task and no chan
 between: ``get_message`` parses what the socket delivered and returns the next whole
 message, ``send_message`` frames and writes. websockets does the RFC 6455 work (HTTP
 upgrade parsing, framing, masking with its C helper, ping/pong, the close handshake,
-message-size limits); this module adds fragment reassembly, UTF-8 checks on text
-messages and the trio I/O. Measured against trio-websocket in ``docs/architecture.md``.
+message-size limits), but for whole data frames, which the link's framing reads and
+writes itself (router/net/framing.py); this module adds fragment reassembly, UTF-8 checks
+on text messages and the trio I/O. Measured in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
