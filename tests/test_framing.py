@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.client import ClientProtocol
@@ -342,3 +343,56 @@ def test_a_frame_made_here_goes_behind_what_websockets_has_waiting() -> None:
     assert link.protocol.writes
     link.put_frame(Frame(SEND, "1", action="Heartbeat", payload={}), None)
     assert unmasked(far.recv(100)) == [(0x8A, b"p"), (0x81, b'[6,"1","Heartbeat",{}]')]
+
+
+def _server_after(early: bytes) -> ServerProtocol:
+    """A server protocol that read an upgrade request and ``early`` in the same read, then
+    answered 101 (what ``read_upgrade`` now refuses: the protocol as it would be)."""
+    client = ClientProtocol(parse_uri("ws://csms.test/ocpp/CS-1"))
+    server = ServerProtocol()
+    client.send_request(client.connect())
+    server.receive_data(b"".join(client.data_to_send()) + early)
+    request = server.events_received()[0]
+    assert isinstance(request, Request)
+    server.send_response(server.accept(request))
+    return server
+
+
+@pytest.mark.parametrize("early", [b"\x83\x80" + MASK, b"\x81\x01x",
+                                   raw_frame(0x88, b"\x03\xe8", masked=True)])
+def test_a_protocol_that_failed_or_closed_before_it_opened_is_not_framed(early: bytes) -> None:
+    """A reserved opcode, an unmasked frame or a close after the request: websockets'
+    parser discards from then on, waiting where a parser between frames waits; such a
+    link is not framed, so nothing it sends later is delivered (red-team review)."""
+    server = _server_after(early)
+    assert server.state is State.OPEN
+    assert Framing.of(server) is None
+
+
+async def test_data_before_the_upgrade_response_is_refused_with_400() -> None:
+    """RFC 6455 §4.1: a client waits for the answer. A frame, a ping (whose pong would go
+    before the answer) or a bad frame sent with the request gets 400, nothing before it."""
+    from router.net.handshake import HandshakeFailed, read_upgrade
+
+    for early in (raw_frame(0x81, b"early", masked=True), raw_frame(0x89, b"p", masked=True),
+                  b"\x83\x80" + MASK, b"\x81\xfe"):
+        client = ClientProtocol(parse_uri("ws://csms.test/ocpp/CS-1"))
+        client.send_request(client.connect())
+        near, far = trio.testing.memory_stream_pair()
+        await far.send_all(b"".join(client.data_to_send()) + early)
+        with pytest.raises(HandshakeFailed) as refused:
+            await read_upgrade(near, 65536)
+        assert refused.value.status == 400
+        answer = await far.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 400 ")
+        assert answer.endswith(b"data sent before the upgrade response\n")
+
+
+def test_a_link_the_node_gave_up_delivers_nothing_read_after() -> None:
+    """A link the node found dead (a write found the connection gone) reads a text and a
+    close in one read: the text is not delivered, as websockets fed byte by byte would
+    not deliver it (red-team review)."""
+    link, _ = reading_link("server", PLAIN)
+    link._connection_lost()
+    read = raw_frame(0x81, b"late", masked=True) + raw_frame(0x88, b"\x03\xe8", masked=True)
+    assert link.feed(read, 0.0) == []

@@ -27,8 +27,11 @@ So websockets starts every frame it reads at the frame's first byte: the reader 
 the bytes it still owes to a frame it handed on (``_owed``), and keeps a copy of a header
 websockets has only begun (``_head``, at most 14 bytes) to learn that frame's length.
 Once the protocol is no longer open, all bytes go to websockets. A link built while
-websockets was inside a frame (bytes that came with the handshake) is left to websockets
-alone: :meth:`Framing.of` gives None for it.
+websockets was not waiting for a frame's first byte (inside a frame, or discarding after
+a fault or a close that came with the handshake) is left to websockets alone:
+:meth:`Framing.of` gives None for it. (``router/net/handshake.py`` refuses a station that
+sends anything before the 101, so on the node this is the dialling side only: frames a
+CSMS sent right behind its 101.)
 
 The outcome does not depend on how TCP cut the bytes: what a link delivers, sends and
 closes with is what websockets gives when fed one byte at a time (``tests/test_framing.py``
@@ -108,9 +111,9 @@ class Framing:
     @classmethod
     def of(cls, proto: WsProtocol) -> Framing | None:
         """Framing for this open protocol, or None when websockets must read and write
-        every frame: it is inside a frame already, logs every frame (debug), or has an
-        extension other than the node's own deflate."""
-        if (proto.state is not State.OPEN or proto.debug or not _at_frame_start(proto)
+        every frame: it is not waiting for a frame's first byte (:func:`at_frame_start`),
+        logs every frame (debug), or has an extension other than the node's own deflate."""
+        if (proto.state is not State.OPEN or proto.debug or not at_frame_start(proto)
                 or not hasattr(proto, "current_size") or not hasattr(proto, "max_message_size")):
             return None  # the last two: websockets before 16, whose names differ
         readable, inflate = _inflater(proto.extensions)
@@ -263,21 +266,23 @@ def _limit(proto: WsProtocol) -> int | None:
     return limit
 
 
-def _at_frame_start(proto: WsProtocol) -> bool:
-    """Whether websockets' parser waits for the first byte of a frame, with nothing held:
-    it waits in its stream's end-of-stream check then, and inside a field read otherwise."""
+def at_frame_start(proto: WsProtocol) -> bool:
+    """Whether websockets' frame parser waits for the first byte of a frame, with nothing
+    held. It waits in its stream's end-of-stream check then, inside a field read
+    otherwise; a parser that failed, or read a close, waits in the same check but in
+    ``discard``, which drops every byte, so the chain must pass through ``parse``."""
     if proto.reader.buffer:
         return False
-    parser = proto.parser
-    while True:
-        inner = getattr(parser, "gi_yieldfrom", None)
-        if inner is None:
-            break
-        parser = inner
-    return getattr(parser, "gi_code", None) is _AT_EOF
+    codes = []
+    parser: object = proto.parser
+    while parser is not None:
+        codes.append(getattr(parser, "gi_code", None))
+        parser = getattr(parser, "gi_yieldfrom", None)
+    return codes[-1] is _AT_EOF and _PARSE in codes
 
 
 _AT_EOF = StreamReader.at_eof.__code__
+_PARSE = WsProtocol.parse.__code__
 
 
 def _inflater(extensions: Sequence[Extension]) -> tuple[bool, Inflate | None]:

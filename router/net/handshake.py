@@ -25,6 +25,7 @@ from websockets.uri import parse_uri
 from router.config import DialSettings
 from router.net.compression import client_extensions, server_extensions
 from router.net.dns import address_family
+from router.net.framing import at_frame_start
 from router.net.keepalive import Keepalive
 from router.net.tls import tls_failure
 from router.net.wslink import RECEIVE_BYTES, WsLink, break_cycles
@@ -142,6 +143,16 @@ class Upgrade:
             break_cycles(self._proto)
 
 
+async def _refuse_early_data(stream: trio.abc.Stream, proto: ServerProtocol) -> None:
+    """Bytes came after the upgrade request, before our answer: RFC 6455 §4.1 has a client
+    wait for the answer. websockets has read them as frames already (with no extension
+    and no message limit agreed), may have failed on them or queued a pong: answer 400,
+    with nothing websockets queued before it, and raise."""
+    proto.data_to_send()
+    await stream.send_all(proto.reject(400, "data sent before the upgrade response\n").serialize())
+    raise HandshakeFailed("data sent before the upgrade response", 400)
+
+
 async def read_upgrade(stream: trio.abc.Stream, max_message_bytes: int,
                        compression: bool = False) -> Upgrade:
     """Read an HTTP upgrade request; a malformed one is answered 400 and raises.
@@ -162,8 +173,11 @@ async def read_upgrade(stream: trio.abc.Stream, max_message_bytes: int,
             if not data:
                 raise HandshakeFailed("connection closed before the upgrade request")
             proto.receive_data(data)
-            for event in proto.events_received():
+            events = proto.events_received()
+            for index, event in enumerate(events):
                 if isinstance(event, Request):
+                    if index + 1 < len(events) or not at_frame_start(proto):
+                        await _refuse_early_data(stream, proto)
                     upgrade = Upgrade(stream, proto, event)
                     return upgrade
             if proto.handshake_exc is not None:

@@ -317,7 +317,7 @@ class WsLink:
     def deliver(self, opcode: Opcode, data: Buffer) -> None:
         proto = self.protocol
         if proto.state is not State.OPEN and (
-                proto.close_rcvd is None or proto.close_rcvd_then_sent is False):
+                proto.close_rcvd is None or proto.close_rcvd_then_sent is not True):
             # the node gave the link up (a failed check, a dead keepalive): nothing after
             # counts. A peer's close does not void the messages it sent before it, in
             # the same read: a station's last answer before it leaves is forwarded.
