@@ -80,8 +80,8 @@ Inflate = Callable[[Bytes, "int | None"], bytes]
 
 
 class Sink(Protocol):
-    """The link a reader reads for (passed on each call: the reader holds no reference
-    to it, so a link and its reader make no cycle for the collector)."""
+    """The link the framing reads for (passed on each call: the framing holds no
+    reference to it, so a link and its framing make no cycle for the collector)."""
 
     def deliver(self, opcode: Opcode, data: Bytes) -> None:
         """A whole message, as the link's own reassembly of websockets' frames delivers."""
@@ -105,7 +105,8 @@ class Framing:
         self._mask_bit = _MASKED if proto.side is SERVER else 0
         # the node's own deflate: payloads it sends as they are may be framed here
         self._deflate = bool(proto.extensions)
-        self._head: Bytes = b""  # the first bytes of a frame whose header has not all come
+        # a header websockets was handed before all of it came: kept to learn its length
+        self._head: Bytes = b""
         self._owed = 0  # bytes still due to websockets for the frame it was handed
 
     @classmethod
@@ -212,8 +213,8 @@ class Framing:
             header = _LONG.pack(first, _MASKED | 127, length)
         return header + key + apply_mask(payload, key)
 
-    def end(self, link: Sink) -> None:
-        """The far end's end of stream."""
+    def end(self) -> None:
+        """The far end's end of stream (websockets has every byte before it)."""
         self._proto.receive_eof()
 
     def _inflated(self, payload: Bytes, limit: int | None, link: Sink) -> None:

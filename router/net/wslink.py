@@ -248,9 +248,9 @@ class WsLink:
         whole messages it completed. A pong or other reply goes out at once."""
         if self._keepalive is not None:
             self._last_read = now
-        frames = self._framing
-        if frames is not None and data:
-            frames.feed(data, self)  # _read's first case, inline: this is every frame's path
+        framing = self._framing
+        if framing is not None and data:
+            framing.feed(data, self)  # _read's first case, inline: this is every frame's path
         else:
             self._read(data)
         proto = self.protocol
@@ -261,12 +261,12 @@ class WsLink:
 
     def _read(self, data: bytes | bytearray) -> None:
         """Parse bytes the far end sent (b"": its end of stream) into the inbox."""
-        frames = self._framing
-        if frames is not None:
+        framing = self._framing
+        if framing is not None:
             if data:
-                frames.feed(data, self)
+                framing.feed(data, self)
             else:
-                frames.end(self)
+                framing.end()
         elif data:
             self.protocol.receive_data(data)
             self.take_events()
