@@ -67,7 +67,7 @@ try:
 except ImportError:  # websockets built without its C helper
     from websockets.utils import apply_mask
 
-HEADER_MAX = 14  # two bytes, an 8-byte length, a 4-byte mask
+_HEADER_MAX = 14  # two bytes, an 8-byte length, a 4-byte mask
 _TEXT = 0x81  # FIN and the opcode, no reserved bit
 _BINARY = 0x82
 _DEFLATED_TEXT = 0xC1  # FIN, RSV1 and the text opcode
@@ -127,13 +127,13 @@ class Framing:
         owed = self._owed
         if self._head:
             # websockets has the start of a header: it reads that frame
-            head = self._head + data[:HEADER_MAX]
-            size = frame_size(head)
-            if size < 0:
-                self._head = head  # all of data: a header is shorter than HEADER_MAX
+            head = self._head + data[:_HEADER_MAX]
+            start, length = _header(head, 0)
+            if start > len(head):
+                self._head = head  # all of data: a header is shorter than _HEADER_MAX
                 _to_websockets(proto, link, data)
                 return
-            owed = size - len(self._head)
+            owed = start + length - len(self._head)
             self._head = b""
         if owed:
             pos = owed if owed < end else end
@@ -145,27 +145,15 @@ class Framing:
             if proto.state is not State.OPEN:
                 _to_websockets(proto, link, data[pos:] if pos else data)
                 return
-            second = data[pos + 1] if end - pos > 1 else 0
-            length = second & 0x7F
-            start = pos + 2
-            if length == 126:
-                start += 2
-            elif length == 127:
-                start += 8
-            if second & _MASKED:
-                start += 4
+            start, length = _header(data, pos)
             if start > end:
                 # a header cut short: websockets reads it as it comes, and the frame
                 self._head = bytes(data[pos:])
                 _to_websockets(proto, link, self._head)
                 return
-            if length == 126:
-                length = int.from_bytes(data[pos + 2:pos + 4], "big")
-            elif length == 127:
-                length = int.from_bytes(data[pos + 2:pos + 10], "big")
             stop = start + length
-            if (stop <= end and second & _MASKED == mask_bit and proto.current_size is None
-                    and (limit is None or length <= limit)):
+            if (stop <= end and data[pos + 1] & _MASKED == mask_bit
+                    and proto.current_size is None and (limit is None or length <= limit)):
                 first = data[pos]
                 if first in (_TEXT, _BINARY) or (
                         first == _DEFLATED_TEXT and self._inflate is not None):
@@ -236,21 +224,25 @@ class Framing:
         link.deliver(Opcode.TEXT, text)
 
 
-def frame_size(data: Bytes) -> int:
-    """The length of the frame ``data`` starts with, header included; -1 when its header
-    has not all come."""
-    if len(data) < 2:
-        return -1
-    second = data[1]
+def _header(data: Bytes, pos: int) -> tuple[int, int]:
+    """Where the payload of the frame at ``pos`` starts, and its length; a start past the
+    end of ``data`` when the frame's header has not all come."""
+    second = data[pos + 1] if len(data) - pos > 1 else 0
     length = second & 0x7F
-    start = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if second & _MASKED else 0)
-    if start > len(data):
-        return -1
+    start = pos + 2
     if length == 126:
-        length = int.from_bytes(data[2:4], "big")
+        start += 2
     elif length == 127:
-        length = int.from_bytes(data[2:10], "big")
-    return start + length
+        start += 8
+    if second & _MASKED:
+        start += 4
+    if start > len(data):
+        return start, 0
+    if length == 126:
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+    elif length == 127:
+        length = int.from_bytes(data[pos + 2:pos + 10], "big")
+    return start, length
 
 
 def _to_websockets(proto: WsProtocol, link: Sink, data: Bytes) -> None:
