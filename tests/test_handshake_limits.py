@@ -149,3 +149,31 @@ async def test_a_burst_of_wrong_passwords_cannot_queue_more_checks_than_allowed(
             nursery.start_soon(attempt, i)
     assert sorted(statuses) == [401] * 3 + [429] * 7
     assert len(checks) == 3
+
+
+async def _raw_reply(node: Node, request: bytes) -> bytes:
+    """What the node answers to ``request`` sent on a plain TCP connection, to its end."""
+    stream = await trio.open_tcp_stream("127.0.0.1", node.port)
+    await stream.send_all(request)
+    reply = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(4096):
+            reply += chunk
+    await stream.aclose()
+    return reply
+
+
+async def test_a_malformed_or_early_upgrade_request_gets_400(node: Node) -> None:
+    """A request websockets cannot parse, and one with a frame behind it before the 101
+    (RFC 6455 §4.1): 400 with the reason as its body. The first failed on an assertion in
+    websockets before (its parser had queued its end of stream already)."""
+    malformed = await _raw_reply(node, b"GET /ocpp/HS-1 HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n")
+    assert malformed.startswith(b"HTTP/1.1 400 ")
+    assert malformed.endswith(b"\r\n\r\nmalformed HTTP request\n")
+    request = (b"GET /ocpp/HS-1 HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
+               b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ocpp1.6\r\n\r\n")
+    early = await _raw_reply(node, request + b"\x89\x80\x00\x00\x00\x00")  # a ping
+    assert early.startswith(b"HTTP/1.1 400 ")
+    assert early.endswith(b"\r\n\r\ndata sent before the upgrade response\n")
+    assert await _upgrade(node, "HS-1", _auth("HS-1", PASSWORD)) == 101

@@ -143,14 +143,11 @@ class Upgrade:
             break_cycles(self._proto)
 
 
-async def _refuse_early_data(stream: trio.abc.Stream, proto: ServerProtocol) -> None:
-    """Bytes came after the upgrade request, before our answer: RFC 6455 §4.1 has a client
-    wait for the answer. websockets has read them as frames already (with no extension
-    and no message limit agreed), may have failed on them or queued a pong: answer 400,
-    with nothing websockets queued before it, and raise."""
+async def _refuse(stream: trio.abc.Stream, proto: ServerProtocol, why: str) -> None:
+    """Answer 400 with ``why``, and nothing websockets queued before it: a pong for a frame
+    that came with the request, the end of stream of a parser that failed."""
     proto.data_to_send()
-    await stream.send_all(proto.reject(400, "data sent before the upgrade response\n").serialize())
-    raise HandshakeFailed("data sent before the upgrade response", 400)
+    await stream.send_all(proto.reject(400, why + "\n").serialize())
 
 
 async def read_upgrade(stream: trio.abc.Stream, max_message_bytes: int,
@@ -177,13 +174,15 @@ async def read_upgrade(stream: trio.abc.Stream, max_message_bytes: int,
             for index, event in enumerate(events):
                 if isinstance(event, Request):
                     if index + 1 < len(events) or not at_frame_start(proto):
-                        await _refuse_early_data(stream, proto)
+                        # RFC 6455 §4.1: a client waits for the answer. websockets has
+                        # read what came as frames (with no extension or limit agreed),
+                        # and may have failed on them or queued a pong
+                        await _refuse(stream, proto, "data sent before the upgrade response")
+                        raise HandshakeFailed("data sent before the upgrade response", 400)
                     upgrade = Upgrade(stream, proto, event)
                     return upgrade
             if proto.handshake_exc is not None:
-                response = proto.reject(400, "malformed HTTP request\n")
-                proto.send_response(response)
-                await _send(stream, proto)
+                await _refuse(stream, proto, "malformed HTTP request")
                 raise HandshakeFailed(f"malformed upgrade request: {proto.handshake_exc}",
                                       400)
     except BaseException:
