@@ -35,6 +35,7 @@ from websockets.uri import parse_uri
 
 from router.net.compression import SMALLEST_COMPRESSED, Wire, client_extensions, server_extensions
 from router.net.framing import Framing
+from router.net.handshake import HandshakeFailed, read_upgrade
 from router.net.wslink import WsLink
 from router.wire.frames import SEND, Frame
 from tests.memory_ws import ws_pair
@@ -276,18 +277,24 @@ def test_a_frame_split_across_reads_is_read_whole() -> None:
     assert link.feed(frame[20:] + frame, 0.0) == [bytes(range(150))] * 2
 
 
-def test_a_link_opened_inside_a_frame_is_read_by_websockets_alone() -> None:
-    """A client that sent a frame's first bytes with its upgrade request: websockets has
-    begun that frame, so the link's reader stays off and websockets reads the rest."""
+def _server_after(early: bytes) -> ServerProtocol:
+    """A server protocol that read an upgrade request and ``early`` in the same read, then
+    answered 101 (what ``read_upgrade`` now refuses: the protocol as it would be)."""
     client = ClientProtocol(parse_uri("ws://csms.test/ocpp/CS-1"))
     server = ServerProtocol()
     client.send_request(client.connect())
-    request_bytes = b"".join(client.data_to_send())
-    frame = raw_frame(0x81, b"early", masked=True)
-    server.receive_data(request_bytes + frame[:6])  # the header and the mask
-    [request] = server.events_received()
+    server.receive_data(b"".join(client.data_to_send()) + early)
+    request = server.events_received()[0]
     assert isinstance(request, Request)
     server.send_response(server.accept(request))
+    return server
+
+
+def test_a_link_opened_inside_a_frame_is_read_by_websockets_alone() -> None:
+    """A client that sent a frame's first bytes with its upgrade request: websockets has
+    begun that frame, so the link's reader stays off and websockets reads the rest."""
+    frame = raw_frame(0x81, b"early", masked=True)
+    server = _server_after(frame[:6])  # the header and the mask
     assert server.state is State.OPEN
     assert Framing.of(server) is None
     near, far = socket.socketpair()
@@ -295,7 +302,6 @@ def test_a_link_opened_inside_a_frame_is_read_by_websockets_alone() -> None:
     assert link._framing is None
     assert link.feed(frame[6:] + raw_frame(0x81, b"next", masked=True), 0.0) == ["early", "next"]
     far.close()
-
 
 
 def websockets_frame(proto: WsProtocol, payload: bytes) -> list[tuple[int, bytes]]:
@@ -345,19 +351,6 @@ def test_a_frame_made_here_goes_behind_what_websockets_has_waiting() -> None:
     assert unmasked(far.recv(100)) == [(0x8A, b"p"), (0x81, b'[6,"1","Heartbeat",{}]')]
 
 
-def _server_after(early: bytes) -> ServerProtocol:
-    """A server protocol that read an upgrade request and ``early`` in the same read, then
-    answered 101 (what ``read_upgrade`` now refuses: the protocol as it would be)."""
-    client = ClientProtocol(parse_uri("ws://csms.test/ocpp/CS-1"))
-    server = ServerProtocol()
-    client.send_request(client.connect())
-    server.receive_data(b"".join(client.data_to_send()) + early)
-    request = server.events_received()[0]
-    assert isinstance(request, Request)
-    server.send_response(server.accept(request))
-    return server
-
-
 @pytest.mark.parametrize("early", [b"\x83\x80" + MASK, b"\x81\x01x",
                                    raw_frame(0x88, b"\x03\xe8", masked=True)])
 def test_a_protocol_that_failed_or_closed_before_it_opened_is_not_framed(early: bytes) -> None:
@@ -372,8 +365,6 @@ def test_a_protocol_that_failed_or_closed_before_it_opened_is_not_framed(early: 
 async def test_data_before_the_upgrade_response_is_refused_with_400() -> None:
     """RFC 6455 §4.1: a client waits for the answer. A frame, a ping (whose pong would go
     before the answer) or a bad frame sent with the request gets 400, nothing before it."""
-    from router.net.handshake import HandshakeFailed, read_upgrade
-
     for early in (raw_frame(0x81, b"early", masked=True), raw_frame(0x89, b"p", masked=True),
                   b"\x83\x80" + MASK, b"\x81\xfe"):
         client = ClientProtocol(parse_uri("ws://csms.test/ocpp/CS-1"))
